@@ -1,0 +1,187 @@
+"""What every builder shares: argument checks, stem, stages of blocks, head, recipe compile."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+
+from keras_dmr.layers.blocks import (
+    BRANCH_KINDS,
+    IMPLEMENTATIONS,
+    LAYERS_PER_BRANCH,
+    BranchMean,
+    ParallelBranchBlock,
+    TileBranches,
+    check_choice,
+)
+from keras_dmr.layers.conv import batch_norm, conv2d
+from keras_dmr.recipe import compile_with_recipe, with_recipe_callbacks
+
+VARIANTS = ("cifar", "imagenet")
+POOLINGS = (None, "avg", "max")
+# ImageNet depths: (branch kind, blocks per stage). 98 is the DMRNet paper's ResNet partner of
+# DMRNet-50 (Table 6): two residual blocks for each merge-and-run block.
+IMAGENET_STAGES = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    98: ("bottleneck", (6, 8, 12, 6)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+DEFAULT_SHAPES = {"cifar": (32, 32, 3), "imagenet": (224, 224, 3)}
+DEFAULT_CLASSES = {"cifar": 10, "imagenet": 1000}
+STRIDE_TWO_OPS = {"cifar": 2, "imagenet": 5}
+
+
+def resolve_implementation(implementation: str) -> str:
+    """``"auto"`` → the faster form here. Measured (docs/architectures.md): ``"split"`` trains
+    several times faster than ``"grouped"`` on TensorFlow's CPU kernels; it is the default on
+    every device until a device measures otherwise."""
+    if implementation == "auto":
+        return "split"
+    check_choice("implementation", implementation, (*IMPLEMENTATIONS, "auto"))
+    return implementation
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    blocks: int
+    filters: int
+    bottleneck_width: int | None = None
+    groups: int = 1
+
+
+def cifar_blocks_per_stage(depth, branch: str) -> int:
+    """n in depth = 3·B·n + 2, with B layers per branch."""
+    b = LAYERS_PER_BRANCH[branch]
+    if not isinstance(depth, int) or depth < 3 * b + 2 or (depth - 2) % (3 * b):
+        valid = ", ".join(str(3 * b * n + 2) for n in range(1, 6))
+        raise ValueError(
+            f"`depth` must be 3·{b}·n + 2 for branch={branch!r} on the CIFAR variant "
+            f"({valid}, ...); got {depth!r}"
+        )
+    return (depth - 2) // (3 * b)
+
+
+def imagenet_plan(depth, branch: str | None) -> tuple[str, tuple[int, ...]]:
+    if depth not in IMAGENET_STAGES:
+        raise ValueError(
+            f"`depth` must be one of {tuple(IMAGENET_STAGES)} on the ImageNet variant; got {depth!r}"
+        )
+    kind, blocks = IMAGENET_STAGES[depth]
+    if branch is not None and branch != kind:
+        raise ValueError(
+            f"`branch` must be {kind!r} (or None) for depth={depth} on the ImageNet variant; "
+            f"got {branch!r}"
+        )
+    return kind, blocks
+
+
+def check_common(*, variant, branches, width, classes, input_shape, pooling, branch):
+    check_choice("variant", variant, VARIANTS)
+    if branch is not None:
+        check_choice("branch", branch, BRANCH_KINDS)
+    check_choice("pooling", pooling, POOLINGS)
+    if isinstance(branches, bool) or not isinstance(branches, int) or branches < 1:
+        raise ValueError(f"`branches` must be an integer >= 1; got {branches!r}")
+    if not isinstance(width, int | float) or width <= 0:
+        raise ValueError(f"`width` must be a number > 0; got {width!r}")
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        raise ValueError(f"`classes` must be an integer >= 1; got {classes!r}")
+    if len(input_shape) != 3 or (input_shape[-1] is not None and input_shape[-1] < 1):
+        raise ValueError(f"`input_shape` must be (height, width, channels); got {input_shape!r}")
+    smallest = 2 ** STRIDE_TWO_OPS[variant]
+    if any(s is not None and s < smallest for s in input_shape[:2]):
+        raise ValueError(
+            f"`input_shape` {tuple(input_shape)} is too small for the {variant} variant, which "
+            f"downsamples {STRIDE_TWO_OPS[variant]} times: height and width must be >= {smallest}"
+        )
+
+
+def scaled(value: int, width: float) -> int:
+    return max(1, int(round(value * width)))
+
+
+def build_graph(
+    *,
+    variant: str,
+    stem_filters: int,
+    stages: list[Stage],
+    branch: str,
+    branches: int,
+    mapping: str,
+    implementation: str,
+    share_stem_and_head: bool,
+    input_shape,
+    classes: int,
+    include_top: bool,
+    pooling,
+    classifier_activation,
+):
+    """Inputs and outputs of a network: stem → stages of blocks → pooling → classifier."""
+    inputs = keras.Input(shape=input_shape, name="images")
+    stacked = mapping != "vanilla"
+    copies = branches if stacked and not share_stem_and_head else 1
+    if variant == "cifar":
+        x = conv2d(stem_filters * copies, 3, name="stem_conv")(inputs)
+    else:
+        x = conv2d(stem_filters * copies, 7, strides=2, name="stem_conv")(inputs)
+    x = batch_norm(name="stem_bn")(x)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+    if variant == "imagenet":
+        x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+    if stacked and share_stem_and_head and branches > 1:
+        x = TileBranches(branches, name="stem_tile")(x)
+    for s, stage in enumerate(stages):
+        for b in range(stage.blocks):
+            x = ParallelBranchBlock(
+                stage.filters,
+                branches=branches,
+                mapping=mapping,
+                branch=branch,
+                strides=2 if b == 0 and (s > 0) else 1,
+                bottleneck_width=stage.bottleneck_width,
+                groups=stage.groups,
+                implementation=implementation,
+                name=f"stage{s + 1}_block{b + 1}",
+            )(x)
+    if include_top:
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        if stacked and share_stem_and_head and branches > 1:
+            x = BranchMean(branches, name="branch_mean")(x)
+        x = keras.layers.Dense(
+            classes, activation=classifier_activation, kernel_initializer="he_normal",
+            name="predictions",
+        )(x)
+    elif pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+    return inputs, x
+
+
+class ResidualClassifier(keras.Model):
+    """Base of the package's builders: a functional model that trains with the paper's recipe.
+
+    Subclasses build their graph in ``__init__`` and return their constructor arguments from
+    ``get_config``, so ``from_config`` rebuilds them and ``.keras`` files load in safe mode.
+    """
+
+    def _finish(self, *, include_top, classifier_activation, weights, compile):
+        if weights is not None:
+            self.load_weights(weights)
+        if compile and include_top:
+            compile_with_recipe(self, from_logits=classifier_activation is None)
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        return super().fit(*args, callbacks=with_recipe_callbacks(self, callbacks), **kwargs)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return cls(**config)
+
+    @property
+    def blocks(self) -> list[ParallelBranchBlock]:
+        return [layer for layer in self.layers if isinstance(layer, ParallelBranchBlock)]
