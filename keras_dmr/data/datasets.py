@@ -1,0 +1,251 @@
+"""Input pipelines: CIFAR-10/100 and SVHN through TensorFlow Datasets, plus the bundled digits.
+
+Conventions shared by every dataset (and by the exporter, which bakes the same normalisation into
+its serving graph):
+
+* pixels live on the **0..255** scale; :class:`DatasetInfo` ``mean``/``std`` are per-channel on
+  that scale and are the single source of truth for normalisation ``(x - mean) / std``;
+* ``load(split="train")`` reads :attr:`DatasetInfo.train_split`, which for SVHN is
+  ``"train+extra"`` (604,388 images) as in the DMRNet paper;
+* training augmentation is the standard ResNet/DMRNet one: zero-pad 4 pixels per side, random
+  32x32 crop, random horizontal flip -- without the flip for digits and SVHN, whose classes
+  (digits) are not mirror-symmetric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import tensorflow as tf
+
+from keras_dmr.data.digits import digits_mean_std, load_digits_arrays
+
+SUPPORTED = ("digits", "cifar10", "cifar100", "svhn_cropped")
+SPLITS = ("train", "test")
+PAD = 4  # pixels of zero padding per side before the random crop
+_TFDS_SHUFFLE_BUFFER = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Static description of a supported dataset; needs no download.
+
+    ``mean`` and ``std`` are per-channel on the 0..255 pixel scale. ``train_split`` and
+    ``test_split`` are the TFDS split strings that ``load(split="train" | "test")`` reads.
+    """
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: tuple[str, ...]
+    train_split: str
+    test_split: str
+
+
+_DIGIT_NAMES = tuple(str(i) for i in range(10))
+
+_CIFAR10_NAMES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+# Official fine-label order (``fine_label_names`` in the CIFAR-100 ``meta`` file): alphabetical.
+_CIFAR100_NAMES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
+    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",
+    "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch",
+    "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox",
+    "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion",
+    "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom",
+    "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road",
+    "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake",
+    "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone",
+    "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow_tree", "wolf", "woman", "worm",
+)  # fmt: skip
+
+# Per-channel pixel statistics of the training sets, 0..255 scale (the usual 0..1 constants
+# x 255: CIFAR-10 (0.4914, 0.4822, 0.4465) / (0.2470, 0.2435, 0.2616); CIFAR-100
+# (0.5071, 0.4865, 0.4409) / (0.2673, 0.2564, 0.2762); SVHN (0.4377, 0.4438, 0.4728) /
+# (0.1980, 0.2010, 0.1970)). The SVHN values are those of the 73,257-image "train" split; the
+# "train+extra" statistics differ by well under 1% and are not worth a second convention.
+_TFDS_INFOS = {
+    "cifar10": DatasetInfo(
+        name="cifar10",
+        num_classes=10,
+        image_shape=(32, 32, 3),
+        mean=(125.307, 122.950, 113.865),
+        std=(62.993, 62.089, 66.705),
+        class_names=_CIFAR10_NAMES,
+        train_split="train",
+        test_split="test",
+    ),
+    "cifar100": DatasetInfo(
+        name="cifar100",
+        num_classes=100,
+        image_shape=(32, 32, 3),
+        mean=(129.304, 124.070, 112.434),
+        std=(68.170, 65.392, 70.418),
+        class_names=_CIFAR100_NAMES,
+        train_split="train",
+        test_split="test",
+    ),
+    "svhn_cropped": DatasetInfo(
+        name="svhn_cropped",
+        num_classes=10,
+        image_shape=(32, 32, 3),
+        mean=(111.614, 113.169, 120.564),
+        std=(50.490, 51.255, 50.235),
+        class_names=_DIGIT_NAMES,
+        train_split="train+extra",
+        test_split="test",
+    ),
+}
+
+# Horizontal flips turn digits into non-digits ("2" -> mirrored "2"), so they are off for both
+# digit datasets; pad + crop (small translations) stays.
+_FLIP = {"digits": False, "cifar10": True, "cifar100": True, "svhn_cropped": False}
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or name not in SUPPORTED:
+        raise ValueError(f"name must be one of {SUPPORTED}; got {name!r}")
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Return the :class:`DatasetInfo` of ``name`` (one of :data:`SUPPORTED`), offline.
+
+    For ``"digits"`` the mean/std are computed once (cached) from the bundled training split.
+    """
+    _check_name(name)
+    if name == "digits":
+        mean, std = digits_mean_std()
+        return DatasetInfo(
+            name="digits",
+            num_classes=10,
+            image_shape=(32, 32, 3),
+            mean=mean,
+            std=std,
+            class_names=_DIGIT_NAMES,
+            train_split="train",
+            test_split="test",
+        )
+    return _TFDS_INFOS[name]
+
+
+def augment_image(image: tf.Tensor, seed: tf.Tensor, *, flip: bool, pad: int = PAD) -> tf.Tensor:
+    """Zero-pad ``pad`` pixels per side, take a random crop of the original size, maybe flip.
+
+    ``image`` is one ``(H, W, C)`` image on the raw pixel scale (padding with 0 = black, as in the
+    ResNet/DMRNet papers, so it must run before normalisation). ``seed`` is a stateless ``[2]``
+    int seed: the same seed always gives the same crop and flip. With ``flip=False`` the result is
+    a pure translation of the input (vacated pixels are zero).
+    """
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+    out = tf.image.stateless_random_crop(padded, size=tf.shape(image), seed=crop_seed)
+    if flip:
+        out = tf.image.stateless_random_flip_left_right(out, seed=flip_seed)
+    return out
+
+
+def _source(
+    name: str, tfds_split: str, *, shuffle: bool, data_dir: str | None, seed: int | None
+) -> tuple[tf.data.Dataset, int]:
+    """The unbatched uint8 ``(image, label)`` source and a suitable shuffle-buffer size."""
+    if name == "digits":
+        images, labels = load_digits_arrays(tfds_split)
+        return tf.data.Dataset.from_tensor_slices((images, labels)), len(labels)
+    # Imported lazily: TFDS is slow to import and not needed for the bundled digits.
+    import tensorflow_datasets as tfds
+
+    ds = tfds.load(
+        name,
+        split=tfds_split,
+        data_dir=data_dir,
+        as_supervised=True,
+        shuffle_files=shuffle,
+        read_config=tfds.ReadConfig(shuffle_seed=seed),
+    )
+    return ds, _TFDS_SHUFFLE_BUFFER
+
+
+def _check_flag(value: bool | None, arg: str) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{arg} must be True, False or None; got {value!r}")
+
+
+def load(
+    name: str = "digits",
+    split: str = "train",
+    *,
+    batch_size: int = 64,
+    augment: bool | None = None,
+    shuffle: bool | None = None,
+    data_dir: str | None = None,
+    seed: int | None = 0,
+    drop_remainder: bool = False,
+    normalize: bool = True,
+) -> tf.data.Dataset:
+    """Batched, prefetched ``(images float32 [B, 32, 32, 3], labels int32 [B])`` pipeline.
+
+    Args:
+        name: one of :data:`SUPPORTED`; ``"digits"`` is bundled, the others come from TFDS
+            (downloaded into ``data_dir`` on first use).
+        split: ``"train"`` (reads ``DatasetInfo.train_split``, i.e. train+extra for SVHN) or
+            ``"test"``.
+        batch_size: images per batch (>= 1).
+        augment: pad-4/crop/flip augmentation (see module docstring); default: on for train only.
+        shuffle: shuffle (reshuffled every epoch); default: on for train only.
+        data_dir: TFDS data directory (``None``: TFDS default); ignored for digits.
+        seed: seeds shuffling and augmentation so that a pipeline built twice yields the same
+            epochs; ``None`` for a fresh random stream.
+        drop_remainder: drop the last, smaller batch.
+        normalize: ``(x - mean) / std`` with the :class:`DatasetInfo` constants; ``False`` gives
+            raw 0..255 float32 pixels.
+    """
+    _check_name(name)
+    if not isinstance(split, str) or split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be None or an integer >= 0; got {seed!r}")
+    _check_flag(augment, "augment")
+    _check_flag(shuffle, "shuffle")
+    if data_dir is not None:
+        if not isinstance(data_dir, str | os.PathLike):
+            raise ValueError(f"data_dir must be None or a path; got {data_dir!r}")
+        data_dir = os.fspath(data_dir)
+
+    info = dataset_info(name)
+    training = split == "train"
+    augment = training if augment is None else augment
+    shuffle = training if shuffle is None else shuffle
+    tfds_split = info.train_split if training else info.test_split
+
+    ds, buffer_size = _source(name, tfds_split, shuffle=shuffle, data_dir=data_dir, seed=seed)
+    if shuffle:
+        ds = ds.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)
+    if augment:
+        flip = _FLIP[name]
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda xy, s: (augment_image(xy[0], s, flip=flip), xy[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+
+    mean = tf.constant(info.mean, tf.float32)
+    std = tf.constant(info.std, tf.float32)
+
+    def finish(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        image = tf.ensure_shape(tf.cast(image, tf.float32), info.image_shape)
+        if normalize:
+            image = (image - mean) / std
+        return image, tf.cast(label, tf.int32)
+
+    ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
