@@ -6,4 +6,14 @@ __version__ = "0.1.0"
 from keras_dmr import analysis, layers, models, recipe  # noqa: E402
 from keras_dmr.models import DMRNet, DMRNeXt, DVANet, ResNet  # noqa: E402
 
-__all__ = ["DMRNeXt", "DMRNet", "DVANet", "ResNet", "analysis", "layers", "models", "recipe", "__version__"]
+__all__ = [
+    "DMRNeXt",
+    "DMRNet",
+    "DVANet",
+    "ResNet",
+    "analysis",
+    "layers",
+    "models",
+    "recipe",
+    "__version__",
+]

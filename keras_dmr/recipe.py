@@ -48,7 +48,8 @@ class RecipeSGD(keras.optimizers.SGD):
     def update_step(self, gradient, variable, learning_rate):
         if self.l2:
             gradient = ops.add(
-                ops.cast(gradient, variable.dtype), ops.multiply(self.l2, ops.cast(variable, variable.dtype))
+                ops.cast(gradient, variable.dtype),
+                ops.multiply(self.l2, ops.cast(variable, variable.dtype)),
             )
         super().update_step(gradient, variable, learning_rate)
 

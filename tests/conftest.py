@@ -25,8 +25,10 @@ def randomize(model_or_layer, seed: int = 0):
             )
         elif layer.weights and not layer._layers:
             layer.set_weights(
-                [rng.normal(0, 1.0 / np.sqrt(max(1, np.prod(w.shape[:-1]))), w.shape)
-                 for w in layer.get_weights()]
+                [
+                    rng.normal(0, 1.0 / np.sqrt(max(1, np.prod(w.shape[:-1]))), w.shape)
+                    for w in layer.get_weights()
+                ]
             )
     return model_or_layer
 

@@ -50,10 +50,19 @@ def unit_params(block):
     w = block.branch_weights()
     out = []
     for branch in w["branches"]:
-        out.append([([np.float64(k) for lyr in unit[:-1] for k in lyr], [np.float64(p) for p in unit[-1]])
-                    for unit in branch])
-    proj = [([np.float64(k) for lyr in unit[:-1] for k in lyr], [np.float64(p) for p in unit[-1]])
-            for unit in w["projection"]]
+        out.append(
+            [
+                (
+                    [np.float64(k) for lyr in unit[:-1] for k in lyr],
+                    [np.float64(p) for p in unit[-1]],
+                )
+                for unit in branch
+            ]
+        )
+    proj = [
+        ([np.float64(k) for lyr in unit[:-1] for k in lyr], [np.float64(p) for p in unit[-1]])
+        for unit in w["projection"]
+    ]
     return out, proj
 
 
@@ -85,7 +94,10 @@ def test_merge_and_run_block_matches_eq3(k, strides, d_in, d, rng):
             (pk,), pbn = proj[0]
             merged = np_bn(np_conv(merged, pk, strides), *pbn)
         xs = np.split(np.float64(xb), k, axis=-1)
-        outs = [np.maximum(np_branch(xi, bw, strides) + merged, 0) for xi, bw in zip(xs, branches)]
+        outs = [
+            np.maximum(np_branch(xi, bw, strides) + merged, 0)
+            for xi, bw in zip(xs, branches, strict=True)
+        ]
         return np.concatenate(outs, -1)
 
     for xb in (x, rng.normal(size=x.shape).astype("float32")):  # several batches
@@ -142,8 +154,9 @@ CASES = [
 def test_grouped_implementation_equals_split(mapping, branch, k, strides, rng):
     """Fig. 5's single grouped convolution computes what K separate convolutions compute, and
     the two forms exchange weights."""
-    kw = dict(branches=k, mapping=mapping, branch=branch, strides=strides, groups=2,
-              bottleneck_width=8)
+    kw = dict(
+        branches=k, mapping=mapping, branch=branch, strides=strides, groups=2, bottleneck_width=8
+    )
     split = ParallelBranchBlock(16, implementation="split", **kw)
     grouped = ParallelBranchBlock(16, implementation="grouped", **kw)
     c_in = 8 * (k if mapping != "vanilla" else 1)
@@ -166,8 +179,17 @@ def test_grouped_implementation_equals_split(mapping, branch, k, strides, rng):
 
 
 def test_block_config_round_trips():
-    block = ParallelBranchBlock(8, branches=3, mapping="vanilla", branch="resnext", strides=2,
-                                groups=2, bottleneck_width=4, implementation="grouped", name="b")
+    block = ParallelBranchBlock(
+        8,
+        branches=3,
+        mapping="vanilla",
+        branch="resnext",
+        strides=2,
+        groups=2,
+        bottleneck_width=4,
+        implementation="grouped",
+        name="b",
+    )
     clone = ParallelBranchBlock.from_config(block.get_config())
     assert clone.get_config() == block.get_config()
 

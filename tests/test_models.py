@@ -17,7 +17,12 @@ from keras_dmr.recipe import RecipeSGD, StepDecay
 # DMRNets of the paired depth have the same convolutions, so those rows get 15% and a second test
 # holds each DMRNet to its ResNet partner instead (the paper's premise: equal budgets).
 ROUNDED_ROWS = {
-    "DMRNet-14", "DMRNet-20", "DMRNet-38", "ResNet-26", "ResNet-38", "ResNet-74",
+    "DMRNet-14",
+    "DMRNet-20",
+    "DMRNet-38",
+    "ResNet-26",
+    "ResNet-38",
+    "ResNet-74",
     "Wide ResNet-14 (23/46/92)",
 }
 
@@ -67,7 +72,9 @@ def test_fig3_path_lengths():
 
 def test_path_lengths_general_k_and_identity(tmp_path):
     # K branches: mean B·L/(K+1) + 2 (Sec. 5's extension); identity mapping = L-block ResNet.
-    m, _ = path_length_stats(path_length_distribution(keras_dmr.DMRNet(14, branches=4, compile=False)))
+    m, _ = path_length_stats(
+        path_length_distribution(keras_dmr.DMRNet(14, branches=4, compile=False))
+    )
     assert m == pytest.approx(2 * 6 / 5 + 2)
     ident = path_length_distribution(keras_dmr.DMRNet(20, mapping="identity", compile=False))
     assert ident == path_length_distribution(keras_dmr.ResNet(20, compile=False))
@@ -130,11 +137,15 @@ def test_recipe_weight_decay_is_coupled_l2():
 def test_compile_false_and_recompile(rng):
     model = keras_dmr.DMRNet(8, input_shape=(8, 8, 3), classes=3, compile=False)
     assert not model.compiled
-    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     x, y = rng.normal(size=(8, 8, 8, 3)).astype("float32"), rng.integers(0, 3, 8)
     history = model.fit(x, y, epochs=1, verbose=0)
     assert "learning_rate" not in history.history  # no recipe callback on a user's compile
-    assert not any(isinstance(c, StepDecay) for c in keras_dmr.recipe.with_recipe_callbacks(model, []))
+    assert not any(
+        isinstance(c, StepDecay) for c in keras_dmr.recipe.with_recipe_callbacks(model, [])
+    )
 
 
 def test_keras_applications_arguments(rng):
@@ -171,7 +182,11 @@ def test_weights_argument_loads_a_file(tmp_path, rng):
         (keras_dmr.DMRNet, dict(width=-1), "width"),
         (keras_dmr.DMRNet, dict(classes=0), "classes"),
         (keras_dmr.DMRNet, dict(input_shape=(2, 2, 3)), "input_shape"),
-        (keras_dmr.DMRNet, dict(variant="imagenet", depth=50, input_shape=(16, 16, 3)), "input_shape"),
+        (
+            keras_dmr.DMRNet,
+            dict(variant="imagenet", depth=50, input_shape=(16, 16, 3)),
+            "input_shape",
+        ),
         (keras_dmr.DMRNet, dict(branch="dense"), "branch"),
         (keras_dmr.DMRNet, dict(mapping="sum"), "mapping"),
         (keras_dmr.DMRNet, dict(mapping="vanilla"), "mapping"),

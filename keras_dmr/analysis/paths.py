@@ -58,8 +58,13 @@ def plot_path_lengths(models: Mapping[str, keras.Model], path: str, *, title: st
         dist = path_length_distribution(model)
         mean, std = path_length_stats(dist)
         lengths = sorted(dist)
-        ax.plot(lengths, [dist[n] for n in lengths], marker="o", ms=3,
-                label=f"{label}: {mean:.1f}±{std:.2f}")
+        ax.plot(
+            lengths,
+            [dist[n] for n in lengths],
+            marker="o",
+            ms=3,
+            label=f"{label}: {mean:.1f}±{std:.2f}",
+        )
     ax.set_xlabel("path length")
     ax.set_ylabel("fraction of paths")
     ax.set_title(title or "Path-length distributions (DMRNet paper, Fig. 3)")

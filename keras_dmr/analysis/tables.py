@@ -23,10 +23,20 @@ PAPER_PARAMETERS = [
     ("ResNet-38", keras_dmr.ResNet, dict(depth=38), 0.6, "Table 2"),
     ("ResNet-74", keras_dmr.ResNet, dict(depth=74), 1.2, "Table 2"),
     ("ResNet-98", keras_dmr.ResNet, dict(depth=98), 1.5, "Table 2"),
-    ("Wide ResNet-14 (23/46/92)", keras_dmr.ResNet, dict(depth=14, widths=(23, 46, 92)), 0.4,
-     "Table 2"),
-    ("Wide ResNet-50 (23/46/92)", keras_dmr.ResNet, dict(depth=50, widths=(23, 46, 92)), 1.5,
-     "Table 2"),
+    (
+        "Wide ResNet-14 (23/46/92)",
+        keras_dmr.ResNet,
+        dict(depth=14, widths=(23, 46, 92)),
+        0.4,
+        "Table 2",
+    ),
+    (
+        "Wide ResNet-50 (23/46/92)",
+        keras_dmr.ResNet,
+        dict(depth=50, widths=(23, 46, 92)),
+        1.5,
+        "Table 2",
+    ),
     ("DVANet-50", keras_dmr.DVANet, dict(depth=50), 1.5, "Table 2"),
     ("DMRNet-56", keras_dmr.DMRNet, dict(depth=56), 1.7, "Table 5"),
     ("DMRNet-Wide-32", keras_dmr.DMRNet, dict(depth=32, width=4), 14.9, "Table 5"),
@@ -64,12 +74,14 @@ def parameter_table() -> str:
 def train_step_table(json_path: str | Path) -> str:
     data = json.loads(Path(json_path).read_text())
     m = data["machine"]
+    gpus = f", GPU {', '.join(m['gpus'])}" if m["gpus"] else ""
     rows = [
-        f"Measured on {m['cpu']} ({m['cores']} cores{', GPU ' + ', '.join(m['gpus']) if m['gpus'] else ''}), "
+        f"Measured on {m['cpu']} ({m['cores']} cores{gpus}), "
         f"TensorFlow {m['tensorflow']}, Keras {m['keras']}; batch {data['batch_size']}, "
         f"median of {data['repeats']} interleaved repeats of {data['iters']} steps.",
         "",
-        "| model | params | train step (ms) | spread (ms) | × ResNet-98 | inference (ms) | × ResNet-98 |",
+        "| model | params | train step (ms) | spread (ms) | × ResNet-98 "
+        "| inference (ms) | × ResNet-98 |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in data["results"].items():

@@ -8,8 +8,9 @@ import keras_dmr
 from keras_dmr.bench.timing import inference_fn, interleaved, machine_description, train_step_fn
 
 
-def train_step_benchmark(*, batch_size: int = 64, warmup: int = 3, iters: int = 5,
-                         repeats: int = 5) -> dict:
+def train_step_benchmark(
+    *, batch_size: int = 64, warmup: int = 3, iters: int = 5, repeats: int = 5
+) -> dict:
     """DMRNet-50 (split and grouped), DVANet-50 and ResNet-98 at one batch size, interleaved."""
     models = {
         "DMRNet-50 split": keras_dmr.DMRNet(50, implementation="split"),
@@ -17,10 +18,18 @@ def train_step_benchmark(*, batch_size: int = 64, warmup: int = 3, iters: int = 
         "DVANet-50 split": keras_dmr.DVANet(50, implementation="split"),
         "ResNet-98": keras_dmr.ResNet(98),
     }
-    train = interleaved({n: train_step_fn(m, batch_size) for n, m in models.items()},
-                        warmup=warmup, iters=iters, repeats=repeats)
-    infer = interleaved({n: inference_fn(m, batch_size) for n, m in models.items()},
-                        warmup=warmup, iters=iters, repeats=repeats)
+    train = interleaved(
+        {n: train_step_fn(m, batch_size) for n, m in models.items()},
+        warmup=warmup,
+        iters=iters,
+        repeats=repeats,
+    )
+    infer = interleaved(
+        {n: inference_fn(m, batch_size) for n, m in models.items()},
+        warmup=warmup,
+        iters=iters,
+        repeats=repeats,
+    )
     base_t, base_i = train["ResNet-98"]["median_s"], infer["ResNet-98"]["median_s"]
     return {
         "machine": machine_description(),

@@ -201,7 +201,9 @@ class ParallelBranchBlock(keras.layers.Layer):
         k = self.branches
         if self.implementation == "split":
             inputs = ops.split(x, k, axis=-1) if self.stacked_input and k > 1 else [x] * k
-            outs = [self._run(path, xi, training) for path, xi in zip(self.paths, inputs)]
+            outs = [
+                self._run(path, xi, training) for path, xi in zip(self.paths, inputs, strict=True)
+            ]
             return outs[0] if k == 1 else ops.concatenate(outs, axis=-1)
         stacked = x if self.stacked_input or k == 1 else ops.concatenate([x] * k, axis=-1)
         return self._run(self.paths[0], stacked, training)
@@ -216,7 +218,9 @@ class ParallelBranchBlock(keras.layers.Layer):
             if len(self.projection) == 1:  # grouped (or K = 1)
                 return self._run(self.projection, x, training)
             parts = ops.split(x, k, axis=-1)
-            outs = [self._run([p], xi, training) for p, xi in zip(self.projection, parts)]
+            outs = [
+                self._run([p], xi, training) for p, xi in zip(self.projection, parts, strict=True)
+            ]
             return ops.concatenate(outs, axis=-1)
         merged = x if k == 1 else sum(ops.split(x, k, axis=-1)) / k
         if self.projection:
@@ -265,8 +269,10 @@ class ParallelBranchBlock(keras.layers.Layer):
         projection = [[lyr.get_weights() for lyr in unit] for unit in self.projection]
         if self.mapping == "identity" and len(self.projection) == 1 and k > 1:
             projection = [
-                [kernels.unstack_branches(type(lyr).__name__, lyr.get_weights(), k)[b]
-                 for lyr in self.projection[0]]
+                [
+                    kernels.unstack_branches(type(lyr).__name__, lyr.get_weights(), k)[b]
+                    for lyr in self.projection[0]
+                ]
                 for b in range(k)
             ]
         return {"branches": branches, "projection": projection}
@@ -346,4 +352,3 @@ class TileBranches(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "branches": self.branches}
-

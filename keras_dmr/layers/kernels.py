@@ -34,11 +34,14 @@ def stack_axis(kind: str, ndim: int) -> int:
 def stack_branches(kind: str, per_branch: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
     """Concatenate K branches' weight lists of one layer into the weights of its grouped form."""
     return [
-        np.concatenate(ws, axis=stack_axis(kind, ws[0].ndim)) for ws in zip(*per_branch, strict=True)
+        np.concatenate(ws, axis=stack_axis(kind, ws[0].ndim))
+        for ws in zip(*per_branch, strict=True)
     ]
 
 
-def unstack_branches(kind: str, weights: Sequence[np.ndarray], branches: int) -> list[list[np.ndarray]]:
+def unstack_branches(
+    kind: str, weights: Sequence[np.ndarray], branches: int
+) -> list[list[np.ndarray]]:
     """Inverse of :func:`stack_branches`: split a grouped layer's weights into K branch lists."""
     split = [np.split(w, branches, axis=stack_axis(kind, w.ndim)) for w in weights]
     return [[parts[k] for parts in split] for k in range(branches)]

@@ -68,7 +68,8 @@ def cifar_blocks_per_stage(depth, branch: str) -> int:
 def imagenet_plan(depth, branch: str | None) -> tuple[str, tuple[int, ...]]:
     if depth not in IMAGENET_STAGES:
         raise ValueError(
-            f"`depth` must be one of {tuple(IMAGENET_STAGES)} on the ImageNet variant; got {depth!r}"
+            f"`depth` must be one of {tuple(IMAGENET_STAGES)} on the ImageNet variant; "
+            f"got {depth!r}"
         )
     kind, blocks = IMAGENET_STAGES[depth]
     if branch is not None and branch != kind:
@@ -152,7 +153,9 @@ def build_graph(
         if stacked and share_stem_and_head and branches > 1:
             x = BranchMean(branches, name="branch_mean")(x)
         x = keras.layers.Dense(
-            classes, activation=classifier_activation, kernel_initializer="he_normal",
+            classes,
+            activation=classifier_activation,
+            kernel_initializer="he_normal",
             name="predictions",
         )(x)
     elif pooling == "avg":

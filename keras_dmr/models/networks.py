@@ -85,29 +85,57 @@ class _AssemblyNet(ResidualClassifier):
         input_shape = tuple(input_shape or DEFAULT_SHAPES[variant])
         classes = DEFAULT_CLASSES[variant] if classes is None else classes
         check_common(
-            variant=variant, branches=branches, width=width, classes=classes,
-            input_shape=input_shape, pooling=pooling, branch=branch,
+            variant=variant,
+            branches=branches,
+            width=width,
+            classes=classes,
+            input_shape=input_shape,
+            pooling=pooling,
+            branch=branch,
         )
         check_choice("mapping", mapping, ("merge_and_run", "identity", "vanilla"))
         implementation = resolve_implementation(implementation)
         kind, stages, stem = _plan(variant, depth, branch, widths and tuple(widths), width)
         inputs, outputs = build_graph(
-            variant=variant, stem_filters=stem, stages=stages, branch=kind, branches=branches,
-            mapping=mapping, implementation=implementation,
-            share_stem_and_head=share_stem_and_head, input_shape=input_shape, classes=classes,
-            include_top=include_top, pooling=pooling, classifier_activation=classifier_activation,
+            variant=variant,
+            stem_filters=stem,
+            stages=stages,
+            branch=kind,
+            branches=branches,
+            mapping=mapping,
+            implementation=implementation,
+            share_stem_and_head=share_stem_and_head,
+            input_shape=input_shape,
+            classes=classes,
+            include_top=include_top,
+            pooling=pooling,
+            classifier_activation=classifier_activation,
         )
-        super().__init__(inputs=inputs, outputs=outputs, name=name or self.default_name(depth), **kwargs)
+        super().__init__(
+            inputs=inputs, outputs=outputs, name=name or self.default_name(depth), **kwargs
+        )
         self._config = dict(
-            depth=depth, branches=branches, mapping=mapping, width=width, branch=kind,
-            widths=list(widths) if widths else None, share_stem_and_head=share_stem_and_head,
-            implementation=implementation, variant=variant, input_shape=list(input_shape),
-            classes=classes, include_top=include_top, pooling=pooling,
-            classifier_activation=classifier_activation, compile=compile,
+            depth=depth,
+            branches=branches,
+            mapping=mapping,
+            width=width,
+            branch=kind,
+            widths=list(widths) if widths else None,
+            share_stem_and_head=share_stem_and_head,
+            implementation=implementation,
+            variant=variant,
+            input_shape=list(input_shape),
+            classes=classes,
+            include_top=include_top,
+            pooling=pooling,
+            classifier_activation=classifier_activation,
+            compile=compile,
         )
         self._finish(
-            include_top=include_top, classifier_activation=classifier_activation,
-            weights=weights, compile=compile,
+            include_top=include_top,
+            classifier_activation=classifier_activation,
+            weights=weights,
+            compile=compile,
         )
 
     def default_name(self, depth):
@@ -139,7 +167,9 @@ class DMRNet(_AssemblyNet):
 
     def __init__(self, depth: int = 50, *, branches: int = 2, mapping: str = "merge_and_run", **kw):
         if mapping == "vanilla":
-            raise ValueError("`mapping` must be 'merge_and_run' or 'identity'; use DVANet for 'vanilla'")
+            raise ValueError(
+                "`mapping` must be 'merge_and_run' or 'identity'; use DVANet for 'vanilla'"
+            )
         super().__init__(depth, branches=branches, mapping=mapping, **kw)
 
 
@@ -199,8 +229,13 @@ class DMRNeXt(ResidualClassifier):
     ):
         input_shape = tuple(input_shape or DEFAULT_SHAPES["cifar"])
         check_common(
-            variant="cifar", branches=branches, width=1, classes=classes, input_shape=input_shape,
-            pooling=pooling, branch="resnext",
+            variant="cifar",
+            branches=branches,
+            width=1,
+            classes=classes,
+            input_shape=input_shape,
+            pooling=pooling,
+            branch="resnext",
         )
         if not isinstance(cardinality, int) or cardinality < branches or cardinality % branches:
             raise ValueError(
@@ -217,22 +252,41 @@ class DMRNeXt(ResidualClassifier):
             for s, w in enumerate(widths)
         ]
         inputs, outputs = build_graph(
-            variant="cifar", stem_filters=stem_filters, stages=stages, branch="resnext",
-            branches=branches, mapping="merge_and_run", implementation=implementation,
-            share_stem_and_head=True, input_shape=input_shape, classes=classes,
-            include_top=include_top, pooling=pooling, classifier_activation=classifier_activation,
+            variant="cifar",
+            stem_filters=stem_filters,
+            stages=stages,
+            branch="resnext",
+            branches=branches,
+            mapping="merge_and_run",
+            implementation=implementation,
+            share_stem_and_head=True,
+            input_shape=input_shape,
+            classes=classes,
+            include_top=include_top,
+            pooling=pooling,
+            classifier_activation=classifier_activation,
         )
         super().__init__(inputs=inputs, outputs=outputs, name=name or f"dmrnext{depth}", **kwargs)
         self._config = dict(
-            depth=depth, branches=branches, cardinality=cardinality,
-            bottleneck_width=bottleneck_width, widths=list(widths), stem_filters=stem_filters,
-            implementation=implementation, input_shape=list(input_shape), classes=classes,
-            include_top=include_top, pooling=pooling,
-            classifier_activation=classifier_activation, compile=compile,
+            depth=depth,
+            branches=branches,
+            cardinality=cardinality,
+            bottleneck_width=bottleneck_width,
+            widths=list(widths),
+            stem_filters=stem_filters,
+            implementation=implementation,
+            input_shape=list(input_shape),
+            classes=classes,
+            include_top=include_top,
+            pooling=pooling,
+            classifier_activation=classifier_activation,
+            compile=compile,
         )
         self._finish(
-            include_top=include_top, classifier_activation=classifier_activation,
-            weights=weights, compile=compile,
+            include_top=include_top,
+            classifier_activation=classifier_activation,
+            weights=weights,
+            compile=compile,
         )
 
     def get_config(self):
