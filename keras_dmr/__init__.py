@@ -3,7 +3,7 @@ deploy plain."""
 
 __version__ = "0.1.0"
 
-from keras_dmr import analysis, layers, models, recipe  # noqa: E402
+from keras_dmr import analysis, data, layers, models, recipe  # noqa: E402
 from keras_dmr.models import DMRNet, DMRNeXt, DVANet, ResNet  # noqa: E402
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "DVANet",
     "ResNet",
     "analysis",
+    "data",
     "layers",
     "models",
     "recipe",
