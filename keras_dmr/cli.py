@@ -1,0 +1,518 @@
+"""The ``keras-dmr`` command line: ``train`` (resumable) and ``paths`` (Fig. 3).
+
+Every subcommand is one :class:`Command` in :data:`COMMANDS`: a function that adds its arguments
+and a function that runs it. Argument mistakes -- argparse's own and the ``ValueError``s of the
+model builders alike -- end as ``keras-dmr: error: ...`` on stderr with exit code 2, never as a
+traceback; any other exception is a bug and keeps its traceback.
+"""
+
+# ruff: noqa: E402  (TF reads TF_CPP_MIN_LOG_LEVEL at import: it is set before the imports)
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import keras
+
+from keras_dmr import data
+from keras_dmr.analysis import path_length_distribution, path_length_stats, plot_path_lengths
+from keras_dmr.layers.blocks import BRANCH_KINDS
+from keras_dmr.models import DMRNet, DMRNeXt, DVANet, ResNet
+from keras_dmr.recipe import compile_with_recipe
+
+PROG = "keras-dmr"
+MODELS = {"dmrnet": DMRNet, "dvanet": DVANet, "resnet": ResNet, "dmrnext": DMRNeXt}
+DISPLAY = {"dmrnet": "DMRNet", "dvanet": "DVANet", "resnet": "ResNet", "dmrnext": "DMRNeXt"}
+# `train` defaults: small CIFAR-variant nets that train on the bundled digits in minutes on a CPU.
+# ResNet-26 has 12 residual blocks, twice DMRNet-14's 6 merge-and-run blocks, as the paper pairs
+# them (same number of branch layers); DMRNeXt-11 is the smallest DMRNeXt (9n + 2, n = 1).
+TRAIN_DEPTHS = {"dmrnet": 14, "dvanet": 14, "resnet": 26, "dmrnext": 11}
+# `paths` defaults: the networks of the paper's Fig. 3 (and DMRNeXt-29 of Table 5).
+FIG3 = (("resnet", 38), ("dvanet", 20), ("dmrnet", 20))
+PATHS_DEPTHS = {"dmrnet": 20, "dvanet": 20, "resnet": 38, "dmrnext": 29}
+# Builder options, and the models that do not take them (the builders would ignore or reject them).
+MODEL_OPTIONS = ("branches", "width", "branch", "mapping")
+NOT_FOR = {"dvanet": ("mapping",), "resnet": ("branches", "mapping"), "dmrnext": MODEL_OPTIONS[1:]}
+# Arguments that must match for `train` to resume a checkpoint (`--epochs` may grow).
+RESUME_KEYS = (
+    "model",
+    "depth",
+    *MODEL_OPTIONS,
+    "dataset",
+    "batch_size",
+    "learning_rate",
+    "seed",
+)
+STATE_MEMBER = "keras_dmr_state.json"  # the training state inside the .keras zip
+
+
+class UsageError(Exception):
+    """A bad argument: ``main`` prints ``keras-dmr: error: <message>`` and returns 2."""
+
+    def __init__(self, message: str, usage: str | None = None):
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises :class:`UsageError` instead of exiting, so ``main`` returns 2 to its caller."""
+
+    def error(self, message: str):
+        raise UsageError(message, self.format_usage())
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand: ``add_arguments(parser)`` declares it, ``run(args)`` returns the exit code."""
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------------------------
+# Argument helpers shared by the subcommands
+# --------------------------------------------------------------------------------------------
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_natural = _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0; got {text!r}")
+    return value
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, *, depth_help: str) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--depth", type=_positive_int, help=depth_help)
+    group.add_argument(
+        "--branches",
+        type=_positive_int,
+        metavar="K",
+        help="parallel branches per block (dmrnet, dvanet, dmrnext; builder default 2)",
+    )
+    group.add_argument(
+        "--width",
+        type=_positive_float,
+        help="multiplier of the per-branch widths 16/32/64 (not for dmrnext; default 1)",
+    )
+    group.add_argument(
+        "--branch",
+        choices=BRANCH_KINDS,
+        help="branch kind (default basic; bottleneck: depth 9n+2; resnext is dmrnext's own)",
+    )
+    group.add_argument(
+        "--mapping",
+        choices=("merge_and_run", "identity"),
+        help="dmrnet only: merge_and_run (default) or identity (K separate ResNets, Table 7)",
+    )
+
+
+def build_model(
+    model: str, depth: int, *, classes: int = 10, compile: bool = True, **options
+) -> keras.Model:
+    """Build a ``--model`` with the options given (``None``: the builder's default).
+
+    Options a model does not take and the builders' ``ValueError`` become :class:`UsageError`.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    for name in options:
+        if name in NOT_FOR.get(model, ()):
+            raise UsageError(f"argument --{name}: does not apply to --model {model}")
+    try:
+        return MODELS[model](depth, classes=classes, compile=compile, **options)
+    except ValueError as e:
+        raise UsageError(f"--model {model}: {e}") from None
+
+
+def _model_options(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in MODEL_OPTIONS}
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", choices=tuple(MODELS), default="dmrnet", help="network (default: dmrnet)"
+    )
+    _add_model_arguments(
+        parser,
+        depth_help="layers on the longest path: 6n+2 for basic branches, 9n+2 for bottleneck "
+        "and dmrnext (default: " + ", ".join(f"{m} {d}" for m, d in TRAIN_DEPTHS.items()) + ")",
+    )
+    group = parser.add_argument_group("training")
+    group.add_argument(
+        "--dataset",
+        choices=data.SUPPORTED,
+        default="digits",
+        help="digits is bundled (no download); the others come from TFDS (default: digits)",
+    )
+    group.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="TFDS data directory of cifar10/cifar100/svhn_cropped (default: TFDS' own)",
+    )
+    group.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="total epochs; the learning rate drops 10x at 1/2, 3/4 and 7/8 of them "
+        "(default: 10, enough for digits; CIFAR needs hundreds)",
+    )
+    group.add_argument(
+        "--batch-size", type=_positive_int, default=64, metavar="N", help="(default: 64)"
+    )
+    group.add_argument(
+        "--learning-rate",
+        type=_positive_float,
+        metavar="LR",
+        help="initial learning rate instead of the recipe's 0.1 (same schedule)",
+    )
+    group.add_argument("--seed", type=_natural, default=0, help="random seed (default: 0)")
+    group = parser.add_argument_group("checkpointing")
+    group.add_argument(
+        "--output",
+        type=Path,
+        metavar="PATH",
+        help="checkpoint, rewritten after every epoch, with its state in PATH.state.json "
+        "(default: runs/<model><depth>_<dataset>.keras)",
+    )
+    group.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start from scratch, overwriting PATH, instead of resuming it",
+    )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """``os.replace`` with the permissions of a plainly created file (mkstemp's are 0600)."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
+def _json_dump(obj, path: Path) -> None:
+    """Write JSON atomically: a temporary file in the same folder, then ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model: keras.Model, path: Path, state: dict) -> None:
+    """Save ``model`` (optimizer included) to ``path`` atomically, ``state`` inside the zip.
+
+    The state travels in the ``.keras`` archive itself (Keras ignores extra members) so that the
+    weights and the epoch count can never disagree; ``<path>.state.json`` is a readable copy.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".keras", dir=path.parent)
+    os.close(fd)
+    try:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as zf:
+            zf.writestr(STATE_MEMBER, json.dumps(state, indent=2))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        _publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _json_dump(state, _state_path(path))
+
+
+def _state_path(output: Path) -> Path:
+    return output.with_name(output.name + ".state.json")
+
+
+def read_state(output: Path) -> dict | None:
+    """The training state of checkpoint ``output``; ``None`` when there is no checkpoint."""
+    if not output.exists():
+        return None
+    try:
+        with zipfile.ZipFile(output) as zf:
+            return json.loads(zf.read(STATE_MEMBER))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError):
+        pass
+    try:  # a checkpoint saved by other means, with only the sidecar
+        return json.loads(_state_path(output).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UsageError(
+            f"{output} exists but holds no keras-dmr training state; pass --fresh to overwrite "
+            "it or --output to write elsewhere"
+        ) from None
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch: append the epoch's metrics to ``state`` and save the checkpoint."""
+
+    def __init__(self, path: Path, state: dict):
+        super().__init__()
+        self.path, self.state = path, state
+        self._start = time.monotonic()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        record = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+        record["learning_rate"] = float(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        )
+        record["seconds"] = round(time.monotonic() - self._start, 2)
+        self.state["history"].append(record)
+        self.state["completed_epochs"] = epoch + 1
+        save_checkpoint(self.model, self.path, self.state)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    depth = args.depth or TRAIN_DEPTHS[args.model]
+    output = args.output or Path("runs") / f"{args.model}{depth}_{args.dataset}.keras"
+    if output.suffix != ".keras":
+        raise UsageError(f"argument --output: must end in .keras; got {str(output)!r}")
+    config = {**{k: getattr(args, k) for k in RESUME_KEYS}, "depth": depth}
+    info = data.dataset_info(args.dataset)
+    keras.utils.set_random_seed(args.seed)
+
+    state = None if args.fresh else read_state(output)
+    if state is not None:
+        stored = state.get("args", {})
+        differ = [k for k in RESUME_KEYS if stored.get(k) != config[k]]
+        if differ:
+            was = ", ".join(
+                f"--{k.replace('_', '-')} {'(default)' if stored.get(k) is None else stored[k]}"
+                for k in differ
+            )
+            raise UsageError(
+                f"{output} was trained with {was}; pass the same arguments to resume it, "
+                "--fresh to overwrite it, or --output to write elsewhere"
+            )
+        try:
+            model = keras.saving.load_model(output)
+        except Exception as e:  # not ours to diagnose: any unreadable file
+            raise UsageError(f"cannot load {output} ({e}); pass --fresh to overwrite it") from None
+        completed = int(state["completed_epochs"])
+    else:
+        model = build_model(
+            args.model, depth, classes=info.num_classes, compile=True, **_model_options(args)
+        )
+        if args.learning_rate is not None:
+            compile_with_recipe(model, learning_rate=args.learning_rate)
+        state, completed = {"args": config, "completed_epochs": 0, "history": []}, 0
+    state["args"] = {**config, "epochs": args.epochs}
+
+    test = data.load(args.dataset, "test", batch_size=args.batch_size, data_dir=args.data_dir)
+    if completed < args.epochs:
+        if completed:
+            print(f"Resuming {output} after epoch {completed} of {args.epochs}", flush=True)
+        else:
+            print(
+                f"Training {model.name} ({model.count_params():,} parameters) on {args.dataset} "
+                f"for {args.epochs} epoch{'s' if args.epochs > 1 else ''}; checkpoint: {output}",
+                flush=True,
+            )
+        output.parent.mkdir(parents=True, exist_ok=True)
+        for stale in output.parent.glob(f".{output.name}.*"):  # temporaries of a killed save
+            stale.unlink(missing_ok=True)
+        # A resumed run reshuffles from a different seed than epoch 0 did, not from the same.
+        train = data.load(
+            args.dataset,
+            "train",
+            batch_size=args.batch_size,
+            data_dir=args.data_dir,
+            seed=args.seed + completed,
+        )
+        model.fit(
+            train,
+            validation_data=test,
+            initial_epoch=completed,
+            epochs=args.epochs,
+            shuffle=False,  # the pipeline shuffles; Keras would warn that it cannot
+            verbose=1 if sys.stdout.isatty() else 2,
+            callbacks=[EpochCheckpoint(output, state)],
+        )
+    else:
+        print(f"{output} is already trained for {completed} epochs; evaluating it", flush=True)
+    result = model.evaluate(test, verbose=0, return_dict=True)
+    print(f"test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# paths
+# --------------------------------------------------------------------------------------------
+
+
+def add_paths_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        choices=tuple(MODELS),
+        help="one network to analyse (default: Fig. 3's ResNet-38, DVANet-20 and DMRNet-20)",
+    )
+    _add_model_arguments(
+        parser,
+        depth_help="with --model: layers on the longest path (default: "
+        + ", ".join(f"{m} {d}" for m, d in PATHS_DEPTHS.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("paths.png"),
+        metavar="PATH",
+        help="plot file (default: paths.png)",
+    )
+
+
+def describe_distribution(distribution: dict[int, float]) -> str:
+    """One line: mean ± std, range, most common length and the central 90% of paths."""
+    mean, std = path_length_stats(distribution)
+    lengths = sorted(distribution)
+    mode = max(lengths, key=distribution.__getitem__)
+    cumulative, low, high = 0.0, None, lengths[-1]
+    for n in lengths:
+        cumulative += distribution[n]
+        if low is None and cumulative >= 0.05:
+            low = n
+        if cumulative >= 0.95:
+            high = n
+            break
+    return (
+        f"mean {mean:.2f} ± {std:.2f}  lengths {lengths[0]}-{lengths[-1]}, "
+        f"mode {mode} ({distribution[mode]:.1%} of paths), 90% within {low}-{high}"
+    )
+
+
+def run_paths(args: argparse.Namespace) -> int:
+    options = _model_options(args)
+    if args.model is None:
+        given = [f"--{k}" for k, v in {"depth": args.depth, **options}.items() if v is not None]
+        if given:
+            raise UsageError(f"argument {given[0]}: needs --model")
+        specs = [(model, depth, {}) for model, depth in FIG3]
+    else:
+        specs = [(args.model, args.depth or PATHS_DEPTHS[args.model], options)]
+    models = {}
+    for model, depth, opts in specs:
+        net = build_model(model, depth, compile=False, **opts)
+        k = opts.get("branches")
+        models[f"{DISPLAY[model]}-{depth}" + (f" (K={k})" if k else "")] = net
+    width = max(len(label) for label in models)
+    for label, net in models.items():
+        print(f"{label:<{width}}  {describe_distribution(path_length_distribution(net))}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    plot_path_lengths(models, str(args.output))
+    print(f"wrote {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Registry and entry point
+# --------------------------------------------------------------------------------------------
+
+COMMANDS: list[Command] = [
+    Command(
+        "train",
+        help="train a network with the paper's recipe, resuming its checkpoint",
+        description="Train a network with the DMRNet paper's recipe (SGD + Nesterov 0.9, lr 0.1 "
+        "divided by 10 at 1/2, 3/4, 7/8 of the epochs, L2 1e-4), validating on the test split, "
+        "and print its test accuracy. The checkpoint is rewritten atomically after every epoch; "
+        "running the same command again resumes it (the optimizer state included) up to "
+        "--epochs, or only evaluates it when it is complete. (A larger --epochs on resume spreads "
+        "the schedule over the new total; epochs already done keep the rates they had.)",
+        add_arguments=add_train_arguments,
+        run=run_train,
+    ),
+    Command(
+        "paths",
+        help="path-length distributions of networks (the paper's Fig. 3)",
+        description="Print the mean ± std and a summary of the input-to-output path lengths of "
+        "one network, or of Fig. 3's ResNet-38, DVANet-20 and DMRNet-20, and plot them. Models "
+        "are built untrained; nothing is downloaded.",
+        add_arguments=add_paths_arguments,
+        run=run_paths,
+    ),
+]
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The ``keras-dmr`` parser, one subparser per entry of :data:`COMMANDS`."""
+    parser = _Parser(
+        prog=PROG,
+        description="Merge-and-run networks (DMRNet) for Keras 3: train multi-branch, "
+        "deploy plain.",
+    )
+    sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    sub.required = True
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.description)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``keras-dmr`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    ``--help`` still raises ``SystemExit(0)`` as argparse does.
+    """
+    try:
+        args = make_parser().parse_args(argv)
+        return args.run(args)
+    except UsageError as e:
+        if e.usage:
+            sys.stderr.write(e.usage)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

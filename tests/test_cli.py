@@ -1,0 +1,112 @@
+"""Tests for the ``keras-dmr`` command line (keras_dmr.cli), run in-process through ``main``."""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+
+import keras
+import pytest
+
+from keras_dmr import cli
+
+TINY = ["--model", "dmrnet", "--depth", "8"]  # 6·1 + 2: one merge-and-run block per stage
+STEPS_PER_EPOCH = math.ceil(1437 / 64)  # digits train split, default batch size
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for command in cli.COMMANDS:
+        assert command.name in out and command.help in out
+
+
+@pytest.mark.parametrize("name", [c.name for c in cli.COMMANDS])
+def test_subcommand_help(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([name, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: keras-dmr {name}" in out and "--output" in out
+
+
+def test_paths_reproduces_fig3(tmp_path, capsys):
+    png = tmp_path / "fig3.png"
+    assert cli.main(["paths", "--output", str(png)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "mean 20.00 ±" in lines["ResNet-38"]
+    assert "mean 14.00 ±" in lines["DVANet-20"]
+    assert "mean 8.00 ±" in lines["DMRNet-20"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paths_one_model_with_options(tmp_path, capsys):
+    # DMRNet-8 with K = 3: three blocks of paths {0: 3, 2: 1} → mean 2 + 3·(2/4) = 3.5.
+    args = ["paths", "--model", "dmrnet", "--depth", "8", "--branches", "3"]
+    assert cli.main([*args, "--output", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert "DMRNet-8 (K=3)  mean 3.50 ±" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["train", "--model", "vgg"], "--model"),
+        (["train", "--depth", "9"], "depth"),
+        (["train", "--epochs", "0"], "--epochs"),
+        (["train", "--learning-rate", "-1"], "--learning-rate"),
+        (["train", "--model", "resnet", "--branches", "2"], "--branches"),
+        (["train", "--output", "model.h5"], "--output"),
+        (["paths", "--depth", "20"], "--depth"),
+        (["paths", "--model", "dvanet", "--depth", "21"], "depth"),
+        (["convolve"], "convolve"),
+        ([], "COMMAND"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(argv, named, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "keras-dmr: error: " in err and named in err.split("keras-dmr: error: ")[1]
+    assert "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_train_checkpoints_and_resumes(tmp_path, capsys):
+    ckpt = tmp_path / "tiny.keras"
+    state_file = tmp_path / "tiny.keras.state.json"
+    base = ["train", *TINY, "--output", str(ckpt)]
+
+    assert cli.main([*base, "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy: " in out
+    first = json.loads(state_file.read_text())
+    assert first["completed_epochs"] == 1 and len(first["history"]) == 1
+    assert first["args"]["depth"] == 8 and first["args"]["epochs"] == 1
+    with zipfile.ZipFile(ckpt) as zf:  # the state also travels inside the checkpoint
+        assert json.loads(zf.read(cli.STATE_MEMBER)) == first
+
+    (tmp_path / ".tiny.keras.x1y2.keras").write_bytes(b"PK")  # a save killed half-way
+    assert cli.main([*base, "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Resuming" in out and "Epoch 2/2" in out and "Epoch 1/2" not in out
+    second = json.loads(state_file.read_text())
+    assert second["completed_epochs"] == 2 and second["args"]["epochs"] == 2
+    assert [h["epoch"] for h in second["history"]] == [1, 2]
+    assert second["history"][0] == first["history"][0]
+    model = keras.saving.load_model(ckpt)  # optimizer state restored, then one more epoch
+    assert int(model.optimizer.iterations) == 2 * STEPS_PER_EPOCH
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name, state_file.name]
+
+    assert cli.main([*base, "--epochs", "2"]) == 0  # complete: evaluate only
+    out = capsys.readouterr().out
+    assert "already trained for 2 epochs" in out and "Epoch" not in out
+
+    assert cli.main(["train", "--model", "dmrnet", "--depth", "14", "--output", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "--depth 8" in err and "--fresh" in err
