@@ -5,6 +5,7 @@ Ratios come from medians over repeats taken in the same run; no timing belongs i
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -23,8 +24,6 @@ def machine_description() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    import os
-
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

@@ -172,11 +172,16 @@ class ResidualClassifier(keras.Model):
     ``get_config``, so ``from_config`` rebuilds them and ``.keras`` files load in safe mode.
     """
 
-    def _finish(self, *, include_top, classifier_activation, weights, compile):
+    def _finish(self, config: dict, weights: str | None) -> None:
+        """Keep the constructor arguments for ``get_config``, load weights, compile."""
+        self._config = config
         if weights is not None:
             self.load_weights(weights)
-        if compile and include_top:
-            compile_with_recipe(self, from_logits=classifier_activation is None)
+        if config["compile"] and config["include_top"]:
+            compile_with_recipe(self, from_logits=config["classifier_activation"] is None)
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable, **self._config}
 
     def fit(self, *args, callbacks=None, **kwargs):
         return super().fit(*args, callbacks=with_recipe_callbacks(self, callbacks), **kwargs)

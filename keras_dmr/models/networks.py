@@ -114,35 +114,29 @@ class _AssemblyNet(ResidualClassifier):
         super().__init__(
             inputs=inputs, outputs=outputs, name=name or self.default_name(depth), **kwargs
         )
-        self._config = dict(
-            depth=depth,
-            branches=branches,
-            mapping=mapping,
-            width=width,
-            branch=kind,
-            widths=list(widths) if widths else None,
-            share_stem_and_head=share_stem_and_head,
-            implementation=implementation,
-            variant=variant,
-            input_shape=list(input_shape),
-            classes=classes,
-            include_top=include_top,
-            pooling=pooling,
-            classifier_activation=classifier_activation,
-            compile=compile,
-        )
         self._finish(
-            include_top=include_top,
-            classifier_activation=classifier_activation,
-            weights=weights,
-            compile=compile,
+            dict(
+                depth=depth,
+                branches=branches,
+                mapping=mapping,
+                width=width,
+                branch=kind,
+                widths=list(widths) if widths else None,
+                share_stem_and_head=share_stem_and_head,
+                implementation=implementation,
+                variant=variant,
+                input_shape=list(input_shape),
+                classes=classes,
+                include_top=include_top,
+                pooling=pooling,
+                classifier_activation=classifier_activation,
+                compile=compile,
+            ),
+            weights,
         )
 
     def default_name(self, depth):
         return f"{type(self).__name__.lower()}{depth}"
-
-    def get_config(self):
-        return {"name": self.name, "trainable": self.trainable, **self._config}
 
 
 @keras.saving.register_keras_serializable(package="keras_dmr")
@@ -267,27 +261,21 @@ class DMRNeXt(ResidualClassifier):
             classifier_activation=classifier_activation,
         )
         super().__init__(inputs=inputs, outputs=outputs, name=name or f"dmrnext{depth}", **kwargs)
-        self._config = dict(
-            depth=depth,
-            branches=branches,
-            cardinality=cardinality,
-            bottleneck_width=bottleneck_width,
-            widths=list(widths),
-            stem_filters=stem_filters,
-            implementation=implementation,
-            input_shape=list(input_shape),
-            classes=classes,
-            include_top=include_top,
-            pooling=pooling,
-            classifier_activation=classifier_activation,
-            compile=compile,
-        )
         self._finish(
-            include_top=include_top,
-            classifier_activation=classifier_activation,
-            weights=weights,
-            compile=compile,
+            dict(
+                depth=depth,
+                branches=branches,
+                cardinality=cardinality,
+                bottleneck_width=bottleneck_width,
+                widths=list(widths),
+                stem_filters=stem_filters,
+                implementation=implementation,
+                input_shape=list(input_shape),
+                classes=classes,
+                include_top=include_top,
+                pooling=pooling,
+                classifier_activation=classifier_activation,
+                compile=compile,
+            ),
+            weights,
         )
-
-    def get_config(self):
-        return {"name": self.name, "trainable": self.trainable, **self._config}
