@@ -35,7 +35,8 @@ def check_choice(argument: str, value, valid) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """One layer of a branch: a convolution (or separable pair), BN, then ReLU unless last."""
+    """One layer of a branch: a convolution (or separable pair) and BN; ReLU follows every unit
+    but the last (the block adds the skip before that ReLU)."""
 
     kernel_size: int
     filters_in: int
@@ -43,7 +44,6 @@ class Unit:
     strides: int = 1
     groups: int = 1
     separable: bool = False
-    relu: bool = True
 
 
 def branch_units(kind, filters_in, filters, *, strides=1, bottleneck_width=None, groups=1):
@@ -52,18 +52,18 @@ def branch_units(kind, filters_in, filters, *, strides=1, bottleneck_width=None,
     if kind == "basic":
         return [
             Unit(3, filters_in, filters, strides),
-            Unit(3, filters, filters, relu=False),
+            Unit(3, filters, filters),
         ]
     if kind == "xception":
         return [
             Unit(3, filters_in, filters, strides, separable=True),
-            Unit(3, filters, filters, separable=True, relu=False),
+            Unit(3, filters, filters, separable=True),
         ]
     width = bottleneck_width or filters // 4
     return [
         Unit(1, filters_in, width),
         Unit(3, width, width, strides, groups=groups if kind == "resnext" else 1),
-        Unit(1, width, filters, relu=False),
+        Unit(1, width, filters),
     ]
 
 
@@ -174,7 +174,7 @@ class ParallelBranchBlock(keras.layers.Layer):
             self.paths = [[self._make_unit_layers(u, k, f"{i}") for i, u in enumerate(units)]]
         self.projection = []
         if self.needs_projection:
-            proj = Unit(1, d_in, self.filters, self.strides, relu=False)
+            proj = Unit(1, d_in, self.filters, self.strides)
             if self.mapping == "identity":  # K separate streams: one projection per stream
                 copies = 1 if self.implementation == "split" else k
                 count = k if self.implementation == "split" else 1
