@@ -161,7 +161,7 @@ class ParallelBranchBlock(keras.layers.Layer):
         return [*convs, batch_norm(name=f"{prefix}_bn")]
 
     def build(self, input_shape):
-        d_in = self.filters_in(input_shape)
+        d_in = self._d_in = self.filters_in(input_shape)
         self.needs_projection = self.strides != 1 or d_in != self.filters
         units = self.units(d_in)
         k = self.branches
@@ -302,6 +302,93 @@ class ParallelBranchBlock(keras.layers.Layer):
             for lyr, w in zip(unit, unit_w, strict=True):
                 lyr.set_weights(w)
 
+    # --------------------------------------------------------------------------- RM operation
+    def plain_ops(self, ctx):
+        """This block as plain convolutions with the same output (RM operation, float64)."""
+        from keras_dmr.convert import ops as plain
+
+        k, vanilla = self.branches, self.mapping == "vanilla"
+        weights = self.branch_weights()
+        d_in = self._d_in
+        units = self.units(d_in)
+        eps = self.paths[0][0][-1].epsilon
+        branch_ops = []
+        for u, unit in enumerate(units):
+            # Per branch: the unit's convs as dense float64 kernels, BN folded into the last.
+            per_branch = []
+            for b in range(k):
+                layer_w = weights["branches"][b][u]
+                if unit.separable:
+                    dw = plain.conv_bn_op(
+                        plain.depthwise_kernel(layer_w[0][0]),
+                        None,
+                        epsilon=eps,
+                        strides=unit.strides,
+                        groups=unit.filters_in,
+                    )
+                    pw = plain.conv_bn_op(layer_w[1][0], layer_w[2], epsilon=eps)
+                    per_branch.append([dw, pw])
+                else:
+                    per_branch.append(
+                        [
+                            plain.conv_bn_op(
+                                layer_w[0][0],
+                                layer_w[1],
+                                epsilon=eps,
+                                strides=unit.strides,
+                                groups=unit.groups,
+                            )
+                        ]
+                    )
+            for j in range(len(per_branch[0])):
+                convs = [per_branch[b][j] for b in range(k)]
+                shared_input = vanilla and u == 0  # every branch reads the block input x
+                summed_output = vanilla and u == len(units) - 1 and j == len(per_branch[0]) - 1
+                op = _assemble(convs, shared_input, summed_output)
+                op.name = f"{self.name}_conv{len(branch_ops) + 1}"
+                last = u == len(units) - 1 and j == len(per_branch[0]) - 1
+                linear = unit.separable and j == 0
+                op.act = None if last or linear else plain.Act.relu(op.c_out)
+                branch_ops.append(op)
+        skip = self._plain_skip(plain, weights, d_in, eps)
+        return plain.reserve_and_merge(
+            branch_ops,
+            skip,
+            post=plain.Act.relu(skip.c_out),
+            input_nonnegative=ctx.input_nonnegative,
+            input_hw=ctx.input_hw,
+            method=ctx.downsample,
+        )
+
+    def _plain_skip(self, plain, weights, d_in, eps):
+        """The shortcut as one linear 1×1 op over the block's whole input (float64)."""
+        import numpy as np
+
+        k = self.branches
+        if self.projection:
+            projs = [
+                plain.conv_bn_op(w[0][0], w[1], epsilon=eps, strides=self.strides)
+                for w in weights["projection"]
+            ]
+            w_p, b_p = [p.kernel[0, 0] for p in projs], [p.bias for p in projs]
+        else:
+            w_p, b_p = [np.eye(d_in)] * len(weights["projection"] or [0]), [np.zeros(d_in)]
+        d_out = w_p[0].shape[1]
+        if self.mapping == "merge_and_run":
+            matrix = np.kron(np.full((k, k), 1.0 / k), w_p[0])
+            bias = np.tile(b_p[0], k)
+        elif self.mapping == "identity" and k > 1:
+            blocks = w_p if len(w_p) == k else w_p * k
+            matrix = np.zeros((k * d_in, k * d_out))
+            for b in range(k):
+                matrix[b * d_in : (b + 1) * d_in, b * d_out : (b + 1) * d_out] = blocks[b]
+            bias = np.concatenate(b_p if len(b_p) == k else b_p * k)
+        else:
+            matrix, bias = w_p[0], b_p[0]
+        return plain.ConvOp(
+            matrix[None, None], bias, strides=self.strides, name=f"{self.name}_shortcut"
+        )
+
     def get_config(self):
         return {
             **super().get_config(),
@@ -352,3 +439,33 @@ class TileBranches(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "branches": self.branches}
+
+
+def _assemble(convs, shared_input: bool, summed_output: bool):
+    """K branches' versions of one conv as one dense op over the stacked state.
+
+    Block-diagonal normally; side by side (one input) for the first layer of a vanilla assembly;
+    stacked along the input (outputs summed) for its last. A sum of K BNs is no one BN, so the
+    BN record is dropped there.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    k = len(convs)
+    if k == 1:
+        return convs[0]
+    kh, kw, c_in, c_out = convs[0].kernel.shape
+    if summed_output:
+        kernel = np.concatenate([c.kernel for c in convs], axis=2)
+        bias = sum(c.bias for c in convs)
+        bn = np.full((3, c_out), np.nan)
+    else:
+        rows = 1 if shared_input else k
+        kernel = np.zeros((kh, kw, c_in * rows, c_out * k))
+        for b, c in enumerate(convs):
+            r = 0 if shared_input else b
+            kernel[:, :, r * c_in : (r + 1) * c_in, b * c_out : (b + 1) * c_out] = c.kernel
+        bias = np.concatenate([c.bias for c in convs])
+        bn = np.concatenate([c.bn for c in convs], axis=1)
+    return dataclasses.replace(convs[0], kernel=kernel, bias=bias, bn=bn)

@@ -45,3 +45,100 @@ def unstack_branches(
     """Inverse of :func:`stack_branches`: split a grouped layer's weights into K branch lists."""
     split = [np.split(w, branches, axis=stack_axis(kind, w.ndim)) for w in weights]
     return [[parts[k] for parts in split] for k in range(branches)]
+
+
+def fold_bn(gamma, beta, mean, variance, epsilon) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and shift of an inference-mode BatchNorm, ``BN(z) = scale·z + shift`` (float64).
+
+    Every BN folding in the package goes through here: a conv kernel folds as ``kernel·scale``
+    (scale along the output axis) with bias ``bias·scale + shift``.
+    """
+    gamma, beta, mean, variance = (np.asarray(a, np.float64) for a in (gamma, beta, mean, variance))
+    scale = gamma / np.sqrt(variance + float(epsilon))
+    return scale, beta - mean * scale
+
+
+def identity_bn(bias, epsilon, mean=None, variance=None) -> list[np.ndarray]:
+    """Weights ``[gamma, beta, mean, variance]`` of a BN that is the identity plus ``bias``:
+    Eq. 3 of the RMNet paper, ``gamma = sqrt(var + eps)`` and ``beta = mean + bias``."""
+    bias = np.asarray(bias, np.float64)
+    mean = np.zeros_like(bias) if mean is None else np.asarray(mean, np.float64)
+    variance = np.ones_like(bias) if variance is None else np.asarray(variance, np.float64)
+    return [np.sqrt(variance + float(epsilon)), mean + bias, mean, variance]
+
+
+def same_padding_before(kernel_size: int, strides: int, size: int) -> int:
+    """Rows (or columns) TensorFlow's ``padding='same'`` adds before the input."""
+    out = -(-size // strides)
+    return max((out - 1) * strides + kernel_size - size, 0) // 2
+
+
+def dirac_tap(kernel_size: int, strides: int, size: int | None) -> int:
+    """Tap of a k×k 'same' convolution that reads input pixel ``i·strides`` at output ``i``.
+
+    That is where a 1×1 strided convolution (the projection shortcut) reads, so a Dirac filter
+    placed there carries the shortcut's input through the layer. With stride 1 it is the centre;
+    with stride 2 it depends on the parity of ``size`` (top-left for even sizes, centre for odd).
+    """
+    if strides == 1 or kernel_size == 1:
+        return same_padding_before(kernel_size, 1, 1)
+    if size is None:
+        raise ValueError("a strided Dirac kernel needs the input's spatial size; got None")
+    return same_padding_before(kernel_size, strides, size)
+
+
+def dirac_kernel(kernel_size, channels: int, taps=None, scale=None) -> np.ndarray:
+    """A ``(kh, kw, channels, channels)`` kernel copying channel c to channel c at one tap.
+
+    ``taps`` is the (row, column) tap, centre by default; ``scale`` multiplies each channel.
+    The depthwise form is ``dirac_kernel(...)`` diagonal, see :func:`to_grouped`.
+    """
+    kh, kw = (kernel_size, kernel_size) if np.isscalar(kernel_size) else kernel_size
+    r, c = taps if taps is not None else ((kh - 1) // 2, (kw - 1) // 2)
+    kernel = np.zeros((kh, kw, channels, channels))
+    kernel[r, c] = np.diag(np.ones(channels) if scale is None else np.asarray(scale, np.float64))
+    return kernel
+
+
+def to_dense(kernel: np.ndarray, groups: int) -> np.ndarray:
+    """Grouped kernel ``(kh, kw, c_in/g, c_out)`` → block-diagonal ``(kh, kw, c_in, c_out)``."""
+    kh, kw, per_in, c_out = kernel.shape
+    if groups == 1:
+        return kernel
+    per_out = c_out // groups
+    dense = np.zeros((kh, kw, per_in * groups, c_out), kernel.dtype)
+    for g in range(groups):
+        dense[:, :, g * per_in : (g + 1) * per_in, g * per_out : (g + 1) * per_out] = kernel[
+            :, :, :, g * per_out : (g + 1) * per_out
+        ]
+    return dense
+
+
+def block_diagonal_groups(dense: np.ndarray) -> int:
+    """The largest number of equal groups a dense kernel is block-diagonal in (exact zeros)."""
+    c_in, c_out = dense.shape[2], dense.shape[3]
+    nonzero = np.any(dense != 0, axis=(0, 1))
+    for groups in sorted(
+        (g for g in range(1, min(c_in, c_out) + 1) if c_in % g == 0 and c_out % g == 0),
+        reverse=True,
+    ):
+        per_in, per_out = c_in // groups, c_out // groups
+        mask = np.kron(np.eye(groups, dtype=bool), np.ones((per_in, per_out), dtype=bool))
+        if not np.any(nonzero & ~mask):
+            return groups
+    return 1
+
+
+def to_grouped(dense: np.ndarray, groups: int) -> np.ndarray:
+    """Inverse of :func:`to_dense`: keep the diagonal blocks of a block-diagonal dense kernel."""
+    if groups == 1:
+        return dense
+    c_in, c_out = dense.shape[2], dense.shape[3]
+    per_in, per_out = c_in // groups, c_out // groups
+    return np.concatenate(
+        [
+            dense[:, :, g * per_in : (g + 1) * per_in, g * per_out : (g + 1) * per_out]
+            for g in range(groups)
+        ],
+        axis=-1,
+    )

@@ -1,0 +1,60 @@
+"""Multiply-accumulate counts, the unit both papers call "FLOPs"."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+
+def _macs(layer, output_shape) -> int:
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        kh, kw, _, mult = layer.kernel.shape
+        h, w, c = output_shape[1:]
+        return int(h * w * c * kh * kw)
+    if isinstance(layer, keras.layers.Conv2D):
+        kh, kw, per_group_in, _ = layer.kernel.shape
+        h, w, c = output_shape[1:]
+        return int(h * w * c * kh * kw * per_group_in)
+    if isinstance(layer, keras.layers.Dense):
+        return int(np.prod(layer.kernel.shape))
+    return 0
+
+
+def count_flops(model: keras.Model, input_shape: tuple | None = None) -> int:
+    """Multiply-accumulates of one image's forward pass through every Conv2D (grouped: per
+    group), DepthwiseConv2D and Dense layer, nested blocks included.
+
+    This is the convention of the RMNet and DMRNet papers' "FLOPs" (one multiply-add = 1). BN,
+    additions, activations and pooling are not counted. ``input_shape`` (H, W, C) is needed only
+    when the model's own input size is unknown.
+    """
+    shape = tuple(input_shape or model.inputs[0].shape[1:])
+    if any(s is None for s in shape):
+        raise ValueError(
+            f"`input_shape` is required: model {model.name!r} has an unknown input size {shape}"
+        )
+    counted = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+    leaves = [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, counted)
+    ]
+    total = 0
+
+    def wrap(layer, call):
+        def counting_call(*args, **kwargs):
+            nonlocal total
+            outputs = call(*args, **kwargs)
+            total += _macs(layer, tuple(outputs.shape))
+            return outputs
+
+        return counting_call
+
+    for layer in leaves:
+        layer.call = wrap(layer, layer.call)
+    try:
+        model(np.zeros((1, *shape), "float32"), training=False)
+    finally:
+        for layer in leaves:
+            del layer.call
+    return total

@@ -1,0 +1,419 @@
+"""The plain network as data: a chain of float64 operations that blocks rewrite themselves into.
+
+Every convertible layer returns a list of these (``plain_ops``); the walker in
+:mod:`keras_dmr.convert.plain` chains them, fuses adjacent pointwise convolutions (Eq. 5), orders
+channels so that grouped and depthwise structure shows, and emits Keras layers. All arithmetic is
+float64; the cast to float32 happens once, when the Keras layers receive their weights.
+
+The RM operation itself is :func:`reserve_and_merge`: given a residual block as a branch of
+convolutions plus a linear skip, it returns plain convolutions with the same output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from keras_dmr.layers import kernels
+
+INF = np.inf
+
+
+class ConversionError(ValueError):
+    """A model (or one of its layers) cannot be rewritten as a plain network."""
+
+
+# ---------------------------------------------------------------------------------- activations
+@dataclasses.dataclass
+class Act:
+    """Per-channel activation ``y = slope·x`` for ``x < 0``, ``min(x, cap)`` otherwise.
+
+    ReLU is slope 0 / cap ∞, ReLU6 slope 0 / cap 6, the identity (a reserved signed channel, a
+    slope-1 PReLU) slope 1 / cap ∞.
+    """
+
+    slope: np.ndarray
+    cap: np.ndarray
+
+    @classmethod
+    def relu(cls, channels: int, cap: float = INF) -> Act:
+        return cls(np.zeros(channels), np.full(channels, float(cap)))
+
+    @classmethod
+    def identity(cls, channels: int) -> Act:
+        return cls(np.ones(channels), np.full(channels, INF))
+
+    @property
+    def channels(self) -> int:
+        return len(self.slope)
+
+    @property
+    def nonnegative(self) -> bool:
+        return bool(np.all(self.slope == 0))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.where(x < 0, self.slope * x, np.minimum(x, self.cap))
+
+    def concat(self, other: Act) -> Act:
+        return Act(np.concatenate([self.slope, other.slope]), np.concatenate([self.cap, other.cap]))
+
+    def take(self, index) -> Act:
+        return Act(self.slope[index], self.cap[index])
+
+
+def passthrough(channels: int, nonnegative: bool) -> Act:
+    """Activation of reserved channels: ReLU keeps a non-negative signal, slope 1 a signed one."""
+    return Act.relu(channels) if nonnegative else Act.identity(channels)
+
+
+# ------------------------------------------------------------------------------------- the ops
+@dataclasses.dataclass
+class ConvOp:
+    """``act(conv(x) + bias)``, 'same' padding unless ``padding`` gives explicit pads.
+
+    ``kernel`` is dense ``(kh, kw, c_in, c_out)``; grouped and depthwise structure is found from
+    its exact zeros when Keras layers are made. ``bn`` keeps, per output channel, the
+    ``(gamma, mean, variance)`` of the BatchNorm that was folded in (NaN where there was none), so
+    that ``fuse_bn=False`` can unfold it again; ``epsilon`` is that BN's epsilon.
+    """
+
+    kernel: np.ndarray
+    bias: np.ndarray
+    strides: int = 1
+    act: Act | None = None
+    padding: str | tuple = "same"
+    bn: np.ndarray | None = None  # (3, c_out): gamma, mean, variance; NaN columns = no BN
+    epsilon: float = 1e-5
+    name: str = "conv"
+
+    def __post_init__(self):
+        self.kernel = np.asarray(self.kernel, np.float64)
+        self.bias = np.asarray(self.bias, np.float64)
+        if self.bn is None:
+            self.bn = np.full((3, self.c_out), np.nan)
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return self.kernel.shape[0], self.kernel.shape[1]
+
+    @property
+    def c_in(self) -> int:
+        return self.kernel.shape[2]
+
+    @property
+    def c_out(self) -> int:
+        return self.kernel.shape[3]
+
+    @property
+    def pointwise(self) -> bool:
+        return self.kernel_size == (1, 1) and self.strides == 1 and self.padding == "same"
+
+    def take_outputs(self, index) -> ConvOp:
+        """The op restricted (or permuted) to output channels ``index``."""
+        return dataclasses.replace(
+            self,
+            kernel=self.kernel[..., index],
+            bias=self.bias[index],
+            act=None if self.act is None else self.act.take(index),
+            bn=self.bn[:, index],
+        )
+
+    def take_inputs(self, index) -> ConvOp:
+        return dataclasses.replace(self, kernel=self.kernel[:, :, index, :])
+
+
+@dataclasses.dataclass
+class PoolOp:
+    kind: str  # "max" | "avg"
+    pool_size: int
+    strides: int
+    padding: str | tuple = "same"
+    name: str = "pool"
+
+
+@dataclasses.dataclass
+class GlobalPoolOp:
+    kind: str = "avg"
+    name: str = "avg_pool"
+
+
+@dataclasses.dataclass
+class DenseOp:
+    kernel: np.ndarray  # (c_in, c_out)
+    bias: np.ndarray
+    activation: str | None = None
+    name: str = "predictions"
+
+    def take_inputs(self, index) -> DenseOp:
+        return dataclasses.replace(self, kernel=np.asarray(self.kernel)[index, :])
+
+    @property
+    def c_in(self) -> int:
+        return self.kernel.shape[0]
+
+
+Op = ConvOp | PoolOp | GlobalPoolOp | DenseOp
+
+
+# ---------------------------------------------------------------------------- building blocks
+def conv_bn_op(
+    kernel,
+    bn_weights: Sequence[np.ndarray] | None,
+    *,
+    epsilon: float,
+    bias=None,
+    strides: int = 1,
+    groups: int = 1,
+    act: Act | None = None,
+    padding="same",
+    name: str = "conv",
+) -> ConvOp:
+    """A conv (grouped kernel, optional bias) followed by an inference-mode BN, folded (float64)."""
+    dense = kernels.to_dense(np.asarray(kernel, np.float64), groups)
+    c_out = dense.shape[-1]
+    b = np.zeros(c_out) if bias is None else np.asarray(bias, np.float64)
+    bn = np.full((3, c_out), np.nan)
+    if bn_weights is not None:
+        gamma, beta, mean, var = (np.asarray(w, np.float64) for w in bn_weights)
+        scale, shift = kernels.fold_bn(gamma, beta, mean, var, epsilon)
+        dense = dense * scale
+        b = b * scale + shift
+        bn = np.stack([gamma, mean, var])
+    return ConvOp(dense, b, strides, act, padding, bn, float(epsilon), name)
+
+
+def depthwise_kernel(kernel) -> np.ndarray:
+    """Keras depthwise kernel ``(kh, kw, c, 1)`` → the grouped-conv layout ``(kh, kw, 1, c)``."""
+    kernel = np.asarray(kernel, np.float64)
+    if kernel.shape[-1] != 1:
+        raise ConversionError(
+            f"depthwise multiplier {kernel.shape[-1]} is not supported; only multiplier 1"
+        )
+    return np.transpose(kernel, (0, 1, 3, 2))
+
+
+def _place(kernel_size, taps, matrix: np.ndarray) -> np.ndarray:
+    """A ``(kh, kw, c_in, c_out)`` kernel with ``matrix`` at one tap and zeros elsewhere."""
+    out = np.zeros((*kernel_size, *matrix.shape))
+    out[taps[0], taps[1]] = matrix
+    return out
+
+
+def _taps(op: ConvOp, hw) -> tuple[int, int]:
+    if op.padding != "same":
+        raise ConversionError(
+            f"{op.name}: a reserved channel cannot pass a convolution with explicit padding"
+        )
+    kh, kw = op.kernel_size
+    try:
+        return (
+            kernels.dirac_tap(kh, op.strides, hw[0]),
+            kernels.dirac_tap(kw, op.strides, hw[1]),
+        )
+    except ValueError as err:
+        raise ConversionError(
+            f"{op.name}: a strided residual block needs a known input height and width; build "
+            "the model with a fixed `input_shape`"
+        ) from err
+
+
+def _out_hw(op: ConvOp, hw):
+    if hw is None or hw[0] is None:
+        return hw
+    if op.padding == "same":
+        return tuple(-(-n // op.strides) for n in hw)
+    (t, b), (left, r) = op.padding
+    kh, kw = op.kernel_size
+    return ((hw[0] + t + b - kh) // op.strides + 1, (hw[1] + left + r - kw) // op.strides + 1)
+
+
+def reserve_and_merge(
+    branch: Sequence[ConvOp],
+    skip: ConvOp,
+    *,
+    post: Act | None,
+    input_nonnegative: bool,
+    input_hw,
+    method: str = "dirac",
+) -> list[ConvOp]:
+    """The RM operation: ``post(branch(x) + skip(x))`` as a chain of plain convolutions.
+
+    ``branch`` is a chain of convolutions (activations on all but the last; the last has none);
+    ``skip`` a linear 1×1 convolution with bias (identity, the merge-and-run matrix, a projection
+    with its BN folded, or a composition of these) with the branch's total stride.
+
+    Reserving: every branch convolution but the last also carries reserved channels, through
+    Dirac filters placed at the tap that reads the pixel a strided 1×1 convolution reads, and the
+    activation keeps them (ReLU for a non-negative signal, slope 1 for a signed one).
+    ``method="dirac"`` (Fig. 9b) reserves the block input itself and applies the skip in the last
+    convolution; ``"prelu"`` (Fig. 9a) applies the skip in the first convolution and reserves its
+    (signed) result. Merging: the last convolution reads ``[hidden, reserved]``, with the skip (or
+    a Dirac filter) on the reserved part, and adds the skip's bias.
+    """
+    if method not in ("dirac", "prelu"):
+        raise ValueError(f"`downsample` must be 'dirac' or 'prelu'; got {method!r}")
+    last = branch[-1]
+    if last.act is not None:
+        raise ConversionError(f"{last.name}: the last layer of a residual branch has an activation")
+    if skip.kernel_size != (1, 1):
+        raise ConversionError(f"{skip.name}: a shortcut must be a 1×1 (linear) convolution")
+    total_stride = int(np.prod([op.strides for op in branch]))
+    if skip.strides != total_stride:
+        raise ConversionError(
+            f"{skip.name}: shortcut stride {skip.strides} differs from the branch's {total_stride}"
+        )
+    skip_matrix = skip.kernel[0, 0]  # (c_in, c_out)
+    if len(branch) == 1:  # re-parameterisation: the skip lands in the one convolution
+        tap = _taps(last, input_hw)
+        merged = dataclasses.replace(
+            last,
+            kernel=last.kernel + _place(last.kernel_size, tap, skip_matrix),
+            bias=last.bias + skip.bias,
+            act=post,
+        )
+        return [merged]
+
+    # A projection applied early (Fig. 9a) only where the first convolution has the stride.
+    apply_early = method == "prelu" and not _is_identity(skip) and branch[0].strides == skip.strides
+    used = np.any(skip_matrix != 0, axis=1)
+    ops: list[ConvOp] = []
+    hw = input_hw
+    reserved_nonneg = input_nonnegative
+    n_hidden = branch[0].c_in
+    for j, op in enumerate(branch[:-1]):
+        tap = _taps(op, hw)
+        if j == 0:
+            # Reserve only the input channels the shortcut reads (a partial identity, as in a
+            # MobileNetV2 with a wide bottleneck, reserves fewer than it receives).
+            n_res = skip.c_out if apply_early else int(np.sum(used))
+            extra = skip_matrix if apply_early else np.eye(op.c_in)[:, used]
+            res_kernel = _place(op.kernel_size, tap, extra)
+            res_bias = skip.bias if apply_early else np.zeros(n_res)
+            if apply_early:
+                reserved_nonneg = False
+            kernel = np.concatenate([op.kernel, res_kernel], axis=-1)
+        else:
+            n_res = ops[-1].c_out - n_hidden
+            top = np.concatenate([op.kernel, np.zeros((*op.kernel_size, n_hidden, n_res))], -1)
+            dirac = kernels.dirac_kernel(op.kernel_size, n_res, taps=tap)
+            bottom = np.concatenate([np.zeros((*op.kernel_size, n_res, op.c_out)), dirac], -1)
+            kernel = np.concatenate([top, bottom], axis=2)
+            res_bias = np.zeros(n_res)
+        # A linear layer inside a branch (a separable conv's depthwise half) passes reserved
+        # channels linearly too.
+        act = None if op.act is None else op.act.concat(passthrough(n_res, reserved_nonneg))
+        bn = np.concatenate([op.bn, np.full((3, n_res), np.nan)], axis=1)
+        ops.append(
+            dataclasses.replace(
+                op, kernel=kernel, bias=np.concatenate([op.bias, res_bias]), act=act, bn=bn
+            )
+        )
+        n_hidden = op.c_out
+        hw = _out_hw(op, hw)
+
+    n_res = ops[-1].c_out - n_hidden
+    tap = _taps(last, hw)
+    if apply_early:
+        merge, merge_bias = np.eye(n_res), np.zeros(last.c_out)
+    else:
+        merge, merge_bias = skip_matrix[used], skip.bias
+    kernel = np.concatenate([last.kernel, _place(last.kernel_size, tap, merge)], axis=2)
+    merged = dataclasses.replace(last, kernel=kernel, bias=last.bias + merge_bias, act=post)
+    ops.append(merged)
+    return ops
+
+
+def _is_identity(op: ConvOp) -> bool:
+    m = op.kernel[0, 0]
+    return m.shape[0] == m.shape[1] and np.array_equal(m, np.eye(m.shape[0])) and op.strides == 1
+
+
+def identity_skip(channels: int, name: str = "identity") -> ConvOp:
+    return ConvOp(np.eye(channels)[None, None], np.zeros(channels), name=name)
+
+
+def compose_pointwise(first: ConvOp, second: ConvOp) -> ConvOp:
+    """Eq. 5: two convolutions with no activation between them, the second pointwise, as one
+    (``W'W`` and ``W'B + B'``). Exact with 'same' padding because the second is 1×1 stride 1."""
+    if not second.pointwise or first.act is not None:
+        raise ValueError("compose_pointwise needs a linear first op and a pointwise second op")
+    w2 = second.kernel[0, 0]
+    return dataclasses.replace(
+        second,
+        kernel=np.einsum("hwio,oc->hwic", first.kernel, w2),
+        bias=first.bias @ w2 + second.bias,
+        strides=first.strides,
+        padding=first.padding,
+        name=second.name,
+    )
+
+
+def fuse_linear_pairs(ops: Sequence[Op]) -> list[Op]:
+    """Fuse adjacent pointwise convolutions with no activation between them (Eq. 5): after RM,
+    a MobileNetV2 block's projection and the next block's expansion become one (Sec. 4.4)."""
+    out: list[Op] = []
+    for op in ops:
+        prev = out[-1] if out else None
+        if (
+            isinstance(op, ConvOp)
+            and isinstance(prev, ConvOp)
+            and prev.act is None
+            and op.pointwise
+            and prev.pointwise
+        ):
+            out[-1] = compose_pointwise(prev, op)
+        else:
+            out.append(op)
+    return out
+
+
+# ------------------------------------------------------------------------- channel grouping
+def group_layout(dense: np.ndarray) -> tuple[int, np.ndarray]:
+    """Most groups a dense kernel splits into after reordering its outputs, and that order.
+
+    Inputs keep their order (the previous op fixes it); an output belongs to the input block its
+    non-zero weights read. Outputs that read nothing fill whichever block needs them.
+    """
+    c_in, c_out = dense.shape[2], dense.shape[3]
+    reads = np.any(dense != 0, axis=(0, 1))  # (c_in, c_out)
+    first = np.where(reads.any(0), reads.argmax(0), -1)
+    last = np.where(reads.any(0), c_in - 1 - reads[::-1].argmax(0), -1)
+    divisors = [g for g in range(1, min(c_in, c_out) + 1) if c_in % g == 0 and c_out % g == 0]
+    for groups in reversed(divisors):
+        size_in, size_out = c_in // groups, c_out // groups
+        block = np.where(first >= 0, first // size_in, -1)
+        if np.any((first >= 0) & (block != last // size_in)):
+            continue
+        counts = np.bincount(block[block >= 0], minlength=groups)
+        if np.any(counts > size_out):
+            continue
+        free = list(np.flatnonzero(block < 0))
+        order = []
+        for g in range(groups):
+            members = list(np.flatnonzero(block == g))
+            need = size_out - len(members)
+            order += members + free[:need]
+            free = free[need:]
+        return groups, np.asarray(order)
+    return 1, np.arange(c_out)
+
+
+def order_channels(ops: Sequence[Op]) -> list[tuple[Op, int]]:
+    """Reorder each conv's outputs (and the next op's inputs) to expose groups: ``(op, groups)``."""
+    ops = list(ops)
+    result = []
+    for i, op in enumerate(ops):
+        if not isinstance(op, ConvOp):
+            result.append((op, 1))
+            continue
+        groups, order = group_layout(op.kernel)
+        if groups > 1 and not np.array_equal(order, np.arange(op.c_out)):
+            op = op.take_outputs(order)
+            for j in range(i + 1, len(ops)):
+                if isinstance(ops[j], ConvOp | DenseOp):
+                    ops[j] = ops[j].take_inputs(order)
+                    break
+        result.append((op, groups))
+    return result

@@ -1,0 +1,461 @@
+"""``to_plain``: the walker that asks each layer for its plain form and builds the plain model."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+from keras_dmr.convert.ops import (
+    Act,
+    ConversionError,
+    ConvOp,
+    DenseOp,
+    GlobalPoolOp,
+    Op,
+    PoolOp,
+    conv_bn_op,
+    depthwise_kernel,
+    fuse_linear_pairs,
+    order_channels,
+)
+from keras_dmr.layers import kernels
+from keras_dmr.layers.activations import ChannelwiseReLU
+
+DOWNSAMPLE_METHODS = ("dirac", "prelu")
+GLOBAL_POOLS = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclasses.dataclass
+class PlainContext:
+    """What a layer needs to know to rewrite itself: its input and the conversion options."""
+
+    input_hw: tuple | None
+    input_nonnegative: bool
+    downsample: str = "dirac"
+
+
+def _describe(layer) -> str:
+    return f"layer {layer.name!r} ({type(layer).__name__})"
+
+
+def _padding(layer, pending):
+    if layer.padding == "same":
+        if pending is not None:
+            raise ConversionError(f"{_describe(layer)}: ZeroPadding2D before a 'same' layer")
+        return "same"
+    pads = pending or ((0, 0), (0, 0))
+    return tuple(tuple(int(v) for v in p) for p in pads)
+
+
+def _activation_of(layer) -> Callable[[int], Act] | None:
+    """The per-channel activation a Keras activation layer computes, or None if not ReLU-like."""
+    if isinstance(layer, keras.layers.ReLU):
+        if float(layer.negative_slope) != 0 or float(layer.threshold) != 0:
+            return None
+        cap = np.inf if layer.max_value is None else float(layer.max_value)
+        return lambda c: Act.relu(c, cap)
+    if isinstance(layer, keras.layers.Activation):
+        name = getattr(layer.activation, "__name__", str(layer.activation))
+        if name == "relu":
+            return lambda c: Act.relu(c)
+        if name == "relu6":
+            return lambda c: Act.relu(c, 6.0)
+        return None
+    if isinstance(layer, keras.layers.PReLU):
+        alpha = np.asarray(layer.get_weights()[0], np.float64)
+        return lambda c: Act(np.broadcast_to(alpha.reshape(-1), (c,)).copy(), np.full(c, np.inf))
+    return None
+
+
+class _Walker:
+    def __init__(self, model: keras.Model, downsample: str):
+        self.model = model
+        self.downsample = downsample
+        self.ops: list[Op] = []
+        shape = model.inputs[0].shape
+        self.hw = (shape[1], shape[2])
+        self.nonnegative = False
+        self.pending_padding = None
+        self.pending_mean = 1
+        self.pooled = False
+
+    def last_conv(self, layer, what: str) -> ConvOp:
+        op = self.ops[-1] if self.ops else None
+        if not isinstance(op, ConvOp):
+            raise ConversionError(f"{_describe(layer)}: {what} must follow a convolution")
+        return op
+
+    def add(self, op: Op) -> None:
+        if isinstance(op, ConvOp) and op.padding != "same":
+            (t, b), (left, r) = op.padding
+            kh, kw = op.kernel_size
+            if self.hw[0] is not None:
+                self.hw = (
+                    (self.hw[0] + t + b - kh) // op.strides + 1,
+                    (self.hw[1] + left + r - kw) // op.strides + 1,
+                )
+        elif isinstance(op, ConvOp | PoolOp) and self.hw[0] is not None:
+            self.hw = tuple(-(-n // op.strides) for n in self.hw)
+        if isinstance(op, ConvOp):
+            self.nonnegative = op.act is not None and op.act.nonnegative
+        self.ops.append(op)
+
+    def visit(self, layer) -> None:
+        if isinstance(layer, keras.layers.InputLayer):
+            return
+        if self.pending_padding is not None and not isinstance(
+            layer, keras.layers.Conv2D | keras.layers.DepthwiseConv2D | keras.layers.MaxPooling2D
+        ):
+            raise ConversionError(f"{_describe(layer)}: ZeroPadding2D must precede a conv or pool")
+        if hasattr(layer, "plain_ops"):
+            if self.pooled:
+                raise ConversionError(f"{_describe(layer)}: a block after global pooling")
+            ctx = PlainContext(self.hw, self.nonnegative, self.downsample)
+            for op in layer.plain_ops(ctx):
+                self.add(op)
+            return
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            self._conv(layer, depthwise=True)
+        elif isinstance(layer, keras.layers.Conv2D):
+            self._conv(layer, depthwise=False)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            op = self.last_conv(layer, "BatchNormalization")
+            if op.act is not None or not np.all(np.isnan(op.bn)):
+                raise ConversionError(f"{_describe(layer)}: BN must directly follow a convolution")
+            folded = conv_bn_op(
+                op.kernel,
+                layer.get_weights(),
+                epsilon=layer.epsilon,
+                bias=op.bias,
+                strides=op.strides,
+                padding=op.padding,
+                name=op.name,
+            )
+            self.ops[-1] = folded
+        elif isinstance(layer, keras.layers.ZeroPadding2D):
+            self.pending_padding = layer.padding
+        elif _activation_of(layer) is not None:
+            op = self.last_conv(layer, "an activation")
+            if op.act is not None:
+                raise ConversionError(f"{_describe(layer)}: two activations in a row")
+            op.act = _activation_of(layer)(op.c_out)
+            self.nonnegative = op.act.nonnegative
+        elif isinstance(layer, keras.layers.MaxPooling2D | keras.layers.AveragePooling2D):
+            kind = "max" if isinstance(layer, keras.layers.MaxPooling2D) else "avg"
+            padding = _padding(layer, self.pending_padding)
+            if padding != "same" and (kind != "max" or not self.nonnegative):
+                raise ConversionError(
+                    f"{_describe(layer)}: zero padding before pooling is only exact for max "
+                    "pooling of a non-negative input"
+                )
+            self.pending_padding = None
+            size, strides = layer.pool_size, layer.strides
+            if size[0] != size[1] or strides[0] != strides[1]:
+                raise ConversionError(f"{_describe(layer)}: only square pools are supported")
+            op = PoolOp(kind, size[0], strides[0], padding, layer.name)
+            if padding != "same":
+                (t, b), (left, r) = padding
+                self.hw = (
+                    (self.hw[0] + t + b - size[0]) // strides[0] + 1,
+                    (self.hw[1] + left + r - size[1]) // strides[1] + 1,
+                )
+                self.ops.append(op)
+            else:
+                self.add(op)
+        elif isinstance(layer, GLOBAL_POOLS):
+            if getattr(layer, "keepdims", False):
+                raise ConversionError(f"{_describe(layer)}: keepdims=True is not supported")
+            kind = "avg" if isinstance(layer, keras.layers.GlobalAveragePooling2D) else "max"
+            self.ops.append(GlobalPoolOp(kind, layer.name))
+            self.pooled = True
+        elif isinstance(layer, keras.layers.Flatten | keras.layers.Dropout):
+            if isinstance(layer, keras.layers.Flatten) and not self.pooled:
+                raise ConversionError(f"{_describe(layer)}: Flatten only after global pooling")
+        elif isinstance(layer, keras.layers.Dense):
+            if not self.pooled:
+                raise ConversionError(f"{_describe(layer)}: Dense must follow global pooling")
+            w = layer.get_weights()
+            kernel = np.asarray(w[0], np.float64)
+            bias = np.asarray(w[1], np.float64) if layer.use_bias else np.zeros(kernel.shape[1])
+            if self.pending_mean > 1:  # BranchMean: the mean of K stacked states, folded in
+                kernel = np.tile(kernel, (self.pending_mean, 1)) / self.pending_mean
+                self.pending_mean = 1
+            activation = keras.activations.serialize(layer.activation)
+            activation = None if activation == "linear" else activation
+            self.ops.append(DenseOp(kernel, bias, activation, layer.name))
+        elif type(layer).__name__ == "TileBranches":
+            op = self.last_conv(layer, "TileBranches")
+            k = layer.branches
+            self.ops[-1] = dataclasses.replace(
+                op,
+                kernel=np.concatenate([op.kernel] * k, axis=-1),
+                bias=np.tile(op.bias, k),
+                act=op.act and Act(np.tile(op.act.slope, k), np.tile(op.act.cap, k)),
+                bn=np.tile(op.bn, (1, k)),
+            )
+        elif type(layer).__name__ == "BranchMean":
+            if not self.pooled:
+                raise ConversionError(f"{_describe(layer)}: BranchMean must follow global pooling")
+            self.pending_mean = layer.branches
+        else:
+            raise ConversionError(
+                f"{_describe(layer)} cannot be converted: it is not a convolution, BatchNorm, "
+                "ReLU/PReLU, pooling, Flatten or Dense layer, nor a block with `plain_ops`"
+            )
+
+    def _conv(self, layer, depthwise: bool) -> None:
+        if self.pooled:
+            raise ConversionError(f"{_describe(layer)}: a convolution after global pooling")
+        if tuple(layer.dilation_rate) != (1, 1) or layer.strides[0] != layer.strides[1]:
+            raise ConversionError(f"{_describe(layer)}: dilated or non-square strides")
+        padding = _padding(layer, self.pending_padding)
+        self.pending_padding = None
+        w = layer.get_weights()
+        if depthwise:
+            kernel, groups = depthwise_kernel(w[0]), w[0].shape[2]
+        else:
+            kernel, groups = w[0], layer.groups
+        bias = w[1] if layer.use_bias else None
+        op = conv_bn_op(
+            kernel,
+            None,
+            epsilon=1e-5,
+            bias=bias,
+            strides=layer.strides[0],
+            groups=groups,
+            padding=padding,
+            name=layer.name,
+        )
+        activation = keras.activations.serialize(layer.activation)
+        if activation not in ("linear", None):
+            make = _activation_of(keras.layers.Activation(activation))
+            if make is None:
+                raise ConversionError(f"{_describe(layer)}: activation {activation!r} is not ReLU")
+            op.act = make(op.c_out)
+        self.add(op)
+
+
+def plain_ops(model: keras.Model, *, downsample: str = "dirac") -> list[Op]:
+    """The plain form of ``model`` as float64 ops (before fusing and channel ordering)."""
+    if downsample not in DOWNSAMPLE_METHODS:
+        raise ValueError(f"`downsample` must be one of {DOWNSAMPLE_METHODS}; got {downsample!r}")
+    if not isinstance(model, keras.Model) or not model.built or not hasattr(model, "inputs"):
+        raise ConversionError(
+            f"{getattr(model, 'name', model)!r} is not a built functional keras.Model; build it "
+            "(call it once or give `input_shape`) before converting"
+        )
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ConversionError(f"model {model.name!r}: one input and one output are required")
+    walker = _Walker(model, downsample)
+    for layer in model.layers:
+        walker.visit(layer)
+    return walker.ops
+
+
+# ------------------------------------------------------------------------------- emission
+def _activation_layer(act: Act, name: str):
+    if np.all(act.slope == 0):
+        caps = np.unique(act.cap)
+        if len(caps) == 1:
+            cap = None if np.isinf(caps[0]) else float(caps[0])
+            return keras.layers.ReLU(max_value=cap, name=f"{name}_relu"), None
+    if np.all(np.isinf(act.cap)):
+        return keras.layers.PReLU(shared_axes=[1, 2], name=f"{name}_prelu"), [
+            act.slope.reshape(1, 1, -1)
+        ]
+    return ChannelwiseReLU(act.slope, act.cap, name=f"{name}_act"), None
+
+
+def _unfold_bn(op: ConvOp) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Kernel and BN weights reproducing ``conv(x)·1 + bias`` with BN kept (``fuse_bn=False``).
+
+    Channels that had a BN get it back (kernel scaled by ``σ/γ``, the shortcut's bias in beta);
+    the rest (reserved channels, gamma 0, re-parameterised sums) get a BN made identity by Eq. 3.
+    """
+    gamma, mean, var = op.bn
+    has = np.isfinite(gamma) & (gamma != 0)
+    sigma = np.sqrt(np.where(has, var, 1.0) + op.epsilon)
+    ratio = np.where(has, sigma / np.where(has, gamma, 1.0), 1.0)
+    kernel = op.kernel * ratio
+    ident = kernels.identity_bn(op.bias, op.epsilon)
+    weights = [
+        np.where(has, gamma, ident[0]),
+        np.where(has, op.bias + np.where(has, gamma, 0) * np.where(has, mean, 0) / sigma, ident[1]),
+        np.where(has, mean, ident[2]),
+        np.where(has, var, ident[3]),
+    ]
+    return kernel, weights
+
+
+def _conv_layer(op: ConvOp, groups: int, use_bias: bool):
+    padding = "same" if op.padding == "same" else "valid"
+    kh, kw = op.kernel_size
+    if groups > 1 and groups == op.c_in == op.c_out:
+        layer = keras.layers.DepthwiseConv2D(
+            (kh, kw), strides=op.strides, padding=padding, use_bias=use_bias, name=op.name
+        )
+        return layer, lambda k: np.transpose(kernels.to_grouped(k, groups), (0, 1, 3, 2))
+    from keras_dmr.layers.conv import GroupedConv2D
+
+    layer = GroupedConv2D(
+        op.c_out,
+        (kh, kw),
+        strides=op.strides,
+        padding=padding,
+        groups=groups,
+        use_bias=use_bias,
+        name=op.name,
+    )
+    return layer, lambda k: kernels.to_grouped(k, groups)
+
+
+def build_model(ops, input_tensor_spec, *, fuse_bn: bool, name: str) -> keras.Model:
+    """Keras layers for a chain of ops (fused, channels ordered) as a functional model."""
+    shape, dtype, input_name = input_tensor_spec
+    inputs = keras.Input(shape=shape, dtype=dtype, name=input_name)
+    x = inputs
+    used: set[str] = set()
+
+    def unique(base: str) -> str:
+        candidate, i = base, 1
+        while candidate in used:
+            i += 1
+            candidate = f"{base}_{i}"
+        used.add(candidate)
+        return candidate
+
+    for op, groups in order_channels(fuse_linear_pairs(ops)):
+        if isinstance(op, ConvOp):
+            op = dataclasses.replace(op, name=unique(op.name))
+            if op.padding != "same":
+                x = keras.layers.ZeroPadding2D(op.padding, name=unique(f"{op.name}_pad"))(x)
+            if fuse_bn:
+                layer, grouped = _conv_layer(op, groups, use_bias=True)
+                x = layer(x)
+                layer.set_weights([grouped(op.kernel), op.bias])
+            else:
+                kernel, bn_weights = _unfold_bn(op)
+                layer, grouped = _conv_layer(op, groups, use_bias=False)
+                x = layer(x)
+                layer.set_weights([grouped(kernel)])
+                bn = keras.layers.BatchNormalization(
+                    momentum=0.9, epsilon=op.epsilon, name=unique(f"{op.name}_bn")
+                )
+                x = bn(x)
+                bn.set_weights(bn_weights)
+            if op.act is not None:
+                act_layer, act_weights = _activation_layer(op.act, op.name)
+                act_layer.name = unique(act_layer.name)
+                x = act_layer(x)
+                if act_weights is not None:
+                    act_layer.set_weights(act_weights)
+        elif isinstance(op, PoolOp):
+            padding = "same" if op.padding == "same" else "valid"
+            if op.padding != "same":
+                x = keras.layers.ZeroPadding2D(op.padding, name=unique(f"{op.name}_pad"))(x)
+            cls = keras.layers.MaxPooling2D if op.kind == "max" else keras.layers.AveragePooling2D
+            x = cls(op.pool_size, strides=op.strides, padding=padding, name=unique(op.name))(x)
+        elif isinstance(op, GlobalPoolOp):
+            cls = (
+                keras.layers.GlobalAveragePooling2D
+                if op.kind == "avg"
+                else keras.layers.GlobalMaxPooling2D
+            )
+            x = cls(name=unique(op.name))(x)
+        elif isinstance(op, DenseOp):
+            layer = keras.layers.Dense(
+                op.kernel.shape[1], activation=op.activation, name=unique(op.name)
+            )
+            x = layer(x)
+            layer.set_weights([op.kernel, op.bias])
+    return keras.Model(inputs, x, name=name)
+
+
+# ------------------------------------------------------------------------------ public API
+def compare(
+    source: keras.Model,
+    plain: keras.Model,
+    *,
+    batches: int = 3,
+    batch_size: int = 4,
+    seed: int = 0,
+    inputs=None,
+) -> float:
+    """Max relative error ``max|a-b| / max|b|`` of ``plain`` against ``source`` over random
+    normal batches (or the given ``inputs``), in inference mode."""
+    shape = list(source.inputs[0].shape[1:])
+    if any(s is None for s in shape):
+        raise ConversionError(
+            f"model {source.name!r} has an unknown input size {tuple(shape)}; give "
+            "`verify_inputs` to verify it"
+        )
+    rng = np.random.default_rng(seed)
+    if inputs is None:
+        inputs = [rng.normal(size=(batch_size, *shape)).astype("float32") for _ in range(batches)]
+    worst = 0.0
+    for batch in inputs:
+        expected = np.asarray(source(batch, training=False), np.float64)
+        got = np.asarray(plain(batch, training=False), np.float64)
+        scale = max(float(np.max(np.abs(expected))), 1e-12)
+        worst = max(worst, float(np.max(np.abs(got - expected))) / scale)
+    return worst
+
+
+def to_plain(
+    model: keras.Model,
+    *,
+    fuse_bn: bool = True,
+    verify: bool = True,
+    downsample: str = "dirac",
+    tolerance: float = DEFAULT_TOLERANCE,
+    verify_inputs=None,
+    name: str | None = None,
+) -> keras.Model:
+    """A plain (single-path, Conv→ReLU) model with the same outputs as ``model``.
+
+    Each residual block rewrites itself by the RM operation (reserving the input through Dirac
+    filters, merging it back in the last convolution); BN is folded in float64 and cast once.
+    ``fuse_bn=False`` keeps a BatchNormalization after every convolution, for fine-tuning
+    (Appendix A.2; see :func:`keras_dmr.convert.recalibrate_bn`). ``downsample`` picks how a
+    block with a projection shortcut converts: ``"dirac"`` (Fig. 9b) or ``"prelu"`` (Fig. 9a).
+
+    With ``verify=True`` both models run on random batches (or ``verify_inputs``, a list of
+    arrays) and :class:`ConversionError` is raised if the maximum relative error exceeds
+    ``tolerance``. The result carries ``conversion_report``: the error, parameter and
+    multiply-accumulate counts before and after, and the options used.
+    """
+    from keras_dmr.analysis.flops import count_flops
+
+    ops = plain_ops(model, downsample=downsample)
+    spec = (tuple(model.inputs[0].shape[1:]), model.inputs[0].dtype, model.inputs[0].name)
+    try:
+        plain = build_model(ops, spec, fuse_bn=fuse_bn, name=name or f"{model.name}_plain")
+    except ValueError as err:  # a Keras shape error here is a walker bug or an odd model
+        raise ConversionError(
+            f"model {model.name!r}: the plain model cannot be built: {err}"
+        ) from err
+    error = None
+    if verify:
+        error = compare(model, plain, inputs=verify_inputs)
+        if not error <= tolerance:
+            raise ConversionError(
+                f"model {model.name!r}: the plain model differs from it by a maximum relative "
+                f"error of {error:.3g}, above the tolerance {tolerance:g}"
+            )
+    known_size = all(s is not None for s in model.inputs[0].shape[1:3])
+    plain.conversion_report = {
+        "source": model.name,
+        "max_relative_error": error,
+        "tolerance": tolerance,
+        "fuse_bn": fuse_bn,
+        "downsample": downsample,
+        "params_before": int(model.count_params()),
+        "params_after": int(plain.count_params()),
+        "flops_before": count_flops(model) if known_size else None,
+        "flops_after": count_flops(plain) if known_size else None,
+    }
+    return plain
