@@ -3,18 +3,33 @@ deploy plain."""
 
 __version__ = "0.1.0"
 
-from keras_dmr import analysis, data, layers, models, recipe  # noqa: E402
-from keras_dmr.models import DMRNet, DMRNeXt, DVANet, ResNet  # noqa: E402
+from keras_dmr import analysis, convert, data, export, layers, models, recipe  # noqa: E402
+from keras_dmr.convert import to_plain  # noqa: E402
+from keras_dmr.models import (  # noqa: E402
+    DMRNet,
+    DMRNeXt,
+    DVANet,
+    MobileNetV2,
+    RepVGG,
+    ResNet,
+    RMNeXt,
+)
 
 __all__ = [
     "DMRNeXt",
     "DMRNet",
     "DVANet",
+    "MobileNetV2",
+    "RMNeXt",
+    "RepVGG",
     "ResNet",
     "analysis",
+    "convert",
     "data",
+    "export",
     "layers",
     "models",
     "recipe",
+    "to_plain",
     "__version__",
 ]

@@ -72,9 +72,10 @@ def _activation_of(layer) -> Callable[[int], Act] | None:
 
 
 class _Walker:
-    def __init__(self, model: keras.Model, downsample: str):
+    def __init__(self, model: keras.Model, downsample: str, relu_only: bool = False):
         self.model = model
         self.downsample = downsample
+        self.relu_only = relu_only
         self.ops: list[Op] = []
         shape = model.inputs[0].shape
         self.hw = (shape[1], shape[2])
@@ -115,7 +116,15 @@ class _Walker:
             if self.pooled:
                 raise ConversionError(f"{_describe(layer)}: a block after global pooling")
             ctx = PlainContext(self.hw, self.nonnegative, self.downsample)
-            for op in layer.plain_ops(ctx):
+            ops = layer.plain_ops(ctx)
+            signed = [op for op in ops if op.act is not None and not op.act.nonnegative]
+            if self.relu_only and signed:
+                raise ConversionError(
+                    f"{_describe(layer)}: the input it reserves may be negative (the layer before "
+                    "it does not end in ReLU, or a projection is reserved) and a ReLU would clip "
+                    "it; convert with relu_only=False to carry it through slope-1 PReLU"
+                )
+            for op in ops:
                 self.add(op)
             return
         if isinstance(layer, keras.layers.DepthwiseConv2D):
@@ -157,7 +166,7 @@ class _Walker:
             if size[0] != size[1] or strides[0] != strides[1]:
                 raise ConversionError(f"{_describe(layer)}: only square pools are supported")
             op = PoolOp(kind, size[0], strides[0], padding, layer.name)
-            if padding != "same":
+            if padding != "same" and self.hw[0] is not None:
                 (t, b), (left, r) = padding
                 self.hw = (
                     (self.hw[0] + t + b - size[0]) // strides[0] + 1,
@@ -239,7 +248,9 @@ class _Walker:
         self.add(op)
 
 
-def plain_ops(model: keras.Model, *, downsample: str = "dirac") -> list[Op]:
+def plain_ops(
+    model: keras.Model, *, downsample: str = "dirac", relu_only: bool = False
+) -> list[Op]:
     """The plain form of ``model`` as float64 ops (before fusing and channel ordering)."""
     if downsample not in DOWNSAMPLE_METHODS:
         raise ValueError(f"`downsample` must be one of {DOWNSAMPLE_METHODS}; got {downsample!r}")
@@ -250,7 +261,7 @@ def plain_ops(model: keras.Model, *, downsample: str = "dirac") -> list[Op]:
         )
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ConversionError(f"model {model.name!r}: one input and one output are required")
-    walker = _Walker(model, downsample)
+    walker = _Walker(model, downsample, relu_only)
     for layer in model.layers:
         walker.visit(layer)
     return walker.ops
@@ -388,10 +399,10 @@ def compare(
     """Max relative error ``max|a-b| / max|b|`` of ``plain`` against ``source`` over random
     normal batches (or the given ``inputs``), in inference mode."""
     shape = list(source.inputs[0].shape[1:])
-    if any(s is None for s in shape):
+    if inputs is None and any(s is None for s in shape):
         raise ConversionError(
             f"model {source.name!r} has an unknown input size {tuple(shape)}; give "
-            "`verify_inputs` to verify it"
+            "`verify_inputs` (to_plain) or `inputs` (compare) to verify it"
         )
     rng = np.random.default_rng(seed)
     if inputs is None:
@@ -411,6 +422,7 @@ def to_plain(
     fuse_bn: bool = True,
     verify: bool = True,
     downsample: str = "dirac",
+    relu_only: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
     verify_inputs=None,
     name: str | None = None,
@@ -422,6 +434,8 @@ def to_plain(
     ``fuse_bn=False`` keeps a BatchNormalization after every convolution, for fine-tuning
     (Appendix A.2; see :func:`keras_dmr.convert.recalibrate_bn`). ``downsample`` picks how a
     block with a projection shortcut converts: ``"dirac"`` (Fig. 9b) or ``"prelu"`` (Fig. 9a).
+    Reserved signals that may be negative pass through slope-1 PReLU; ``relu_only=True`` refuses
+    them instead (for runtimes without PReLU).
 
     With ``verify=True`` both models run on random batches (or ``verify_inputs``, a list of
     arrays) and :class:`ConversionError` is raised if the maximum relative error exceeds
@@ -430,7 +444,7 @@ def to_plain(
     """
     from keras_dmr.analysis.flops import count_flops
 
-    ops = plain_ops(model, downsample=downsample)
+    ops = plain_ops(model, downsample=downsample, relu_only=relu_only)
     spec = (tuple(model.inputs[0].shape[1:]), model.inputs[0].dtype, model.inputs[0].name)
     try:
         plain = build_model(ops, spec, fuse_bn=fuse_bn, name=name or f"{model.name}_plain")
@@ -453,6 +467,7 @@ def to_plain(
         "tolerance": tolerance,
         "fuse_bn": fuse_bn,
         "downsample": downsample,
+        "relu_only": relu_only,
         "params_before": int(model.count_params()),
         "params_after": int(plain.count_params()),
         "flops_before": count_flops(model) if known_size else None,

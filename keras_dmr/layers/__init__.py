@@ -1,5 +1,6 @@
 """Blocks and layers of the merge-and-run family (``keras_dmr.layers``)."""
 
+from keras_dmr.layers.activations import ChannelwiseReLU
 from keras_dmr.layers.blocks import (
     BRANCH_KINDS,
     IMPLEMENTATIONS,
@@ -10,15 +11,20 @@ from keras_dmr.layers.blocks import (
     branch_units,
 )
 from keras_dmr.layers.conv import GroupedConv2D
+from keras_dmr.layers.inverted import InvertedResidualBlock
 from keras_dmr.layers.kernels import merge_and_run_matrix, stack_branches, unstack_branches
+from keras_dmr.layers.repvgg import RepVGGBlock
 
 __all__ = [
     "BRANCH_KINDS",
     "IMPLEMENTATIONS",
     "MAPPINGS",
     "BranchMean",
+    "ChannelwiseReLU",
     "GroupedConv2D",
+    "InvertedResidualBlock",
     "ParallelBranchBlock",
+    "RepVGGBlock",
     "TileBranches",
     "branch_units",
     "merge_and_run_matrix",

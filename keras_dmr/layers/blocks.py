@@ -19,11 +19,12 @@ import keras
 from keras import ops
 
 from keras_dmr.layers import kernels
-from keras_dmr.layers.conv import batch_norm, conv2d, depthwise_conv2d
+from keras_dmr.layers.conv import BN_EPSILON, batch_norm, conv2d, depthwise_conv2d
 
 BRANCH_KINDS = ("basic", "bottleneck", "resnext", "xception")
 MAPPINGS = ("merge_and_run", "identity", "vanilla")
 IMPLEMENTATIONS = ("split", "grouped")
+STRIDE_POSITIONS = ("spatial", "first")
 LAYERS_PER_BRANCH = {"basic": 2, "bottleneck": 3, "resnext": 3, "xception": 2}
 
 
@@ -46,9 +47,17 @@ class Unit:
     separable: bool = False
 
 
-def branch_units(kind, filters_in, filters, *, strides=1, bottleneck_width=None, groups=1):
-    """The layer sequence of one branch of ``kind`` (per branch, before any stacking)."""
+def branch_units(
+    kind, filters_in, filters, *, strides=1, bottleneck_width=None, groups=1, stride_on="spatial"
+):
+    """The layer sequence of one branch of ``kind`` (per branch, before any stacking).
+
+    ``stride_on="spatial"`` strides the 3×3 convolution of a bottleneck/resnext branch (ResNet
+    v1.5); ``"first"`` strides its first 1×1 (the original ResNet, Keras' ``ResNet50``). Basic and
+    xception branches start with their spatial convolution, so both place the stride there.
+    """
     check_choice("branch", kind, BRANCH_KINDS)
+    check_choice("stride_on", stride_on, STRIDE_POSITIONS)
     if kind == "basic":
         return [
             Unit(3, filters_in, filters, strides),
@@ -60,9 +69,10 @@ def branch_units(kind, filters_in, filters, *, strides=1, bottleneck_width=None,
             Unit(3, filters, filters, separable=True),
         ]
     width = bottleneck_width or filters // 4
+    first, spatial = (strides, 1) if stride_on == "first" else (1, strides)
     return [
-        Unit(1, filters_in, width),
-        Unit(3, width, width, strides, groups=groups if kind == "resnext" else 1),
+        Unit(1, filters_in, width, first),
+        Unit(3, width, width, spatial, groups=groups if kind == "resnext" else 1),
         Unit(1, width, filters),
     ]
 
@@ -84,6 +94,14 @@ class ParallelBranchBlock(keras.layers.Layer):
         implementation: ``"split"`` runs K separate convolutions; ``"grouped"`` one grouped
             convolution over the stacked K·d channels (Fig. 5). Same function; weights convert
             with :meth:`branch_weights` / :meth:`set_branch_weights`.
+        stride_on: ``"spatial"`` (default) strides a bottleneck/resnext branch's 3×3
+            convolution; ``"first"`` its first 1×1 convolution, as the original ResNet and
+            ``keras.applications.ResNet50`` do. No effect on basic and xception branches.
+        use_bias: give every convolution of the block (branches and projection) a bias, as
+            Keras' ResNet v1 does; the bias sits before BN, so it only matters for imported
+            weights. Default False.
+        bn_epsilon: epsilon of every BatchNormalization in the block (default 1e-5; Keras'
+            ResNet uses 1.001e-5).
     """
 
     def __init__(
@@ -97,12 +115,18 @@ class ParallelBranchBlock(keras.layers.Layer):
         bottleneck_width=None,
         groups=1,
         implementation="split",
+        stride_on="spatial",
+        use_bias=False,
+        bn_epsilon=BN_EPSILON,
         **kwargs,
     ):
         super().__init__(**kwargs)
         check_choice("mapping", mapping, MAPPINGS)
         check_choice("branch", branch, BRANCH_KINDS)
         check_choice("implementation", implementation, IMPLEMENTATIONS)
+        check_choice("stride_on", stride_on, STRIDE_POSITIONS)
+        if not float(bn_epsilon) > 0:
+            raise ValueError(f"`bn_epsilon` must be a positive number; got {bn_epsilon!r}")
         if int(branches) != branches or branches < 1:
             raise ValueError(f"`branches` must be an integer >= 1; got {branches!r}")
         self.filters = int(filters)
@@ -113,6 +137,9 @@ class ParallelBranchBlock(keras.layers.Layer):
         self.bottleneck_width = bottleneck_width
         self.groups = int(groups)
         self.implementation = implementation
+        self.stride_on = stride_on
+        self.use_bias = bool(use_bias)
+        self.bn_epsilon = float(bn_epsilon)
 
     # ----------------------------------------------------------------------------------- build
     @property
@@ -139,14 +166,19 @@ class ParallelBranchBlock(keras.layers.Layer):
             strides=self.strides,
             bottleneck_width=self.bottleneck_width,
             groups=self.groups,
+            stride_on=self.stride_on,
         )
 
     def _make_unit_layers(self, unit: Unit, copies: int, prefix: str) -> list:
         """Layers of one unit for ``copies`` stacked branches (1 = split form)."""
+        bias = self.use_bias
         if unit.separable:
+            dw = depthwise_conv2d(
+                unit.kernel_size, strides=unit.strides, use_bias=bias, name=f"{prefix}_dw"
+            )
             convs = [
-                depthwise_conv2d(unit.kernel_size, strides=unit.strides, name=f"{prefix}_dw"),
-                conv2d(unit.filters * copies, 1, groups=copies, name=f"{prefix}_pw"),
+                dw,
+                conv2d(unit.filters * copies, 1, groups=copies, use_bias=bias, name=f"{prefix}_pw"),
             ]
         else:
             convs = [
@@ -155,10 +187,12 @@ class ParallelBranchBlock(keras.layers.Layer):
                     unit.kernel_size,
                     strides=unit.strides,
                     groups=unit.groups * copies,
+                    use_bias=bias,
                     name=f"{prefix}_conv",
                 )
             ]
-        return [*convs, batch_norm(name=f"{prefix}_bn")]
+        bn = batch_norm(name=f"{prefix}_bn", epsilon=self.bn_epsilon)
+        return [*convs, bn]
 
     def build(self, input_shape):
         d_in = self._d_in = self.filters_in(input_shape)
@@ -323,10 +357,13 @@ class ParallelBranchBlock(keras.layers.Layer):
                         plain.depthwise_kernel(layer_w[0][0]),
                         None,
                         epsilon=eps,
+                        bias=_conv_bias(layer_w[0]),
                         strides=unit.strides,
                         groups=unit.filters_in,
                     )
-                    pw = plain.conv_bn_op(layer_w[1][0], layer_w[2], epsilon=eps)
+                    pw = plain.conv_bn_op(
+                        layer_w[1][0], layer_w[2], epsilon=eps, bias=_conv_bias(layer_w[1])
+                    )
                     per_branch.append([dw, pw])
                 else:
                     per_branch.append(
@@ -335,6 +372,7 @@ class ParallelBranchBlock(keras.layers.Layer):
                                 layer_w[0][0],
                                 layer_w[1],
                                 epsilon=eps,
+                                bias=_conv_bias(layer_w[0]),
                                 strides=unit.strides,
                                 groups=unit.groups,
                             )
@@ -342,7 +380,7 @@ class ParallelBranchBlock(keras.layers.Layer):
                     )
             for j in range(len(per_branch[0])):
                 convs = [per_branch[b][j] for b in range(k)]
-                shared_input = vanilla and u == 0  # every branch reads the block input x
+                shared_input = vanilla and u == 0 and j == 0  # all branches read x
                 summed_output = vanilla and u == len(units) - 1 and j == len(per_branch[0]) - 1
                 op = _assemble(convs, shared_input, summed_output)
                 op.name = f"{self.name}_conv{len(branch_ops) + 1}"
@@ -367,7 +405,9 @@ class ParallelBranchBlock(keras.layers.Layer):
         k = self.branches
         if self.projection:
             projs = [
-                plain.conv_bn_op(w[0][0], w[1], epsilon=eps, strides=self.strides)
+                plain.conv_bn_op(
+                    w[0][0], w[1], epsilon=eps, bias=_conv_bias(w[0]), strides=self.strides
+                )
                 for w in weights["projection"]
             ]
             w_p, b_p = [p.kernel[0, 0] for p in projs], [p.bias for p in projs]
@@ -400,7 +440,15 @@ class ParallelBranchBlock(keras.layers.Layer):
             "bottleneck_width": self.bottleneck_width,
             "groups": self.groups,
             "implementation": self.implementation,
+            "stride_on": self.stride_on,
+            "use_bias": self.use_bias,
+            "bn_epsilon": self.bn_epsilon,
         }
+
+
+def _conv_bias(conv_weights):
+    """A convolution's bias from its weight list ``[kernel]`` or ``[kernel, bias]``."""
+    return conv_weights[1] if len(conv_weights) > 1 else None
 
 
 @keras.saving.register_keras_serializable(package="keras_dmr")

@@ -45,12 +45,12 @@ def conv2d(filters: int, kernel_size: int, *, strides: int = 1, groups: int = 1,
     )
 
 
-def depthwise_conv2d(kernel_size: int, *, strides: int = 1, name=None):
+def depthwise_conv2d(kernel_size: int, *, strides: int = 1, use_bias: bool = False, name=None):
     return keras.layers.DepthwiseConv2D(
         kernel_size,
         strides=strides,
         padding="same",
-        use_bias=False,
+        use_bias=use_bias,
         depthwise_initializer="he_normal",
         name=name,
     )
@@ -59,6 +59,6 @@ def depthwise_conv2d(kernel_size: int, *, strides: int = 1, name=None):
 BN_EPSILON = 1e-5
 
 
-def batch_norm(name=None):
+def batch_norm(name=None, epsilon: float = BN_EPSILON):
     """BatchNorm with the papers' constants: momentum 0.9 (PyTorch's 0.1) and epsilon 1e-5."""
-    return keras.layers.BatchNormalization(momentum=0.9, epsilon=BN_EPSILON, name=name)
+    return keras.layers.BatchNormalization(momentum=0.9, epsilon=epsilon, name=name)

@@ -1,0 +1,35 @@
+"""Random weights and random BatchNorm statistics, for checking conversions honestly."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+
+def randomize(model_or_layer, seed: int = 0):
+    """Give every weight a random value and every BN random statistics (moving mean and
+    variance) and affine parameters, in place; returns its argument.
+
+    Default BN (mean 0, variance 1, gamma 1, beta 0) would hide any conversion bug that
+    mishandles them, so equivalence checks in tests and docs start from here.
+    """
+    rng = np.random.default_rng(seed)
+    for layer in model_or_layer._flatten_layers(include_self=True, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, c),
+                    rng.normal(0, 0.2, c),
+                    rng.normal(0, 0.5, c),
+                    rng.uniform(0.5, 2.0, c),
+                ]
+            )
+        elif layer.weights and not layer._layers:
+            layer.set_weights(
+                [
+                    rng.normal(0, 1.0 / np.sqrt(max(1, np.prod(w.shape[:-1]))), w.shape)
+                    for w in layer.get_weights()
+                ]
+            )
+    return model_or_layer

@@ -1,0 +1,74 @@
+"""Re-estimating the statistics of BN channels the RM operation made identity (Appendix A.2)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+
+def identity_channels(bn: keras.layers.BatchNormalization, rtol: float = 1e-6) -> np.ndarray:
+    """Channels where ``gamma == sqrt(variance + epsilon)``: the BN is the identity plus a
+    constant there (Eq. 3), so their statistics can change without changing the output."""
+    gamma, _, _, var = (np.asarray(w, np.float64) for w in bn.get_weights())
+    return np.isclose(gamma, np.sqrt(var + bn.epsilon), rtol=rtol, atol=0)
+
+
+def _batches(data, steps):
+    if isinstance(data, np.ndarray):
+        data = [data]
+    for i, batch in enumerate(data):
+        if steps is not None and i >= steps:
+            return
+        yield batch[0] if isinstance(batch, tuple | list) else batch
+
+
+def recalibrate_bn(
+    model: keras.Model, data, *, steps: int | None = None, verbose: int = 1
+) -> dict[str, int]:
+    """Set the running mean and variance of every identity BN channel of a plain model
+    (``to_plain(..., fuse_bn=False)``) to the statistics of ``data``, keeping ``gamma =
+    sqrt(var + eps)`` and the channel's offset, so outputs in inference mode do not change while
+    training-mode BN (batch statistics) starts where the converted model is.
+
+    ``data``: a ``tf.data.Dataset`` or iterable of image batches or ``(images, labels)`` pairs, or
+    one array. Returns the number of channels recalibrated per BN layer.
+    """
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not bns:
+        raise ValueError(
+            f"model {model.name!r} has no BatchNormalization layer: convert with "
+            "`to_plain(model, fuse_bn=False)` to keep BN for fine-tuning"
+        )
+    masks = {bn.name: identity_channels(bn) for bn in bns}
+    bns = [bn for bn in bns if masks[bn.name].any()]
+    if not bns:
+        return {}
+    probe = keras.Model(model.inputs[0], [bn.input for bn in bns])
+    sums = [np.zeros(bn.input.shape[-1]) for bn in bns]
+    squares = [np.zeros(bn.input.shape[-1]) for bn in bns]
+    counts = [0] * len(bns)
+    bar = keras.utils.Progbar(steps, verbose=verbose, unit_name="batch")
+    for i, images in enumerate(_batches(data, steps)):
+        outputs = probe(images, training=False)
+        outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+        for j, z in enumerate(outputs):
+            z = np.asarray(z, np.float64).reshape(-1, z.shape[-1])
+            sums[j] += z.sum(0)
+            squares[j] += (z * z).sum(0)
+            counts[j] += z.shape[0]
+        bar.update(i + 1)
+    if counts[0] == 0:
+        raise ValueError("`data` yielded no batches")
+    done = {}
+    for bn, total, square, n in zip(bns, sums, squares, counts, strict=True):
+        mask = masks[bn.name]
+        gamma, beta, mean, var = (np.asarray(w, np.float64) for w in bn.get_weights())
+        new_mean = total / n
+        new_var = np.maximum(square / n - new_mean**2, 0.0)
+        offset = beta - mean  # an identity channel computes z - mean + beta
+        gamma[mask] = np.sqrt(new_var[mask] + bn.epsilon)
+        beta[mask] = offset[mask] + new_mean[mask]
+        mean[mask], var[mask] = new_mean[mask], new_var[mask]
+        bn.set_weights([gamma, beta, mean, var])
+        done[bn.name] = int(mask.sum())
+    return done

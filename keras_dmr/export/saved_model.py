@@ -1,0 +1,101 @@
+"""SavedModels in TF Serving's layout: ``base_dir/<version>/saved_model.pb`` + ``variables/``."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+
+from keras_dmr.export.serving import (
+    ExportError,
+    atomic_directory,
+    check_class_names,
+    check_writable,
+    metadata,
+    next_version,
+    prepare,
+    serving_function,
+)
+
+METADATA_FILE = "keras_dmr.json"
+
+
+def saved_model(
+    model: keras.Model,
+    base_dir: str | Path,
+    *,
+    preprocessing,
+    version: int | None = None,
+    plain: bool = True,
+    class_names: Sequence[str] | None = None,
+    tolerance: float = 1e-4,
+) -> str:
+    """Export ``model`` for TF Serving and return the version directory written.
+
+    ``preprocessing`` says what the signature receives: a dataset name of :mod:`keras_dmr.data`
+    (``"digits"``, ``"cifar10"``, ...) or a ``(mean, std)`` pair on the 0..255 scale makes the
+    input ``images`` **uint8** pixels ``[batch, H, W, 3]``, normalised inside the graph;
+    ``"none"`` makes it float32 fed to the model as is. The ``serving_default`` signature returns
+    ``logits`` (float32), ``probabilities`` (softmax) and ``classes`` (int64 argmax).
+
+    With ``plain=True`` a residual model is first converted by :func:`keras_dmr.to_plain` and
+    verified (the error goes into the metadata asset ``assets/keras_dmr.json``, beside the source
+    architecture and config, the input spec, ``class_names`` and the versions used).
+    ``version=None`` takes the next integer after the highest present; an existing version is
+    never overwritten. The export is written to a temporary directory and renamed at the end.
+    """
+    import tensorflow as tf
+
+    base = Path(base_dir)
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or version < 1
+    ):
+        raise ExportError(f"`version` must be an integer >= 1 or None; got {version!r}")
+    if base.exists() and not base.is_dir():
+        raise ExportError(f"`base_dir` {base} exists and is not a directory")
+    check_writable(base)
+    source, exported, logits_model, conversion = prepare(model, plain=plain, tolerance=tolerance)
+    check_class_names(class_names, logits_model.outputs[0].shape[-1])
+    serve, norm = serving_function(logits_model, preprocessing)
+    base.mkdir(parents=True, exist_ok=True)
+    version = version or next_version(base)
+    final = base / str(version)
+    if final.exists():
+        raise ExportError(
+            f"{final} exists: an exported version is never overwritten; pass another `version` "
+            "or None for the next one"
+        )
+    info = metadata(source, exported, conversion, norm, class_names, fmt="saved_model")
+    info["version"] = version
+    with atomic_directory(final) as tmp, tempfile.TemporaryDirectory() as scratch:
+        meta_path = Path(scratch) / METADATA_FILE
+        meta_path.write_text(json.dumps(info, indent=2) + "\n")
+        module = tf.Module()
+        module.model = logits_model
+        module.serve = serve
+        module.metadata = tf.saved_model.Asset(str(meta_path))
+        tf.saved_model.save(
+            module, str(tmp), signatures={"serving_default": serve.get_concrete_function()}
+        )
+        check_no_xla(tmp)
+    return str(final)
+
+
+def check_no_xla(export_dir: str | Path) -> None:
+    """Raise if a function in the SavedModel must be XLA-compiled: TF Serving runs standard
+    kernels, and Keras' grouped Conv2D on TensorFlow compiles its convolution with XLA."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((Path(export_dir) / "saved_model.pb").read_bytes())
+    for graph in proto.meta_graphs:
+        for function in graph.graph_def.library.function:
+            attr = function.attr.get("_XlaMustCompile")
+            if attr is not None and attr.b:
+                raise ExportError(
+                    f"function {function.signature.name} requires XLA compilation "
+                    "(_XlaMustCompile): a Keras grouped Conv2D? Use keras_dmr's GroupedConv2D"
+                )

@@ -1,0 +1,210 @@
+"""What both export formats share: the plain model, the serving function, metadata, atomic
+versioned writing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "probabilities", "classes")
+
+
+class ExportError(ValueError):
+    """A model or a destination the exporter cannot use."""
+
+
+def resolve_preprocessing(preprocessing) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(mean, std)`` on the 0..255 scale from a dataset name or a pair; None for none."""
+    if preprocessing is None or preprocessing == "none":
+        return None
+    if isinstance(preprocessing, str):
+        from keras_dmr.data import dataset_info
+
+        try:
+            info = dataset_info(preprocessing)
+        except ValueError as err:
+            raise ExportError(
+                f"`preprocessing` must be a dataset name of keras_dmr.data, a (mean, std) pair "
+                f"or 'none'; got {preprocessing!r}"
+            ) from err
+        return np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32)
+    try:
+        mean, std = (np.asarray(v, np.float32).reshape(-1) for v in preprocessing)
+    except (TypeError, ValueError) as err:
+        raise ExportError(
+            f"`preprocessing` must be a dataset name, a (mean, std) pair or 'none'; got "
+            f"{preprocessing!r}"
+        ) from err
+    if np.any(std <= 0):
+        raise ExportError(f"`preprocessing` std must be > 0; got {std.tolist()}")
+    return mean, std
+
+
+def is_plain(model: keras.Model) -> bool:
+    """No layer with residual structure (nothing that rewrites itself, no merge layers)."""
+    merges = (keras.layers.Add, keras.layers.Concatenate, keras.layers.Average)
+    return not any(
+        hasattr(layer, "plain_ops") or isinstance(layer, merges) for layer in model.layers
+    )
+
+
+def prepare(model, *, plain: bool, tolerance: float):
+    """The model to export, its logits model, and what the metadata says about conversion."""
+    if not isinstance(model, keras.Model) or not model.built:
+        raise ExportError(f"{model!r} is not a built keras.Model")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ExportError(f"model {model.name!r}: one input and one output are required")
+    shape = tuple(model.inputs[0].shape[1:])
+    if len(shape) != 3 or any(s is None for s in shape):
+        raise ExportError(
+            f"model {model.name!r}: input shape {shape} must be a known (height, width, channels)"
+        )
+    conversion = None
+    source = model
+    if plain and not is_plain(model):
+        from keras_dmr.convert import to_plain
+
+        model = to_plain(model, tolerance=tolerance)
+        conversion = dict(model.conversion_report)
+    return source, model, _logits_model(model), conversion
+
+
+def _logits_model(model: keras.Model) -> keras.Model:
+    """The model with a linear last Dense (its softmax moves into the serving function)."""
+    last = model.layers[-1]
+    if not isinstance(last, keras.layers.Dense):
+        raise ExportError(
+            f"model {model.name!r}: the last layer must be the Dense classifier (include_top=True) "
+            f"to export logits, probabilities and classes; got {type(last).__name__}"
+        )
+    activation = keras.activations.serialize(last.activation)
+    if activation in ("linear", None):
+        return model
+    if activation != "softmax":
+        raise ExportError(
+            f"model {model.name!r}: classifier activation {activation!r}: only None (logits) "
+            "or 'softmax' can be exported"
+        )
+    linear = keras.layers.Dense(last.units, name=f"{last.name}_logits")
+    outputs = linear(last.input)
+    linear.set_weights(last.get_weights())
+    return keras.Model(model.inputs, outputs, name=model.name)
+
+
+def serving_function(logits_model: keras.Model, preprocessing):
+    """A ``tf.function`` from ``images`` (uint8, or float32 without preprocessing) to the named
+    outputs ``logits``, ``probabilities`` and ``classes``."""
+    import tensorflow as tf
+
+    h, w, c = logits_model.inputs[0].shape[1:]
+    norm = resolve_preprocessing(preprocessing)
+    dtype = tf.uint8 if norm is not None else tf.float32
+    spec = tf.TensorSpec([None, h, w, c], dtype, name=INPUT_NAME)
+
+    @tf.function(input_signature=[spec])
+    def serve(images):
+        tf.debugging.assert_equal(
+            tf.shape(images)[1:],
+            tf.constant([h, w, c]),
+            message=f"`images` must have shape [batch, {h}, {w}, {c}]",
+        )
+        x = tf.cast(images, tf.float32)
+        if norm is not None:
+            x = (x - tf.constant(norm[0])) / tf.constant(norm[1])
+        logits = logits_model(x, training=False)
+        return {
+            "logits": tf.identity(logits, name="logits"),
+            "probabilities": tf.nn.softmax(logits, name="probabilities"),
+            "classes": tf.argmax(logits, axis=-1, output_type=tf.int64, name="classes"),
+        }
+
+    return serve, norm
+
+
+def metadata(source, exported, conversion, norm, class_names, *, fmt: str) -> dict:
+    import tensorflow as tf
+
+    import keras_dmr
+
+    config = None
+    with contextlib.suppress(Exception):
+        config = json.loads(json.dumps(source.get_config(), default=str))
+    h, w, c = exported.inputs[0].shape[1:]
+    return {
+        "format": fmt,
+        "source": {"name": source.name, "class": type(source).__name__, "config": config},
+        "plain": conversion is not None or is_plain(source),
+        "conversion": conversion,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": [None, h, w, c],
+            "dtype": "uint8" if norm is not None else "float32",
+            "normalization": None
+            if norm is None
+            else {"mean": norm[0].tolist(), "std": norm[1].tolist(), "scale": "0..255"},
+        },
+        "outputs": list(OUTPUT_NAMES),
+        "class_names": list(class_names) if class_names is not None else None,
+        "versions": {
+            "keras_dmr": keras_dmr.__version__,
+            "keras": keras.__version__,
+            "tensorflow": tf.__version__,
+        },
+    }
+
+
+def check_class_names(class_names: Sequence[str] | None, classes: int):
+    if class_names is not None and len(class_names) != classes:
+        raise ExportError(
+            f"`class_names` must have one name per class ({classes}); got {len(class_names)}"
+        )
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before any work if ``directory`` (or the nearest existing parent) is not writable."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ExportError(f"{existing} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"{existing} is not writable")
+
+
+def next_version(base_dir: Path) -> int:
+    versions = [
+        int(p.name) for p in base_dir.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name)
+    ]
+    return max(versions, default=0) + 1
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path):
+    """Yield a temporary directory beside ``final``; rename it to ``final`` only on success."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            raise ExportError(f"{final} appeared while exporting; nothing was overwritten")
+        os.chmod(tmp, 0o777 & ~_umask())
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
