@@ -1,4 +1,5 @@
-# keras-dmr: `make demo` trains DMRNet-14 on the bundled digits; `make test` runs the checks.
+# keras-dmr: `make demo` trains DMRNet-14 on the bundled digits and exports its plain form;
+# `make test` runs the checks.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,10 +19,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 
-# Resumes runs/dmrnet14_digits.keras if it exists; DEMO_ARGS=--fresh starts over.
+# Resumes runs/dmrnet14_digits.keras if it exists; DEMO_ARGS=--fresh starts over. Every run adds
+# a new version under savedmodels/dmrnet14_digits/ (never overwriting an earlier one).
 demo: venv
 	$(BIN)/keras-dmr train --model dmrnet --depth 14 --dataset digits \
 		--epochs $(DEMO_EPOCHS) $(DEMO_ARGS)
+	$(BIN)/keras-dmr export runs/dmrnet14_digits.keras --name dmrnet14_digits
 
 test: venv
 	$(BIN)/python -m pytest -q

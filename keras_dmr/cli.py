@@ -1,4 +1,5 @@
-"""The ``keras-dmr`` command line: ``train`` (resumable) and ``paths`` (Fig. 3).
+"""The ``keras-dmr`` command line: ``train`` (resumable), ``paths`` (Fig. 3), ``convert``
+(RM operation) and ``export`` (TF Serving, ONNX).
 
 Every subcommand is one :class:`Command` in :data:`COMMANDS`: a function that adds its arguments
 and a function that runs it. Argument mistakes -- argparse's own and the ``ValueError``s of the
@@ -455,6 +456,173 @@ def run_paths(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# convert and export
+# --------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: Path) -> keras.Model:
+    """A keras_dmr model from a ``.keras`` file (safe mode), or a :class:`UsageError`."""
+    if path.suffix != ".keras":
+        raise UsageError(f"argument CHECKPOINT: must be a .keras file; got {str(path)!r}")
+    if not path.is_file():
+        raise UsageError(f"argument CHECKPOINT: {path} is not a file")
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # any unreadable or foreign file
+        raise UsageError(f"cannot load {path}: {e}") from None
+    ours = any(
+        type(layer).__module__.startswith("keras_dmr")
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+    )
+    if not ours:
+        raise UsageError(f"{path} is not a keras_dmr model (none of its layers is keras_dmr's)")
+    return model
+
+
+def describe_report(report: dict) -> str:
+    def count(before, after, unit=""):
+        if before is None:
+            return "unknown (input size not fixed)"
+        return f"{before:,}{unit} → {after:,}{unit} ({after / before:.2f}×)"
+
+    error = report["max_relative_error"]
+    return "\n".join(
+        [
+            f"parameters:      {count(report['params_before'], report['params_after'])}",
+            f"MACs per image:  {count(report['flops_before'], report['flops_after'])}",
+            "max rel. error:  "
+            + (
+                "not verified"
+                if error is None
+                else f"{error:.2e} (tolerance {report['tolerance']:g})"
+            ),
+        ]
+    )
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .keras model")
+    parser.add_argument("output", type=Path, metavar="OUT", help="the plain model (.keras)")
+    parser.add_argument(
+        "--downsample",
+        choices=("dirac", "prelu"),
+        default="dirac",
+        help="downsample blocks by Fig. 9b (dirac, default) or Fig. 9a (prelu)",
+    )
+    parser.add_argument(
+        "--keep-bn",
+        action="store_true",
+        help="keep a BatchNormalization after every conv, for fine-tuning (Appendix A.2)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)"
+    )
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from keras_dmr.convert import ConversionError, to_plain
+
+    if args.output.suffix != ".keras":
+        raise UsageError(f"argument OUT: must end in .keras; got {str(args.output)!r}")
+    if args.output.exists() and not args.overwrite:
+        raise UsageError(f"argument OUT: {args.output} exists; pass --overwrite to replace it")
+    model = load_checkpoint(args.checkpoint)
+    try:
+        plain = to_plain(model, fuse_bn=not args.keep_bn, downsample=args.downsample)
+    except ConversionError as e:
+        raise UsageError(f"cannot convert {args.checkpoint}: {e}") from None
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{args.output.name}.", suffix=".keras", dir=args.output.parent
+    )
+    os.close(fd)
+    try:
+        plain.save(tmp)
+        _publish(tmp, args.output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(f"{model.name} → {plain.name}: {len(plain.layers)} layers, no residual connections")
+    print(describe_report(plain.conversion_report))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .keras model")
+    parser.add_argument("--name", required=True, help="model name: the folder under --base-dir")
+    parser.add_argument(
+        "--format",
+        choices=("saved_model", "onnx"),
+        default="saved_model",
+        help="saved_model (TF Serving layout NAME/<version>/, default) or onnx (NAME.onnx)",
+    )
+    parser.add_argument(
+        "--base-dir", type=Path, default=Path("savedmodels"), help="(default: savedmodels)"
+    )
+    parser.add_argument(
+        "--preprocessing",
+        help="dataset whose mean/std the model was trained with, so the export takes uint8 "
+        "pixels (default: the dataset recorded in a keras-dmr train checkpoint), or 'none' "
+        "for float32 input fed as is",
+    )
+    parser.add_argument(
+        "--version", type=_positive_int, help="saved_model version (default: the next one)"
+    )
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from keras_dmr import export
+    from keras_dmr.convert import ConversionError
+
+    if not args.name or not all(c.isalnum() or c in "-_." for c in args.name):
+        raise UsageError(
+            f"argument --name: letters, digits, '-', '_' and '.' only; got {args.name!r}"
+        )
+    model = load_checkpoint(args.checkpoint)
+    preprocessing = args.preprocessing
+    if preprocessing is None:
+        try:
+            state = read_state(args.checkpoint)
+        except UsageError:
+            state = None
+        preprocessing = (state or {}).get("args", {}).get("dataset")
+        if preprocessing is None:
+            raise UsageError(
+                f"argument --preprocessing: {args.checkpoint} records no training dataset; give "
+                "the dataset its inputs were normalised with, or 'none'"
+            )
+    names = None
+    if preprocessing in data.SUPPORTED:
+        names = data.dataset_info(preprocessing).class_names
+        if len(names) != model.outputs[0].shape[-1]:
+            names = None
+    try:
+        if args.format == "saved_model":
+            path = export.saved_model(
+                model,
+                args.base_dir / args.name,
+                preprocessing=preprocessing,
+                version=args.version,
+                class_names=names,
+            )
+        else:
+            if args.version is not None:
+                raise UsageError("argument --version: only for --format saved_model")
+            path = export.onnx(
+                model,
+                args.base_dir / f"{args.name}.onnx",
+                preprocessing=preprocessing,
+                class_names=names,
+            )
+    except (export.ExportError, ConversionError) as e:
+        raise UsageError(str(e)) from None
+    kind = "float32" if preprocessing == "none" else f"uint8, normalised for {preprocessing}"
+    print(f"exported {model.name} as {args.format} (input images: {kind}): {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # Registry and entry point
 # --------------------------------------------------------------------------------------------
 
@@ -479,6 +647,26 @@ COMMANDS: list[Command] = [
         "are built untrained; nothing is downloaded.",
         add_arguments=add_paths_arguments,
         run=run_paths,
+    ),
+    Command(
+        "convert",
+        help="rewrite a checkpoint as a plain Conv-ReLU model (RM)",
+        description="Convert the model in CHECKPOINT (.keras) into a plain network with the same "
+        "outputs (every residual block rewritten by the RM operation, BN folded), verify it on "
+        "random batches, print parameters, multiply-accumulates and the maximum relative error, "
+        "and save it to OUT atomically.",
+        add_arguments=add_convert_arguments,
+        run=run_convert,
+    ),
+    Command(
+        "export",
+        help="export the plain model for TF Serving or ONNX Runtime",
+        description="Convert the model in CHECKPOINT to its plain form (verified) and export it: "
+        "a SavedModel in TF Serving's layout BASE_DIR/NAME/<version>/ (a new version each time) "
+        "or BASE_DIR/NAME.onnx. Input `images` (uint8 pixels, normalised inside the graph), "
+        "outputs `logits`, `probabilities` and `classes`.",
+        add_arguments=add_export_arguments,
+        run=run_export,
     ),
 ]
 

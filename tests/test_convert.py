@@ -344,3 +344,23 @@ def test_random_blocks_convert(
     model = randomize(keras.Model(inputs, keras.layers.Dense(3)(x)), seed=size)
     plain = to_plain(model, downsample=downsample, fuse_bn=fuse_bn)
     assert compare(model, plain, inputs=batches((size, size + 1, 3), n=2, seed=2)) <= TYPICAL
+
+
+def test_conversion_table_is_current():
+    """docs/conversion.md shows docs/data/conversion.json, and a row's counts still hold."""
+    import json
+    from pathlib import Path
+
+    from keras_dmr.analysis.conversion import FAMILIES, render
+
+    root = Path(__file__).parents[1]
+    rows = json.loads((root / "docs/data/conversion.json").read_text())["rows"]
+    assert [r["family"] for r in rows] == list(FAMILIES)
+    assert render(rows) in (root / "docs/conversion.md").read_text()
+    row = next(r for r in rows if r["family"] == "ResNet-56 (CIFAR)")
+    model = FAMILIES[row["family"]][0]()
+    plain = to_plain(model, verify=False)
+    report = plain.conversion_report
+    for key in ("params_before", "params_after", "flops_before", "flops_after"):
+        assert report[key] == row[key], key
+    assert all(r["max_relative_error"] <= 1e-4 for r in rows)

@@ -352,7 +352,13 @@ def compose_pointwise(first: ConvOp, second: ConvOp) -> ConvOp:
 
 def fuse_linear_pairs(ops: Sequence[Op]) -> list[Op]:
     """Fuse adjacent pointwise convolutions with no activation between them (Eq. 5): after RM,
-    a MobileNetV2 block's projection and the next block's expansion become one (Sec. 4.4)."""
+    a MobileNetV2 block's projection and the next block's expansion become one (Sec. 4.4).
+
+    Only where the fused ``c_in × c_out`` product costs no more multiply-accumulates than the
+    pair through its middle width (``mid·(c_in + c_out)``): true for Sec. 5.3's wide-bottleneck
+    MobileNetV2 (whose plain form is then MobileNetV1), false for the standard MobileNetV2, whose
+    narrow bottleneck is cheaper to keep.
+    """
     out: list[Op] = []
     for op in ops:
         prev = out[-1] if out else None
@@ -362,6 +368,7 @@ def fuse_linear_pairs(ops: Sequence[Op]) -> list[Op]:
             and prev.act is None
             and op.pointwise
             and prev.pointwise
+            and prev.c_in * op.c_out <= prev.c_out * (prev.c_in + op.c_out)
         ):
             out[-1] = compose_pointwise(prev, op)
         else:
