@@ -308,12 +308,13 @@ def test_bad_downsample_argument():
 
 
 # ------------------------------------------------------------------------- property-based
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     branches=st.integers(1, 3),
     mapping=st.sampled_from(["merge_and_run", "identity", "vanilla"]),
-    branch=st.sampled_from(["basic", "bottleneck", "xception"]),
-    filters=st.sampled_from([4, 6, 8]),
+    branch=st.sampled_from(["basic", "bottleneck", "xception", "resnext"]),
+    filters=st.sampled_from([4, 8]),
+    groups=st.sampled_from([1, 2]),
     stem=st.sampled_from([2, 4]),
     strides=st.sampled_from([1, 2]),
     size=st.integers(5, 9),
@@ -322,9 +323,19 @@ def test_bad_downsample_argument():
     implementation=st.sampled_from(["split", "grouped"]),
 )
 def test_random_blocks_convert(
-    branches, mapping, branch, filters, stem, strides, size, downsample, fuse_bn, implementation
+    branches,
+    mapping,
+    branch,
+    filters,
+    groups,
+    stem,
+    strides,
+    size,
+    downsample,
+    fuse_bn,
+    implementation,
 ):
-    width = filters // 2 if branch == "bottleneck" else None
+    width = filters // 2 if branch in ("bottleneck", "resnext") else None
     stacked = mapping != "vanilla"
     inputs = keras.Input((size, size + 1, 3))
     x = keras.layers.Conv2D(stem * (branches if stacked else 1), 3, padding="same")(inputs)
@@ -338,6 +349,7 @@ def test_random_blocks_convert(
             branch=branch,
             strides=s,
             bottleneck_width=width,
+            groups=groups if branch == "resnext" else 1,
             implementation=implementation,
         )(x)
     x = keras.layers.GlobalAveragePooling2D()(x)

@@ -148,21 +148,36 @@ def build_graph(
                 implementation=implementation,
                 name=f"stage{s + 1}_block{b + 1}",
             )(x)
+    shared_head = stacked and share_stem_and_head and branches > 1
+    x = classifier_head(
+        x,
+        include_top=include_top,
+        pooling=pooling,
+        classes=classes,
+        classifier_activation=classifier_activation,
+        merge=BranchMean(branches, name="branch_mean") if shared_head else None,
+    )
+    return inputs, x
+
+
+def classifier_head(x, *, include_top, pooling, classes, classifier_activation, merge=None):
+    """keras.applications' head: global average pooling and the Dense ``predictions`` layer, or
+    with ``include_top=False`` the optional ``pooling``. ``merge`` runs between the two."""
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        if stacked and share_stem_and_head and branches > 1:
-            x = BranchMean(branches, name="branch_mean")(x)
-        x = keras.layers.Dense(
+        if merge is not None:
+            x = merge(x)
+        return keras.layers.Dense(
             classes,
             activation=classifier_activation,
             kernel_initializer="he_normal",
             name="predictions",
         )(x)
-    elif pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
-    return inputs, x
+    if pooling == "avg":
+        return keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if pooling == "max":
+        return keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+    return x
 
 
 class ResidualClassifier(keras.Model):
@@ -191,5 +206,6 @@ class ResidualClassifier(keras.Model):
         return cls(**config)
 
     @property
-    def blocks(self) -> list[ParallelBranchBlock]:
-        return [layer for layer in self.layers if isinstance(layer, ParallelBranchBlock)]
+    def blocks(self) -> list[keras.layers.Layer]:
+        """The residual blocks, in order: the layers that rewrite themselves (``plain_ops``)."""
+        return [layer for layer in self.layers if hasattr(layer, "plain_ops")]

@@ -36,6 +36,7 @@ from keras_dmr.models.base import (
     DEFAULT_SHAPES,
     ResidualClassifier,
     check_common,
+    classifier_head,
 )
 
 # (expansion t, output channels c, repeats n, stride of the first s); block 0 is the first row.
@@ -197,18 +198,13 @@ class MobileNetV2(ResidualClassifier):
         x = conv2d(last, 1, name="last_conv")(x)
         x = bn("last_bn")(x)
         x = _relu(activation, "last_relu")(x)
-        if include_top:
-            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-            x = keras.layers.Dense(
-                classes,
-                activation=classifier_activation,
-                kernel_initializer="he_normal",
-                name="predictions",
-            )(x)
-        elif pooling == "avg":
-            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        elif pooling == "max":
-            x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+        x = classifier_head(
+            x,
+            include_top=include_top,
+            pooling=pooling,
+            classes=classes,
+            classifier_activation=classifier_activation,
+        )
         default = f"mobilenetv2_cifar_f{f}" if variant == "cifar" else f"mobilenetv2_{alpha:0.2f}"
         super().__init__(inputs=inputs, outputs=x, name=name or default, **kwargs)
         self._finish(
@@ -226,10 +222,6 @@ class MobileNetV2(ResidualClassifier):
             ),
             weights,
         )
-
-    @property
-    def blocks(self) -> list[InvertedResidualBlock]:
-        return [layer for layer in self.layers if isinstance(layer, InvertedResidualBlock)]
 
 
 # ------------------------------------------------------------------- keras.applications import

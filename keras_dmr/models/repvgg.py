@@ -30,6 +30,7 @@ from keras_dmr.models.base import (
     DEFAULT_SHAPES,
     ResidualClassifier,
     check_common,
+    classifier_head,
 )
 
 REPVGG_STAGES = {
@@ -147,18 +148,13 @@ class RepVGG(ResidualClassifier):
             for b in range(n):
                 ratio = reserve_ratio if b % 2 == 0 else 0.0
                 x = RepVGGBlock(width, reserve_ratio=ratio, name=f"stage{s + 1}_block{b + 1}")(x)
-        if include_top:
-            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-            x = keras.layers.Dense(
-                classes,
-                activation=classifier_activation,
-                kernel_initializer="he_normal",
-                name="predictions",
-            )(x)
-        elif pooling == "avg":
-            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        elif pooling == "max":
-            x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+        x = classifier_head(
+            x,
+            include_top=include_top,
+            pooling=pooling,
+            classes=classes,
+            classifier_activation=classifier_activation,
+        )
         percent = round(100 * reserve_ratio)
         default = f"rm_repvgg{depth}_r{percent}" if reserve_ratio else f"repvgg{depth}"
         super().__init__(inputs=inputs, outputs=x, name=name or default, **kwargs)
@@ -179,7 +175,3 @@ class RepVGG(ResidualClassifier):
             ),
             weights,
         )
-
-    @property
-    def blocks(self) -> list[RepVGGBlock]:
-        return [layer for layer in self.layers if isinstance(layer, RepVGGBlock)]

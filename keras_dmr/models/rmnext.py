@@ -25,6 +25,7 @@ from keras_dmr.models.base import (
     DEFAULT_SHAPES,
     ResidualClassifier,
     check_common,
+    classifier_head,
     resolve_implementation,
 )
 
@@ -211,18 +212,13 @@ class RMNeXt(ResidualClassifier):
                 implementation=implementation,
                 name=f"stage{p['stage'] + 1}_block{p['block'] + 1}",
             )(x)
-        if include_top:
-            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-            x = keras.layers.Dense(
-                classes,
-                activation=classifier_activation,
-                kernel_initializer="he_normal",
-                name="predictions",
-            )(x)
-        elif pooling == "avg":
-            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        elif pooling == "max":
-            x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+        x = classifier_head(
+            x,
+            include_top=include_top,
+            pooling=pooling,
+            classes=classes,
+            classifier_activation=classifier_activation,
+        )
         default_name = f"rmnext{depth}x{expansion}_{channels_per_group}"
         super().__init__(inputs=inputs, outputs=x, name=name or default_name, **kwargs)
         self._finish(
