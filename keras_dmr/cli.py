@@ -20,6 +20,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -467,7 +468,9 @@ def load_checkpoint(path: Path) -> keras.Model:
     if not path.is_file():
         raise UsageError(f"argument CHECKPOINT: {path} is not a file")
     try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        with warnings.catch_warnings():  # the optimizer is not needed (compile=False)
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # any unreadable or foreign file
         raise UsageError(f"cannot load {path}: {e}") from None
     ours = any(
@@ -619,6 +622,9 @@ def run_export(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     kind = "float32" if preprocessing == "none" else f"uint8, normalised for {preprocessing}"
     print(f"exported {model.name} as {args.format} (input images: {kind}): {path}")
+    conversion = export.read_metadata(path)["conversion"]
+    if conversion is not None:
+        print(describe_report(conversion))
     return 0
 
 

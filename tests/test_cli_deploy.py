@@ -44,7 +44,8 @@ def test_export_versions_saved_models_and_writes_onnx(checkpoint, tmp_path, caps
     base = tmp_path / "savedmodels"
     for version in ("1", "2"):
         assert cli.main(["export", str(path), "--name", "dmr", "--base-dir", str(base)]) == 0
-        assert f"savedmodels/dmr/{version}" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"savedmodels/dmr/{version}" in out and "max rel. error:" in out
     meta = json.loads((base / "dmr" / "1" / "assets" / "keras_dmr.json").read_text())
     assert meta["input"]["dtype"] == "uint8"
     assert meta["class_names"] == [str(i) for i in range(10)]
@@ -56,6 +57,8 @@ def test_export_versions_saved_models_and_writes_onnx(checkpoint, tmp_path, caps
     args = ["export", str(path), "--name", "dmr", "--base-dir", str(base), "--format", "onnx"]
     assert cli.main(args) == 0
     assert (base / "dmr.onnx").is_file()
+    meta = keras_dmr.export.read_metadata(base / "dmr.onnx")
+    assert meta["format"] == "onnx" and meta["conversion"]["max_relative_error"] <= 1e-4
 
 
 def _error(capsys, argv) -> str:

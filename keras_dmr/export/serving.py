@@ -208,3 +208,21 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata an export carries: a SavedModel version directory's ``assets/keras_dmr.json``
+    or an ONNX file's ``metadata_props["keras_dmr"]``."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx as onnx_lib
+
+        proto = onnx_lib.load(str(path), load_external_data=False)
+        props = {p.key: p.value for p in proto.metadata_props}
+        if "keras_dmr" not in props:
+            raise ExportError(f"{path} carries no keras_dmr metadata")
+        return json.loads(props["keras_dmr"])
+    meta = path / "assets" / "keras_dmr.json"
+    if not meta.is_file():
+        raise ExportError(f"{path} is not a keras_dmr SavedModel export (no {meta.name})")
+    return json.loads(meta.read_text())
