@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_EPOCHS ?= 10
 DEMO_ARGS ?=
 
-.PHONY: venv demo test lint format
+.PHONY: venv demo test lint docs format
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory docs
+
+# The documentation site (docs/ → site/); strict: a broken link or missing page fails.
+docs: venv
+	$(BIN)/mkdocs build --strict --quiet
 
 lint: venv
 	$(BIN)/ruff check .
