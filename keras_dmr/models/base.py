@@ -198,8 +198,10 @@ class ResidualClassifier(keras.Model):
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable, **self._config}
 
-    def fit(self, *args, callbacks=None, **kwargs):
-        return super().fit(*args, callbacks=with_recipe_callbacks(self, callbacks), **kwargs)
+    def fit(self, x=None, *args, callbacks=None, **kwargs):
+        if "shuffle" not in kwargs and type(x).__module__.startswith("tensorflow"):
+            kwargs["shuffle"] = False  # a tf.data pipeline shuffles itself; Keras would warn
+        return super().fit(x, *args, callbacks=with_recipe_callbacks(self, callbacks), **kwargs)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
