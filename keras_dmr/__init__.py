@@ -3,7 +3,7 @@ deploy plain."""
 
 __version__ = "0.1.0"
 
-from keras_dmr import analysis, convert, data, export, layers, models, recipe  # noqa: E402
+from keras_dmr import analysis, convert, data, export, layers, models, prune, recipe, tuning  # noqa: E402
 from keras_dmr.convert import to_plain  # noqa: E402
 from keras_dmr.models import (  # noqa: E402
     DMRNet,
@@ -29,7 +29,9 @@ __all__ = [
     "export",
     "layers",
     "models",
+    "prune",
     "recipe",
     "to_plain",
+    "tuning",
     "__version__",
 ]

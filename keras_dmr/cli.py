@@ -1,5 +1,6 @@
-"""The ``keras-dmr`` command line: ``train`` (resumable), ``paths`` (Fig. 3), ``convert``
-(RM operation) and ``export`` (TF Serving, ONNX).
+"""The ``keras-dmr`` command line: ``train`` (resumable, optionally on a tf.distribute strategy),
+``tune`` (Keras Tuner), ``paths`` (Fig. 3), ``convert`` (RM operation) and ``export`` (TF Serving,
+ONNX).
 
 Every subcommand is one :class:`Command` in :data:`COMMANDS`: a function that adds its arguments
 and a function that runs it. Argument mistakes -- argparse's own and the ``ValueError``s of the
@@ -15,6 +16,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -57,6 +59,7 @@ RESUME_KEYS = (
     "seed",
 )
 STATE_MEMBER = "keras_dmr_state.json"  # the training state inside the .keras zip
+STRATEGIES = ("none", "mirrored", "multiworker")  # keras_dmr.tuning.STRATEGIES (not imported)
 
 
 class UsageError(Exception):
@@ -208,6 +211,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="initial learning rate instead of the recipe's 0.1 (same schedule)",
     )
     group.add_argument("--seed", type=_natural, default=0, help="random seed (default: 0)")
+    group.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="none",
+        help="tf.distribute strategy: mirrored (all local GPUs) or multiworker (the cluster of "
+        "TF_CONFIG; start every worker with its own TF_CONFIG and --output); --batch-size is the "
+        "global batch, split over all replicas (default: none)",
+    )
     group = parser.add_argument_group("checkpointing")
     group.add_argument(
         "--output",
@@ -324,32 +335,17 @@ def run_train(args: argparse.Namespace) -> int:
     info = data.dataset_info(args.dataset)
     keras.utils.set_random_seed(args.seed)
 
+    strategy = _make_strategy(args.strategy)
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     state = None if args.fresh else read_state(output)
-    if state is not None:
-        stored = state.get("args", {})
-        differ = [k for k in RESUME_KEYS if stored.get(k) != config[k]]
-        if differ:
-            was = ", ".join(
-                f"--{k.replace('_', '-')} {'(default)' if stored.get(k) is None else stored[k]}"
-                for k in differ
-            )
-            raise UsageError(
-                f"{output} was trained with {was}; pass the same arguments to resume it, "
-                "--fresh to overwrite it, or --output to write elsewhere"
-            )
-        try:
-            model = keras.saving.load_model(output)
-        except Exception as e:  # not ours to diagnose: any unreadable file
-            raise UsageError(f"cannot load {output} ({e}); pass --fresh to overwrite it") from None
-        completed = int(state["completed_epochs"])
-    else:
-        model = build_model(
-            args.model, depth, classes=info.num_classes, compile=True, **_model_options(args)
-        )
-        if args.learning_rate is not None:
-            compile_with_recipe(model, learning_rate=args.learning_rate)
-        state, completed = {"args": config, "completed_epochs": 0, "history": []}, 0
+    with scope:  # variables, optimizer and compile under the strategy
+        model, state, completed = _train_model(args, output, config, info, state)
     state["args"] = {**config, "epochs": args.epochs}
+    callbacks = [EpochCheckpoint(output, state)]
+    if args.strategy == "multiworker":
+        from keras_dmr.tuning.distribute import AverageBatchNormStatistics
+
+        callbacks.insert(0, AverageBatchNormStatistics(strategy))
 
     test = data.load(args.dataset, "test", batch_size=args.batch_size, data_dir=args.data_dir)
     if completed < args.epochs:
@@ -359,6 +355,12 @@ def run_train(args: argparse.Namespace) -> int:
             print(
                 f"Training {model.name} ({model.count_params():,} parameters) on {args.dataset} "
                 f"for {args.epochs} epoch{'s' if args.epochs > 1 else ''}; checkpoint: {output}",
+                flush=True,
+            )
+        if strategy is not None:
+            print(
+                f"Strategy {args.strategy}: {strategy.num_replicas_in_sync} replica(s), global "
+                f"batch {args.batch_size}",
                 flush=True,
             )
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -379,13 +381,55 @@ def run_train(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             shuffle=False,  # the pipeline shuffles; Keras would warn that it cannot
             verbose=1 if sys.stdout.isatty() else 2,
-            callbacks=[EpochCheckpoint(output, state)],
+            callbacks=callbacks,
         )
     else:
         print(f"{output} is already trained for {completed} epochs; evaluating it", flush=True)
     result = model.evaluate(test, verbose=0, return_dict=True)
     print(f"test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f})")
     return 0
+
+
+def _make_strategy(name: str):
+    """The ``--strategy``; ``None`` for ``none`` (keras_dmr.tuning is imported only if needed)."""
+    if name == "none":
+        return None
+    from keras_dmr.tuning.distribute import make_strategy
+
+    return make_strategy(name)
+
+
+def _train_model(args, output: Path, config: dict, info, state: dict | None):
+    """``(model, state, completed epochs)``: the checkpoint resumed, or a new compiled model."""
+    if state is not None:
+        stored = state.get("args", {})
+        differ = [k for k in RESUME_KEYS if stored.get(k) != config[k]]
+        if differ:
+            was = ", ".join(
+                f"--{k.replace('_', '-')} {'(default)' if stored.get(k) is None else stored[k]}"
+                for k in differ
+            )
+            raise UsageError(
+                f"{output} was trained with {was}; pass the same arguments to resume it, "
+                "--fresh to overwrite it, or --output to write elsewhere"
+            )
+        try:
+            model = keras.saving.load_model(output)
+        except Exception as e:  # not ours to diagnose: any unreadable file
+            raise UsageError(f"cannot load {output} ({e}); pass --fresh to overwrite it") from None
+        completed = int(state["completed_epochs"])
+    else:
+        model = build_model(
+            args.model,
+            config["depth"],
+            classes=info.num_classes,
+            compile=True,
+            **_model_options(args),
+        )
+        if args.learning_rate is not None:
+            compile_with_recipe(model, learning_rate=args.learning_rate)
+        state, completed = {"args": config, "completed_epochs": 0, "history": []}, 0
+    return model, state, completed
 
 
 # --------------------------------------------------------------------------------------------
@@ -629,6 +673,326 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# tune
+# --------------------------------------------------------------------------------------------
+
+TUNE_FAMILIES = ("dmrnet", "rmnet")
+TUNERS = ("random", "bayesian", "hyperband")  # keras_dmr.tuning.TUNERS (imported only to tune)
+
+
+def _block_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        counts = ()
+    if len(counts) != 4 or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"must be 4 comma-separated integers >= 1; got {text!r}")
+    return counts
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--family",
+        choices=TUNE_FAMILIES,
+        default="dmrnet",
+        help="dmrnet (HyperDMRNet) or rmnet (HyperRMNet: RepVGG or RMNeXt) (default: dmrnet)",
+    )
+    parser.add_argument("--tuner", choices=TUNERS, default="random", help="(default: random)")
+    parser.add_argument(
+        "--max-trials",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="trials in all (hyperband: a cap on its brackets' trials) (default: 10)",
+    )
+    group = parser.add_argument_group("search space (each option given is fixed, not searched)")
+    group.add_argument(
+        "--rule",
+        choices=("same_params_depth", "same_width"),
+        default="same_params_depth",
+        help="dmrnet: the Sec. 5 depth/width rule for K (default: same_params_depth)",
+    )
+    group.add_argument("--branches", type=int, choices=(1, 2, 4, 8), help="dmrnet: fix K")
+    group.add_argument(
+        "--mapping", choices=("merge_and_run", "identity"), help="dmrnet: fix the mapping"
+    )
+    group.add_argument(
+        "--rmnet-family",
+        choices=("repvgg", "rmnext"),
+        default="repvgg",
+        help="rmnet: RepVGG with a reserving ratio or RMNeXt (default: repvgg)",
+    )
+    group.add_argument(
+        "--reserve-ratios",
+        choices=("paper", "continuous"),
+        default="paper",
+        help="repvgg: the paper's {0, 0.25, 0.5, 0.75} or [0, 1) (default: paper)",
+    )
+    group.add_argument("--learning-rate", type=_positive_float, metavar="LR", help="fix it")
+    group.add_argument("--weight-decay", type=_positive_float, metavar="WD", help="fix it")
+    group.add_argument(
+        "--scale",
+        type=_positive_float,
+        default=1.0,
+        help="width multiplier (e.g. 0.25 for tiny networks) (default: 1, the paper)",
+    )
+    group.add_argument(
+        "--depth",
+        type=_positive_int,
+        help="dmrnet: replaces the rule's depth for every K (6n+2); rmnet: fixes the depth",
+    )
+    group.add_argument(
+        "--blocks-per-stage",
+        type=_block_counts,
+        metavar="A,B,C,D",
+        help="rmnet: blocks per stage instead of a depth (repvgg: even numbers)",
+    )
+    group = parser.add_argument_group("objective")
+    group.add_argument(
+        "--latency-budget",
+        type=_positive_float,
+        metavar="MS",
+        help="score val_accuracy under this latency of the converted plain model, timed here "
+        "(default: plain val_accuracy)",
+    )
+    group.add_argument(
+        "--latency-batch-size",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="images per timed batch (default: 1)",
+    )
+    group = parser.add_argument_group("training")
+    group.add_argument(
+        "--dataset", choices=data.SUPPORTED, default="digits", help="(default: digits)"
+    )
+    group.add_argument("--data-dir", metavar="DIR", help="TFDS data directory")
+    group.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=10,
+        metavar="E",
+        help="epochs per trial (hyperband: the most a trial trains) (default: 10)",
+    )
+    group.add_argument(
+        "--batch-size", type=_positive_int, default=64, metavar="N", help="(default: 64)"
+    )
+    group.add_argument(
+        "--steps-per-epoch",
+        type=_positive_int,
+        metavar="N",
+        help="train on N batches per epoch (default: the whole split)",
+    )
+    group.add_argument(
+        "--validation-steps",
+        type=_positive_int,
+        metavar="N",
+        help="validate on N batches of the test split (default: all of it)",
+    )
+    group.add_argument("--seed", type=_natural, default=0, help="random seed (default: 0)")
+    group.add_argument(
+        "--strategy",
+        choices=("none", "mirrored"),
+        default="none",
+        help="run every trial on this tf.distribute strategy (default: none)",
+    )
+    group = parser.add_argument_group("output")
+    group.add_argument(
+        "--directory",
+        type=Path,
+        default=Path("runs/tune"),
+        metavar="DIR",
+        help="Keras Tuner's directory; shared by a distributed search (default: runs/tune)",
+    )
+    group.add_argument(
+        "--project-name",
+        metavar="NAME",
+        help="project under DIR; an existing one resumes (default: <family>_<tuner>_<dataset>)",
+    )
+    group.add_argument(
+        "--overwrite", action="store_true", help="start the project over instead of resuming it"
+    )
+    group.add_argument(
+        "--output",
+        type=Path,
+        metavar="PATH",
+        help="the best model (.keras), its summary in PATH.json (default: DIR/NAME/best.keras)",
+    )
+
+
+def _tune_hypermodel(args: argparse.Namespace, info, objective):
+    from keras_dmr.tuning import HyperDMRNet, HyperRMNet
+
+    common = dict(
+        input_shape=info.image_shape,
+        classes=info.num_classes,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        scale=args.scale,
+        latency_objective=objective,
+    )
+    if args.family == "dmrnet":
+        for name in ("blocks_per_stage",):
+            if getattr(args, name) is not None:
+                raise UsageError(f"argument --{name.replace('_', '-')}: only for --family rmnet")
+        kind, build = (
+            "dmrnet",
+            lambda: HyperDMRNet(
+                rule=args.rule,
+                branches=args.branches,
+                mapping=args.mapping,
+                depth=args.depth,
+                **common,
+            ),
+        )
+    else:
+        for name in ("branches", "mapping"):
+            if getattr(args, name) is not None:
+                raise UsageError(f"argument --{name}: only for --family dmrnet")
+        kind, build = (
+            args.rmnet_family,
+            lambda: HyperRMNet(
+                family=args.rmnet_family,
+                depth=args.depth,
+                reserve_ratios=args.reserve_ratios,
+                blocks_per_stage=args.blocks_per_stage,
+                **common,
+            ),
+        )
+    try:
+        return kind, build()
+    except ValueError as e:
+        raise UsageError(f"--family {args.family}: {e}") from None
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from keras_dmr import tuning
+
+    role = tuning.tuner_role()
+    info = data.dataset_info(args.dataset)
+    keras.utils.set_random_seed(args.seed)
+    objective = None
+    if args.latency_budget is not None:
+        objective = tuning.plain_latency_objective(
+            args.latency_budget, batch_size=args.latency_batch_size
+        )
+    kind, hypermodel = _tune_hypermodel(args, info, objective)
+    name = args.project_name or f"{args.family}_{args.tuner}_{args.dataset}"
+    output = args.output or args.directory / name / "best.keras"
+    if output.suffix != ".keras":
+        raise UsageError(f"argument --output: must end in .keras; got {str(output)!r}")
+    if args.overwrite and role != "single":
+        raise UsageError(
+            "argument --overwrite: not in a distributed search (it would delete "
+            "the project that the other tuners share)"
+        )
+    tuner = tuning.make_tuner(
+        hypermodel,
+        args.tuner,
+        max_trials=args.max_trials,
+        max_epochs=args.epochs,
+        seed=args.seed,
+        directory=str(args.directory),
+        project_name=name,
+        overwrite=args.overwrite,
+        distribution_strategy=_make_strategy(args.strategy),
+    )
+    if role != "worker":
+        done = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
+        print(
+            f"Tuning {kind} with {args.tuner} search on {args.dataset}: objective "
+            f"{tuner.oracle.objective.name}"
+            + (f" (plain-model latency budget {args.latency_budget:g} ms)" if objective else "")
+            + f"; project {args.directory / name}"
+            + (f", resuming after {len(done)} completed trial(s)" if done else ""),
+            flush=True,
+        )
+    # Full batches only: TF 2.21's oneDNN kernels crash the process (not a Python error) on the
+    # weight gradient of a 1×1 stride-2 convolution with few channels (8 -> 16: the rule's K = 8
+    # branches) when the batch size is odd, as digits' last batch of 29 is.
+    train = data.load(
+        args.dataset,
+        "train",
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        drop_remainder=True,
+    )
+    test = data.load(args.dataset, "test", batch_size=args.batch_size, data_dir=args.data_dir)
+    if args.steps_per_epoch:
+        train = train.take(args.steps_per_epoch)
+    if args.validation_steps:
+        test = test.take(args.validation_steps)
+    verbose = 1 if sys.stdout.isatty() else 2
+    if role == "chief":  # serves the oracle until the workers have run every trial
+        tuning.serve_oracle(tuner, verbose=verbose)
+    else:
+        tuner.search(train, validation_data=test, epochs=args.epochs, verbose=verbose)
+    if role == "worker":
+        print(f"tuner {tuner.tuner_id}: no trials left", flush=True)
+        return 0
+
+    trials = sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id)
+    print(f"\n{len(trials)} trial(s):")
+    for trial in trials:
+        extra = ""
+        if trial.metrics.exists("plain_latency_ms"):
+            extra = f"  plain {trial.metrics.get_last_value('plain_latency_ms'):.3g} ms"
+        score = "-" if trial.score is None else f"{trial.score:.4f}"
+        values = ", ".join(
+            f"{k}={_format(v)}"
+            for k, v in trial.hyperparameters.values.items()
+            if not k.startswith("tuner/")
+        )
+        print(f"  {trial.trial_id}  {trial.status:<9}  {score}{extra}  {values}")
+    try:
+        summary = tuning.best_summary(tuner)
+    except ValueError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"\nbest trial {summary['trial_id']}: {summary['objective']} = {summary['score']:.4f}")
+    for key, value in summary["hyperparameters"].items():
+        print(f"  {key} = {_format(value)}")
+    metrics = summary["metrics"]
+    if "plain_latency_ms" in metrics:
+        print(
+            f"  plain model: {metrics['plain_latency_ms']:.3g} ms per batch of "
+            f"{args.latency_batch_size} (budget {metrics['latency_budget_ms']:g} ms), "
+            f"{int(metrics['plain_params']):,} parameters"
+        )
+    try:
+        with warnings.catch_warnings():  # the trial's optimizer state is not wanted here
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model = tuner.load_model(tuning.best_trial(tuner))
+    except OSError as e:  # a distributed search whose tuners wrote elsewhere
+        print(f"{PROG}: error: cannot load the best trial's weights: {e}", file=sys.stderr)
+        return 1
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".keras", dir=output.parent)
+    os.close(fd)
+    try:
+        model.save(tmp)
+        _publish(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    summary = {**summary, "family": kind, "dataset": args.dataset, "model": str(output)}
+    if objective is not None:
+        from keras_dmr.bench.timing import machine_description
+
+        summary["machine"] = machine_description()
+    _json_dump(summary, output.with_name(output.name + ".json"))
+    print(f"wrote {output} ({model.name}, {model.count_params():,} parameters)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # Registry and entry point
 # --------------------------------------------------------------------------------------------
 
@@ -644,6 +1008,20 @@ COMMANDS: list[Command] = [
         "the schedule over the new total; epochs already done keep the rates they had.)",
         add_arguments=add_train_arguments,
         run=run_train,
+    ),
+    Command(
+        "tune",
+        help="search DMRNet/RMNet hyperparameters with Keras Tuner",
+        description="Search the branches and depth/width rule of DMRNet (Sec. 5), or RepVGG's "
+        "reserving ratio and RMNeXt's expansion and groups, with Keras Tuner's random, Bayesian "
+        "or Hyperband search, training each trial with the paper's recipe and validating on the "
+        "test split; print every trial and the best configuration and save the best model. "
+        "--latency-budget scores each trial by accuracy under a latency budget of its converted "
+        "plain model, timed on this machine. An existing project resumes its completed trials "
+        "unless --overwrite; a distributed search (KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP, "
+        "KERASTUNER_ORACLE_PORT) runs this same command in the chief and in every worker.",
+        add_arguments=add_tune_arguments,
+        run=run_tune,
     ),
     Command(
         "paths",
@@ -675,6 +1053,42 @@ COMMANDS: list[Command] = [
         run=run_export,
     ),
 ]
+
+
+def _register_late_commands() -> None:
+    """Commands whose code lives beside what it drives (they import this module)."""
+    from keras_dmr.convert.pruning import (
+        PRUNE_DESCRIPTION,
+        PRUNE_HELP,
+        add_prune_arguments,
+        run_prune,
+    )
+    from keras_dmr.demo import add_demo_arguments, run_demo
+
+    COMMANDS.append(
+        Command(
+            "prune",
+            help=PRUNE_HELP,
+            description=PRUNE_DESCRIPTION,
+            add_arguments=add_prune_arguments,
+            run=run_prune,
+        )
+    )
+    COMMANDS.append(
+        Command(
+            "demo",
+            help="the main job: train, convert, export, time, summarise",
+            description="Train DMRNet-14 and ResNet-20 (resuming checkpoints under --runs), "
+            "rewrite the ResNet as a plain Conv-ReLU network (verified), export it as a "
+            "SavedModel (a new version every run) and as ONNX under --base-dir, time residual "
+            "against plain (Keras, SavedModel, ONNX Runtime) and print a summary table.",
+            add_arguments=add_demo_arguments,
+            run=run_demo,
+        )
+    )
+
+
+_register_late_commands()
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -54,8 +54,11 @@ class RecipeSGD(keras.optimizers.SGD):
         super().update_step(gradient, variable, learning_rate)
 
     def learning_rate_at(self, epoch: int, epochs: int) -> float:
-        """The recipe's learning rate for a 0-based ``epoch`` of a run of ``epochs``."""
-        passed = sum(epoch >= round(m * epochs) for m in self.milestones)
+        """The recipe's learning rate for a 0-based ``epoch`` of a run of ``epochs``.
+
+        A milestone never falls before epoch 1: a one-epoch run trains at the initial rate.
+        """
+        passed = sum(epoch >= max(1, round(m * epochs)) for m in self.milestones)
         return self.initial_learning_rate * self.decay_factor**passed
 
     def get_config(self):

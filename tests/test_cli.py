@@ -31,7 +31,8 @@ def test_subcommand_help(name, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert f"usage: keras-dmr {name}" in out
-    assert ("CHECKPOINT" if name in ("convert", "export") else "--output") in out
+    where = {"convert": "CHECKPOINT", "export": "CHECKPOINT", "prune": "CHECKPOINT"}
+    assert where.get(name, "--base-dir" if name == "demo" else "--output") in out
 
 
 def test_paths_reproduces_fig3(tmp_path, capsys):
@@ -111,3 +112,97 @@ def test_train_checkpoints_and_resumes(tmp_path, capsys):
     assert cli.main(["train", "--model", "dmrnet", "--depth", "14", "--output", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert "--depth 8" in err and "--fresh" in err
+
+
+# --------------------------------------------------------------------------------------------
+# train --strategy, tune
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_under_mirrored_strategy_and_resume(tmp_path, capsys):
+    ckpt = tmp_path / "mirrored.keras"
+    base = ["train", "--model", "resnet", "--depth", "8", "--strategy", "mirrored"]
+    base += ["--output", str(ckpt)]
+    assert cli.main([*base, "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Strategy mirrored: 1 replica(s), global batch 64" in out and "test accuracy" in out
+    assert cli.main([*base, "--epochs", "2"]) == 0  # reloaded under the strategy's scope
+    out = capsys.readouterr().out
+    assert "Resuming" in out and "Epoch 2/2" in out
+    state = json.loads((tmp_path / "mirrored.keras.state.json").read_text())
+    assert state["completed_epochs"] == 2 and "strategy" not in state["args"]
+
+
+TUNE_TINY = [
+    "tune",
+    "--scale",
+    "0.25",
+    "--depth",
+    "8",
+    "--epochs",
+    "1",
+    "--steps-per-epoch",
+    "2",
+    "--validation-steps",
+    "1",
+]
+
+
+@pytest.mark.slow
+def test_tune_end_to_end_and_resume(tmp_path, capsys):
+    argv = [
+        *TUNE_TINY,
+        "--max-trials",
+        "2",
+        "--latency-budget",
+        "100",
+        "--directory",
+        str(tmp_path),
+        "--project-name",
+        "tiny",
+    ]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "objective latency_score (plain-model latency budget 100 ms)" in out
+    assert "2 trial(s):" in out and out.count("COMPLETED") == 2
+    assert "best trial " in out and "plain model: " in out
+    best = tmp_path / "tiny" / "best.keras"
+    summary = json.loads((tmp_path / "tiny" / "best.keras.json").read_text())
+    assert summary["objective"] == "latency_score" and summary["family"] == "dmrnet"
+    values = summary["hyperparameters"]
+    assert set(values) == {"branches", "mapping", "learning_rate", "weight_decay"}
+    assert values["branches"] in (1, 2, 4, 8)
+    assert summary["metrics"]["latency_budget_ms"] == 100
+    assert summary["metrics"]["plain_latency_ms"] > 0 and summary["machine"]["cores"] >= 1
+    model = keras.saving.load_model(best, safe_mode=True)
+    assert {b.branches for b in model.blocks} == {values["branches"]}
+
+    table = out[out.index("2 trial(s):") : out.index("best trial ")]
+    assert cli.main(argv) == 0  # the same project again: resumed, nothing left to run
+    out = capsys.readouterr().out
+    assert "resuming after 2 completed trial(s)" in out and "Search: Running" not in out
+    assert out[out.index("2 trial(s):") : out.index("best trial ")] == table
+    assert json.loads((tmp_path / "tiny" / "best.keras.json").read_text()) == summary
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["tune", "--family", "dmrnet", "--blocks-per-stage", "2,2,2,2"], "--blocks-per-stage"),
+        (["tune", "--family", "rmnet", "--branches", "2"], "--branches"),
+        (["tune", "--family", "rmnet", "--depth", "50"], "depth"),
+        (["tune", "--depth", "9"], "depth"),
+        (["tune", "--blocks-per-stage", "2,2"], "--blocks-per-stage"),
+        (["tune", "--tuner", "grid"], "--tuner"),
+        (["tune", "--output", "best.h5"], "--output"),
+        (["train", "--strategy", "tpu"], "--strategy"),
+    ],
+)
+def test_tune_bad_arguments_exit_2(argv, named, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "keras-dmr: error: " in err and named in err.split("keras-dmr: error: ")[1]
+    assert "Traceback" not in err
+    assert not any(tmp_path.iterdir())

@@ -237,6 +237,7 @@ def reserve_and_merge(
     input_nonnegative: bool,
     input_hw,
     method: str = "dirac",
+    skip_scale: ConvOp | None = None,
 ) -> list[ConvOp]:
     """The RM operation: ``post(branch(x) + skip(x))`` as a chain of plain convolutions.
 
@@ -251,6 +252,11 @@ def reserve_and_merge(
     convolution; ``"prelu"`` (Fig. 9a) applies the skip in the first convolution and reserves its
     (signed) result. Merging: the last convolution reads ``[hidden, reserved]``, with the skip (or
     a Dirac filter) on the reserved part, and adds the skip's bias.
+
+    ``skip_scale`` (optional) is a per-channel scale the block applies to its input before the
+    skip: a 1×1 op with a diagonal kernel and a BN record (the extra BN on the residual path of
+    Sec. 4.2). Reserved copies of the input then carry its output and its BN record, so that a
+    ``fuse_bn=False`` plain model has that BN on the reserved channels.
     """
     if method not in ("dirac", "prelu"):
         raise ValueError(f"`downsample` must be 'dirac' or 'prelu'; got {method!r}")
@@ -265,12 +271,28 @@ def reserve_and_merge(
             f"{skip.name}: shortcut stride {skip.strides} differs from the branch's {total_stride}"
         )
     skip_matrix = skip.kernel[0, 0]  # (c_in, c_out)
+    pre_scale, pre_bias, pre_bn = np.ones(skip.c_in), np.zeros(skip.c_in), None
+    if skip_scale is not None:
+        pre = skip_scale.kernel[0, 0]
+        pre_scale, pre_bias = np.diagonal(pre).copy(), skip_scale.bias
+        if (
+            skip_scale.kernel_size != (1, 1)
+            or skip_scale.strides != 1
+            or not np.array_equal(pre, np.diag(pre_scale))
+        ):
+            raise ConversionError(f"{skip_scale.name}: a skip scale must be a diagonal 1×1 op")
+        gamma, mean, var = skip_scale.bn  # re-expressed with the branch's BN epsilon
+        eps = branch[0].epsilon
+        gamma = gamma * np.sqrt(var + eps) / np.sqrt(var + skip_scale.epsilon)
+        pre_bn = np.stack([gamma, mean, var])
+    scaled_matrix = pre_scale[:, None] * skip_matrix  # the skip of the scaled input
+    scaled_bias = skip.bias + pre_bias @ skip_matrix
     if len(branch) == 1:  # re-parameterisation: the skip lands in the one convolution
         tap = _taps(last, input_hw)
         merged = dataclasses.replace(
             last,
-            kernel=last.kernel + _place(last.kernel_size, tap, skip_matrix),
-            bias=last.bias + skip.bias,
+            kernel=last.kernel + _place(last.kernel_size, tap, scaled_matrix),
+            bias=last.bias + scaled_bias,
             act=post,
         )
         return [merged]
@@ -282,17 +304,28 @@ def reserve_and_merge(
     hw = input_hw
     reserved_nonneg = input_nonnegative
     n_hidden = branch[0].c_in
+    carried = None  # BN record of the reserved channels after their first layer (skip_scale)
     for j, op in enumerate(branch[:-1]):
         tap = _taps(op, hw)
         if j == 0:
             # Reserve only the input channels the shortcut reads (a partial identity, as in a
             # MobileNetV2 with a wide bottleneck, reserves fewer than it receives).
             n_res = skip.c_out if apply_early else int(np.sum(used))
-            extra = skip_matrix if apply_early else np.eye(op.c_in)[:, used]
-            res_kernel = _place(op.kernel_size, tap, extra)
-            res_bias = skip.bias if apply_early else np.zeros(n_res)
             if apply_early:
+                extra, res_bias, res_bn = scaled_matrix, scaled_bias, None
                 reserved_nonneg = False
+            else:
+                extra = (np.eye(op.c_in) * pre_scale)[:, used]
+                res_bias = pre_bias[used]
+                res_bn = None if pre_bn is None else pre_bn[:, used]
+                if pre_bn is not None:  # later Dirac copies: the statistics of s·x
+                    _, mean, var = pre_bn[:, used]
+                    scale = pre_scale[used]
+                    carried = np.stack([np.abs(scale) * np.sqrt(var), scale * mean, scale**2 * var])
+                reserved_nonneg = reserved_nonneg and bool(
+                    np.all(pre_scale[used] >= 0) and np.all(res_bias >= 0)
+                )
+            res_kernel = _place(op.kernel_size, tap, extra)
             kernel = np.concatenate([op.kernel, res_kernel], axis=-1)
         else:
             n_res = ops[-1].c_out - n_hidden
@@ -300,11 +333,12 @@ def reserve_and_merge(
             dirac = kernels.dirac_kernel(op.kernel_size, n_res, taps=tap)
             bottom = np.concatenate([np.zeros((*op.kernel_size, n_res, op.c_out)), dirac], -1)
             kernel = np.concatenate([top, bottom], axis=2)
-            res_bias = np.zeros(n_res)
+            res_bias, res_bn = np.zeros(n_res), carried
         # A linear layer inside a branch (a separable conv's depthwise half) passes reserved
         # channels linearly too.
         act = None if op.act is None else op.act.concat(passthrough(n_res, reserved_nonneg))
-        bn = np.concatenate([op.bn, np.full((3, n_res), np.nan)], axis=1)
+        res_bn = np.full((3, n_res), np.nan) if res_bn is None else res_bn
+        bn = np.concatenate([op.bn, res_bn], axis=1)
         ops.append(
             dataclasses.replace(
                 op, kernel=kernel, bias=np.concatenate([op.bias, res_bias]), act=act, bn=bn

@@ -102,6 +102,12 @@ class ParallelBranchBlock(keras.layers.Layer):
             weights. Default False.
         bn_epsilon: epsilon of every BatchNormalization in the block (default 1e-5; Keras'
             ResNet uses 1.001e-5).
+        skip_bn: add the extra BN on the residual path of RMNet's pruning (Sec. 4.2), a
+            :class:`ChannelScale` ``s`` on the block input before the shortcut
+            (``ReLU(branch(x) + skip(s·x))``, a normal ResNet at ``s = 1``), and track the
+            statistics of the sum before the ReLU. After RM, ``s`` (with the input's statistics)
+            is the BN of the reserved channels and the sum's statistics the BN of the merged
+            ones, so network slimming can rank every channel of the plain model. Default False.
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class ParallelBranchBlock(keras.layers.Layer):
         stride_on="spatial",
         use_bias=False,
         bn_epsilon=BN_EPSILON,
+        skip_bn=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -140,6 +147,7 @@ class ParallelBranchBlock(keras.layers.Layer):
         self.stride_on = stride_on
         self.use_bias = bool(use_bias)
         self.bn_epsilon = float(bn_epsilon)
+        self.skip_bn = bool(skip_bn)
 
     # ----------------------------------------------------------------------------------- build
     @property
@@ -217,6 +225,9 @@ class ParallelBranchBlock(keras.layers.Layer):
                 ]
             else:
                 self.projection = [self._make_unit_layers(proj, 1, "proj")]
+        if self.skip_bn:
+            self.skip_scale = ChannelScale(epsilon=self.bn_epsilon, name="skip_bn")
+            self.sum_stats = ChannelScale(scale=False, epsilon=self.bn_epsilon, name="sum_stats")
         # Sublayers build on the first (symbolic) call, from the shapes they actually receive.
         self.built = True
 
@@ -265,7 +276,10 @@ class ParallelBranchBlock(keras.layers.Layer):
         h = self._branch_outputs(x, training)
         if self.mapping == "vanilla" and self.branches > 1:
             h = sum(ops.split(h, self.branches, axis=-1))
-        return ops.relu(h + self._skip(x, training))
+        if not self.skip_bn:
+            return ops.relu(h + self._skip(x, training))
+        z = h + self._skip(self.skip_scale(x, training=training), training)
+        return ops.relu(self.sum_stats(z, training=training))
 
     # ------------------------------------------------------------------------- introspection
     @property
@@ -389,13 +403,36 @@ class ParallelBranchBlock(keras.layers.Layer):
                 op.act = None if last or linear else plain.Act.relu(op.c_out)
                 branch_ops.append(op)
         skip = self._plain_skip(plain, weights, d_in, eps)
-        return plain.reserve_and_merge(
+        result = plain.reserve_and_merge(
             branch_ops,
             skip,
             post=plain.Act.relu(skip.c_out),
             input_nonnegative=ctx.input_nonnegative,
             input_hw=ctx.input_hw,
             method=ctx.downsample,
+            skip_scale=self._plain_skip_scale(plain, eps) if self.skip_bn else None,
+        )
+        if self.skip_bn:  # the merged channels' BN: the statistics of the whole sum
+            import numpy as np
+
+            merged = result[-1]
+            mean, var = (np.asarray(w, np.float64) for w in self.sum_stats.get_weights())
+            merged.bn = np.stack([np.sqrt(var), mean - merged.bias, var])
+        return result
+
+    def _plain_skip_scale(self, plain, eps):
+        """The extra BN on the residual path as a diagonal 1×1 op with a BN record: over the
+        block input, ``gamma = s·sqrt(var)`` (the reserved channel's standard deviation), the
+        input's moving mean and variance, and the kernel scaled so that it computes ``s·x``."""
+        import numpy as np
+
+        s, mean, var = (np.asarray(w, np.float64) for w in self.skip_scale.get_weights())
+        return plain.ConvOp(
+            np.diag(s)[None, None],
+            np.zeros_like(s),
+            bn=np.stack([s * np.sqrt(var), mean, var]),
+            epsilon=eps,
+            name=f"{self.name}_skip_bn",
         )
 
     def _plain_skip(self, plain, weights, d_in, eps):
@@ -443,12 +480,67 @@ class ParallelBranchBlock(keras.layers.Layer):
             "stride_on": self.stride_on,
             "use_bias": self.use_bias,
             "bn_epsilon": self.bn_epsilon,
+            "skip_bn": self.skip_bn,
         }
 
 
 def _conv_bias(conv_weights):
     """A convolution's bias from its weight list ``[kernel]`` or ``[kernel, bias]``."""
     return conv_weights[1] if len(conv_weights) > 1 else None
+
+
+@keras.saving.register_keras_serializable(package="keras_dmr")
+class ChannelScale(keras.layers.Layer):
+    """``y = gamma·x`` per channel (``gamma >= 0``, initially 1), tracking the moving mean and
+    variance of ``x`` as BatchNormalization does but never normalising with them.
+
+    The extra BN on the residual path (RMNet Sec. 4.2): the block stays a normal ResNet, with a
+    learnable per-channel shortcut scale, and after RM the reserved channels get a BN with these
+    statistics and ``gamma = scale·sqrt(var)`` (their standard deviation), which computes exactly
+    ``scale·x`` (the kernel makes up for the epsilon) and normalises like a real BN when
+    fine-tuned. ``scale=False`` keeps the statistics only (the identity): the block's record of
+    the sum before its ReLU, which becomes the merged channels' BN the same way.
+    """
+
+    def __init__(self, scale: bool = True, momentum: float = 0.9, epsilon=BN_EPSILON, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = bool(scale)
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        c = (int(input_shape[-1]),)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=c, initializer="ones", constraint="non_neg", name="gamma"
+            )
+        self.moving_mean = self.add_weight(
+            shape=c, initializer="zeros", trainable=False, name="moving_mean"
+        )
+        self.moving_variance = self.add_weight(
+            shape=c, initializer="ones", trainable=False, name="moving_variance"
+        )
+        self.built = True
+
+    def call(self, x, training=None):
+        if training and self.trainable:
+            axes = list(range(len(x.shape) - 1))
+            mean, var = ops.moments(ops.cast(x, self.moving_mean.dtype), axes)
+            m = self.momentum
+            self.moving_mean.assign(self.moving_mean * m + mean * (1 - m))
+            self.moving_variance.assign(self.moving_variance * m + var * (1 - m))
+        return x * ops.cast(self.gamma, x.dtype) if self.scale else x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "scale": self.scale,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+        }
 
 
 @keras.saving.register_keras_serializable(package="keras_dmr")
