@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: venv demo test lint docs format
+.PHONY: venv demo test notebooks lint docs format
 
 venv: $(STAMP)
 
@@ -25,9 +25,13 @@ demo: venv
 	$(BIN)/keras-dmr demo $(DEMO_ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not notebook"
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory docs
+
+# Every notebook, executed top to bottom in a scratch copy (a few minutes; CI runs it too).
+notebooks: venv
+	$(BIN)/python -m pytest -q -m notebook tests/test_notebooks.py
 
 # The documentation site (docs/ → site/); strict: a broken link or missing page fails.
 docs: venv

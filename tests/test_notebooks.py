@@ -32,7 +32,7 @@ def test_committed_with_outputs(path):
     assert not any(o.output_type == "error" for c in code for o in c.outputs)
 
 
-@pytest.mark.slow
+@pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_runs_top_to_bottom(path, tmp_path):
     copy = tmp_path / path.name
