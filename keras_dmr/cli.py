@@ -1057,6 +1057,9 @@ COMMANDS: list[Command] = [
 
 def _register_late_commands() -> None:
     """Commands whose code lives beside what it drives (they import this module)."""
+    from keras_dmr.bench.command import DESCRIPTION as BENCH_DESCRIPTION
+    from keras_dmr.bench.command import HELP as BENCH_HELP
+    from keras_dmr.bench.command import add_bench_arguments, run_bench
     from keras_dmr.convert.pruning import (
         PRUNE_DESCRIPTION,
         PRUNE_HELP,
@@ -1084,6 +1087,15 @@ def _register_late_commands() -> None:
             "against plain (Keras, SavedModel, ONNX Runtime) and print a summary table.",
             add_arguments=add_demo_arguments,
             run=run_demo,
+        )
+    )
+    COMMANDS.append(
+        Command(
+            "bench",
+            help=BENCH_HELP,
+            description=BENCH_DESCRIPTION,
+            add_arguments=add_bench_arguments,
+            run=run_bench,
         )
     )
 

@@ -96,6 +96,14 @@ def test_every_family_exports_to_saved_model_and_onnx(family_model, tmp_path):
     }
     assert meta["source"]["class"] == type(model).__name__
 
+    # The residual (training) form exports as it is with plain=False.
+    residual = saved_model(model, tmp_path / "residual" / name, preprocessing="digits", plain=False)
+    out = tf.saved_model.load(residual).signatures["serving_default"](images=tf.constant(images))
+    assert max_rel_error(out["logits"].numpy(), want) <= TOLERANCE
+    assert (
+        json.loads((Path(residual) / "assets" / "keras_dmr.json").read_text())["conversion"] is None
+    )
+
     onnx_path = onnx(model, tmp_path / f"{name}.onnx", preprocessing="digits")
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]

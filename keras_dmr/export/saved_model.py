@@ -75,6 +75,9 @@ def saved_model(
         meta_path.write_text(json.dumps(info, indent=2) + "\n")
         module = tf.Module()
         module.model = logits_model
+        # Tracked explicitly, as keras.export.ExportArchive does: TensorFlow's object graph does
+        # not reach variables of layers held in nested lists (a residual ParallelBranchBlock).
+        module.model_variables = list(logits_model.variables)
         module.serve = serve
         module.metadata = tf.saved_model.Asset(str(meta_path))
         tf.saved_model.save(

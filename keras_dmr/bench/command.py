@@ -1,0 +1,176 @@
+"""``keras-dmr bench``: the arguments and the run (registered in :mod:`keras_dmr.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+HELP = "time every family: residual vs plain, TF vs ONNX"
+DESCRIPTION = (
+    "Measure inference throughput of every family, residual form against plain form, in "
+    "TensorFlow (graph, and XLA), a SavedModel and ONNX Runtime, beside keras.applications' "
+    "ResNet50 and MobileNetV2 at 224×224; the training step of the DMRNet paper's Table 2 pairs "
+    "(split and grouped DMRNet, DVANet); and a large float32 matrix product as the machine's "
+    "peak. Candidates run interleaved (A B A B) so ratios are measured side by side. Defaults "
+    "follow the RMNet paper (batch 128, 50 warm-up and 50 timed batches): an hour or more on a "
+    "small CPU; --quick ends in about a minute. Writes benchmarks.json, benchmarks.md and two "
+    "PNG charts to --output-dir and prints the Markdown."
+)
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text!r}")
+        return value
+
+    return parse
+
+
+def _choices_list(valid):
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        bad = [v for v in values if v not in valid]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(
+                f"a comma-separated list of {', '.join(valid)}; got {text!r}"
+            )
+        return values
+
+    return parse
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from keras_dmr.bench.engines import ENGINES
+    from keras_dmr.bench.suite import SECTIONS
+
+    positive, natural = _int_at_least(1), _int_at_least(0)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny batches and stand-in models: checks the set-up in about a minute",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("runs/bench"),
+        metavar="DIR",
+        help="where benchmarks.json/.md and the charts go (default: runs/bench)",
+    )
+    parser.add_argument(
+        "--sections",
+        type=_choices_list(SECTIONS),
+        metavar="LIST",
+        help=f"what to run, comma-separated among {', '.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument(
+        "--engines",
+        type=_choices_list(ENGINES),
+        metavar="LIST",
+        help=f"inference engines among {', '.join(ENGINES)} (default: keras,xla,onnx; the "
+        "RMNet-against-ResNet-34 group always adds saved_model)",
+    )
+    group = parser.add_argument_group("protocol (defaults: the RMNet paper's)")
+    group.add_argument("--batch-size", type=positive, metavar="N", help="(default 128)")
+    group.add_argument("--warmup", type=natural, metavar="N", help="warm-up batches (default 50)")
+    group.add_argument(
+        "--timed", type=positive, metavar="N", help="timed batches per candidate (default 50)"
+    )
+    group.add_argument(
+        "--repeats",
+        type=positive,
+        metavar="N",
+        help="interleaved rounds the timed batches are split into (default 5)",
+    )
+    group.add_argument(
+        "--imagenet-batch-size",
+        type=positive,
+        metavar="N",
+        help="224×224 peers (default: --batch-size)",
+    )
+    group.add_argument("--imagenet-warmup", type=natural, metavar="N", help="(default: --warmup)")
+    group.add_argument("--imagenet-timed", type=positive, metavar="N", help="(default: --timed)")
+    group.add_argument(
+        "--train-batch-size",
+        type=positive,
+        metavar="N",
+        help="training steps (default 64, the DMRNet paper's batch)",
+    )
+    group.add_argument("--train-warmup", type=natural, metavar="N", help="(default: --warmup)")
+    group.add_argument("--train-timed", type=positive, metavar="N", help="(default: --timed)")
+    group.add_argument(
+        "--peak-size",
+        type=positive,
+        metavar="N",
+        help="side of the square float32 matrix product timed as the peak (default 4096)",
+    )
+    group.add_argument("--seed", type=natural, default=0, help="random inputs (default 0)")
+
+
+SETTING_ARGS = (
+    "batch_size",
+    "warmup",
+    "timed",
+    "repeats",
+    "imagenet_batch_size",
+    "imagenet_warmup",
+    "imagenet_timed",
+    "train_batch_size",
+    "train_warmup",
+    "train_timed",
+    "peak_size",
+    "engines",
+    "sections",
+    "seed",
+)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """:class:`~keras_dmr.bench.suite.Settings` from parsed arguments (``ValueError`` if they
+    do not fit together)."""
+    from keras_dmr.bench.suite import Settings, quick_settings
+
+    given = {name: getattr(args, name, None) for name in SETTING_ARGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    if getattr(args, "quick", False):
+        return quick_settings(**given)
+    return Settings(**given)
+
+
+def run_bench(args: argparse.Namespace, *, inference_groups=None, training_groups=None) -> int:
+    """Run the benchmark, save as it goes, print the Markdown report; exit code 0.
+
+    ``inference_groups``/``training_groups`` replace the default models (for tests)."""
+    from keras_dmr.bench import report, suite
+
+    try:
+        settings = settings_from_args(args)
+    except ValueError as err:
+        from keras_dmr.cli import UsageError
+
+        message = re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), str(err))
+        raise UsageError(message) from None
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "benchmarks.partial.json"
+
+    def save(result):
+        partial.write_text(json.dumps(result, indent=1) + "\n")
+
+    result = suite.run(
+        settings,
+        inference_groups=inference_groups,
+        training_groups=training_groups,
+        on_progress=save,
+    )
+    paths = report.write_outputs(result, out)
+    partial.unlink(missing_ok=True)
+    print(report.markdown(result))
+    print("wrote " + ", ".join(paths.values()))
+    return 0

@@ -1,0 +1,390 @@
+"""Markdown tables and PNG charts from a benchmark JSON, and ``docs/benchmarks.md`` from them.
+
+``python -m keras_dmr.bench.report [JSON] [--docs DIR]`` rewrites the generated sections of
+``DIR/benchmarks.md`` (default ``docs``, JSON default ``docs/data/benchmarks_cpu.json``) and
+redraws ``DIR/benchmarks_speedup.png`` and ``DIR/benchmarks_accuracy.png``. Nothing is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from keras_dmr.bench.engines import ENGINE_LABELS, ENGINES
+
+CHARTS = {"speedup": "benchmarks_speedup.png", "accuracy": "benchmarks_accuracy.png"}
+SECTIONS = ("machine", "targets", "families", "speedup", "efficiency", "peers", "training")
+
+
+def _engines(records) -> list[str]:
+    seen = {r["engine"] for r in records}
+    return [e for e in ENGINES if e in seen]
+
+
+def _rows_by_label(records) -> dict[str, dict[str, dict]]:
+    """label → engine → record, labels in the order they were timed."""
+    rows: dict[str, dict[str, dict]] = {}
+    for r in records:
+        rows.setdefault(r["label"], {})[r["engine"]] = r
+    return rows
+
+
+def _speed(r: dict | None) -> str:
+    if r is None:
+        return "–"
+    if "error" in r:
+        return "failed"
+    if "images_per_s" not in r:
+        return "–"
+    lo, hi = r["images_per_s_spread"]
+    return f"{r['images_per_s']:,.0f} ({lo:,.0f}–{hi:,.0f})"
+
+
+def _efficiency(r: dict | None) -> str:
+    if r is None or "gflops" not in r:
+        return "failed" if r and "error" in r else "–"
+    share = f" ({100 * r['peak_fraction']:.0f}%)" if "peak_fraction" in r else ""
+    return f"{r['gflops']:.1f}{share}"
+
+
+def machine_text(data: dict) -> str:
+    m, s, p = data["machine"], data["settings"], data.get("peak")
+    gpus = ", ".join(g["name"] for g in m.get("gpu_details", [])) or "none"
+    lines = [
+        f"- Machine: {m['cpu']}, {m['cores']} cores ({m.get('usable_cores', m['cores'])} usable), "
+        f"GPU: {gpus}; device timed by TensorFlow: `{m.get('device', '?')}`.",
+        f"- Software: TensorFlow {m['tensorflow']}, Keras {m['keras']}, ONNX Runtime "
+        f"{m.get('onnxruntime')} ({', '.join(m.get('onnxruntime_providers', []))}), "
+        f"Python {m['python']}.",
+    ]
+    before, after = m.get("load_average_before"), m.get("load_average_after")
+    if before and after:
+        lines.append(
+            f"- Load average (1/5/15 min) before the run {before[0]:.2f}/{before[1]:.2f}/"
+            f"{before[2]:.2f}, after {after[0]:.2f}/{after[1]:.2f}/{after[2]:.2f}; the run took "
+            f"{data.get('duration_s', 0) / 60:.0f} min."
+        )
+    for kind, title in (("families", "Families (32×32)"), ("peers", "ImageNet peers (224×224)")):
+        groups = [g for g in data["inference"] if g["section"] == kind]
+        if groups:
+            g = groups[0]
+            lines.append(
+                f"- {title}: batch {g['batch_size']}, {g['warmup']} warm-up batches, then "
+                f"{g['repeats']} interleaved rounds of {g['iters']} timed batches per candidate "
+                "(images/s from the median round; spread = slowest–fastest round)."
+            )
+    for g in data.get("training", []):
+        lines.append(
+            f"- Training steps: batch {g['batch_size']}, {g['warmup']} warm-up steps, "
+            f"{g['repeats']} interleaved rounds of {g['iters']} steps; inference of the same "
+            f"models at batch {g['inference_batch_size']} (TF graph)."
+        )
+    if p:
+        fw = {"tensorflow": "TensorFlow", "onnxruntime": "ONNX Runtime"}
+        parts = [
+            f"{fw.get(k.removesuffix('_gflops'), k)} {p[k]:.0f}"
+            for k in ("tensorflow_gflops", "onnxruntime_gflops")
+            if k in p
+        ]
+        end = data.get("peak_end")
+        group_peaks = [g["peak"]["gflops"] for g in data["inference"] if g.get("peak")]
+        lines.append(
+            f"- Peak: a {p['size']}×{p['size']} float32 matrix product (2·n³ flops), "
+            f"GFLOP/s at the start: {', '.join(parts)}"
+            + (f"; at the end: {end['gflops']:.0f}" if end else "")
+            + ". A group's share of the peak uses the faster framework's product timed just "
+            "before and just after that group (mean of the two)"
+            + (
+                f": {min(group_peaks):.0f}–{max(group_peaks):.0f} GFLOP/s over the groups"
+                if group_peaks
+                else ""
+            )
+            + f". GFLOP/s of a model count {data.get('flops_per_mac', 2)} flops per "
+            "multiply-accumulate of `count_flops`."
+        )
+    if data["settings"].get("quick"):
+        lines.append("- **--quick run**: tiny settings and stand-in models; figures mean little.")
+    del s
+    return "\n".join(lines)
+
+
+def throughput_table(groups: list[dict]) -> str:
+    """Images/s (spread) per model and engine."""
+    records = [r for g in groups for r in g["results"]]
+    if not records:
+        return "_not measured_"
+    engines = _engines(records)
+    head = ["group", "model", "params", "MACs/image", "act. MB/image"]
+    head += [f"{ENGINE_LABELS[e]} img/s" for e in engines]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for g in groups:
+        for label, by_engine in _rows_by_label(g["results"]).items():
+            r = next(iter(by_engine.values()))
+            cells = [
+                g["name"],
+                label,
+                f"{r['params'] / 1e6:.2f}M",
+                f"{r['macs'] / 1e6:,.0f}M",
+                f"{r['activation_mb']:.2f}",
+            ]
+            cells += [_speed(by_engine.get(e)) for e in engines]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def efficiency_table(groups: list[dict]) -> str:
+    """GFLOP/s achieved and the share of the matrix-product peak, per model and engine."""
+    records = [r for g in groups for r in g["results"]]
+    if not records:
+        return "_not measured_"
+    engines = _engines(records)
+    head = ["model", "dense convs", "batch"] + [f"{ENGINE_LABELS[e]}" for e in engines]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * len(engines)]
+    for g in groups:
+        for label, by_engine in _rows_by_label(g["results"]).items():
+            r = next(iter(by_engine.values()))
+            cells = [label, "yes" if r["dense"] else "no", str(g["batch_size"])]
+            cells += [_efficiency(by_engine.get(e)) for e in engines]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def speedups(data: dict) -> list[dict]:
+    """Per model timed in both forms: plain/residual throughput per engine, MACs and
+    activation ratios."""
+    out = []
+    for g in data["inference"]:
+        by_model: dict[str, dict[str, dict[str, dict]]] = {}
+        for r in g["results"]:
+            by_model.setdefault(r["model"], {}).setdefault(r["form"], {})[r["engine"]] = r
+        for model, forms in by_model.items():
+            if "plain" not in forms or "residual" not in forms:
+                continue
+            res, pl = forms["residual"], forms["plain"]
+            any_res, any_pl = next(iter(res.values())), next(iter(pl.values()))
+            ratios = {
+                e: pl[e]["images_per_s"] / res[e]["images_per_s"]
+                for e in ENGINES
+                if e in res and e in pl and "images_per_s" in res[e] and "images_per_s" in pl[e]
+            }
+            out.append(
+                {
+                    "group": g["name"],
+                    "model": model,
+                    "macs_ratio": any_pl["macs"] / any_res["macs"],
+                    "activation_ratio": any_pl["activation_mb"] / any_res["activation_mb"],
+                    "speedup": ratios,
+                }
+            )
+    return out
+
+
+def speedup_table(data: dict) -> str:
+    rows = speedups(data)
+    if not rows:
+        return "_not measured_"
+    engines = [e for e in ENGINES if any(e in r["speedup"] for r in rows)]
+    head = ["model", "plain/residual MACs", "plain/residual act. MB"]
+    head += [ENGINE_LABELS[e] for e in engines]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        cells = [r["model"], f"{r['macs_ratio']:.2f}×", f"{r['activation_ratio']:.2f}×"]
+        cells += [f"{r['speedup'][e]:.2f}×" if e in r["speedup"] else "–" for e in engines]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def training_table(data: dict) -> str:
+    if not data.get("training"):
+        return "_not measured_"
+    lines = []
+    for g in data["training"]:
+        lines += [
+            "| model | params | MACs/image | train step ms (spread) "
+            "| inference ms/batch (spread) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for label, r in g["results"].items():
+            lo, hi = r["train_step_spread_ms"]
+            ilo, ihi = r["inference_spread_ms"]
+            lines.append(
+                f"| {label} | {r['params'] / 1e6:.3f}M | {r['macs'] / 1e6:.0f}M | "
+                f"{r['train_step_ms']:.0f} ({lo:.0f}–{hi:.0f}) | "
+                f"{r['inference_batch_ms']:.0f} ({ilo:.0f}–{ihi:.0f}) |"
+            )
+        lines += [
+            "",
+            "| model / baseline | train step time ratio (per round) | inference time ratio |",
+            "|---|---:|---:|",
+        ]
+        for p in g["pairs"]:
+            rounds = ", ".join(f"{v:.2f}" for v in p["train_ratio_per_round"])
+            lines.append(
+                f"| {p['model']} / {p['baseline']} | {p['train_step_ratio']:.2f}× ({rounds}) | "
+                f"{p['inference_time_ratio']:.2f}× |"
+            )
+    return "\n".join(lines)
+
+
+def targets_table(data: dict) -> str:
+    targets = data.get("targets") or []
+    if not targets:
+        return "_not measured_"
+    lines = ["| target | rule | measured | met | paper / prototype |", "|---|---|---|---|---|"]
+    for t in targets:
+        parts = []
+        for v in t["values"]:
+            what = ENGINE_LABELS.get(v["what"], v["what"])
+            value = f"{100 * v['value']:.0f}%" if t.get("percent") else f"{v['value']:.2f}×"
+            parts.append(f"{what}: {value}{'' if v['met'] else ' ✗'}")
+        met = sum(bool(v["met"]) for v in t["values"])
+        verdict = "yes" if met == len(t["values"]) else ("no" if met == 0 else "partly")
+        verdict += f" ({met}/{len(t['values'])})"
+        lines.append(
+            f"| {t['target']} | {t['rule']} | {'; '.join(parts)} | {verdict} | {t['paper']} |"
+        )
+    return "\n".join(lines)
+
+
+def sections(data: dict) -> dict[str, str]:
+    families = [g for g in data["inference"] if g["section"] == "families"]
+    peers = [g for g in data["inference"] if g["section"] == "peers"]
+    return {
+        "machine": machine_text(data),
+        "targets": targets_table(data),
+        "families": throughput_table(families),
+        "speedup": speedup_table(data),
+        "efficiency": efficiency_table(families + peers),
+        "peers": throughput_table(peers),
+        "training": training_table(data),
+    }
+
+
+def markdown(data: dict) -> str:
+    """The whole report as one Markdown document (what ``keras-dmr bench`` prints)."""
+    titles = {
+        "machine": "Machine and protocol",
+        "targets": "Targets",
+        "families": "Inference throughput, families (images/s)",
+        "speedup": "Speed-up of the plain form over the residual form",
+        "efficiency": "Achieved GFLOP/s (share of the matrix-product peak)",
+        "peers": "ImageNet peers (images/s)",
+        "training": "Training step: Table 2 pairs",
+    }
+    parts = ["# keras_dmr benchmark", ""]
+    for name, text in sections(data).items():
+        parts += [f"## {titles[name]}", "", text, ""]
+    return "\n".join(parts)
+
+
+# -------------------------------------------------------------------------------------- charts
+def plot_speedup(data: dict, path: str | Path) -> str | None:
+    """Bars: plain/residual throughput per model and engine (1 = no change)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = speedups(data)
+    if not rows:
+        return None
+    engines = [e for e in ENGINES if any(e in r["speedup"] for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.2))
+    width = 0.8 / max(1, len(engines))
+    for i, e in enumerate(engines):
+        xs = [j + (i - (len(engines) - 1) / 2) * width for j in range(len(rows))]
+        ys = [r["speedup"].get(e, 0.0) for r in rows]
+        ax.bar(xs, ys, width, label=ENGINE_LABELS[e])
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["model"] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("plain / residual throughput")
+    m = data["machine"]
+    batch = data["inference"][0]["batch_size"] if data["inference"] else "?"
+    ax.set_title(f"Speed-up of the plain form ({m['cpu']}, {m['cores']} cores, batch {batch})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_accuracy(data: dict, path: str | Path, engine: str = "keras") -> str | None:
+    """Published CIFAR-10 accuracy against measured throughput; residual (o) → plain (^)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[str, dict[str, dict]] = {}
+    for g in data["inference"]:
+        for r in g["results"]:
+            if r["engine"] == engine and r.get("accuracy") is not None and "images_per_s" in r:
+                points.setdefault(r["model"], {})[r["form"]] = r
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for model, forms in points.items():
+        xs = [forms[f]["images_per_s"] for f in ("residual", "plain") if f in forms]
+        acc = next(iter(forms.values()))["accuracy"]
+        if len(xs) == 2:
+            ax.annotate(
+                "", (xs[1], acc), (xs[0], acc), arrowprops=dict(arrowstyle="->", color="grey")
+            )
+        for f, marker in (("residual", "o"), ("plain", "^")):
+            if f in forms:
+                ax.scatter([forms[f]["images_per_s"]], [acc], marker=marker, s=40)
+        ax.annotate(model, (xs[0], acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"images/s ({ENGINE_LABELS[engine]}, measured here)")
+    ax.set_ylabel("CIFAR-10 top-1 (%), published")
+    ax.set_title("Accuracy against throughput: residual (o) → plain (^)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def write_outputs(data: dict, directory: str | Path, *, prefix: str = "") -> dict[str, str]:
+    """JSON, Markdown and the two charts of one run into ``directory``; their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"json": directory / f"{prefix}benchmarks.json"}
+    paths["json"].write_text(json.dumps(data, indent=1) + "\n")
+    paths["markdown"] = directory / f"{prefix}benchmarks.md"
+    paths["markdown"].write_text(markdown(data))
+    for name, fn in (("speedup", plot_speedup), ("accuracy", plot_accuracy)):
+        written = fn(data, directory / f"{prefix}{CHARTS[name]}")
+        if written:
+            paths[name] = Path(written)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def regenerate(json_path: str | Path, docs_dir: str | Path = "docs") -> None:
+    """Rewrite every ``bench-*`` section of ``docs_dir/benchmarks.md`` and redraw its charts."""
+    from keras_dmr.analysis.tables import replace_section
+
+    data = json.loads(Path(json_path).read_text())
+    docs = Path(docs_dir)
+    doc = docs / "benchmarks.md"
+    text = doc.read_text()
+    for name, content in sections(data).items():
+        text = replace_section(text, f"bench-{name}", content)
+    doc.write_text(text)
+    plot_speedup(data, docs / CHARTS["speedup"])
+    plot_accuracy(data, docs / CHARTS["accuracy"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m keras_dmr.bench.report", description=__doc__)
+    parser.add_argument("json", nargs="?", default="docs/data/benchmarks_cpu.json")
+    parser.add_argument("--docs", default="docs", help="directory of benchmarks.md")
+    args = parser.parse_args(argv)
+    regenerate(args.json, args.docs)
+    print(f"regenerated {Path(args.docs) / 'benchmarks.md'} from {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,378 @@
+"""Plumbing of keras_dmr.bench: settings, arguments, the record structure, targets, the report.
+
+Nothing here checks a speed: runs use tiny models and one or two batches, and the assertions are
+about what is recorded and how it is derived, never about which candidate is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import keras
+import pytest
+
+import keras_dmr
+from keras_dmr.bench import command, report, suite, zoo
+from keras_dmr.bench.engines import ENGINES, runner
+
+TINY_ARGS = [
+    "--batch-size",
+    "2",
+    "--warmup",
+    "0",
+    "--timed",
+    "2",
+    "--repeats",
+    "2",
+    "--train-batch-size",
+    "2",
+    "--peak-size",
+    "64",
+]
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    command.add_bench_arguments(parser)
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------ settings
+def test_default_settings_are_the_papers_protocol():
+    s = suite.Settings()
+    assert (s.batch_size, s.warmup, s.timed, s.repeats) == (128, 50, 50, 5)
+    assert s.protocol("families") == {"batch_size": 128, "warmup": 50, "iters": 10, "repeats": 5}
+    # ImageNet and training values fall back to the main ones unless given.
+    assert s.protocol("peers") == s.protocol("families")
+    assert s.protocol("training")["batch_size"] == 64
+    s = suite.Settings(imagenet_batch_size=16, imagenet_warmup=0, imagenet_timed=10, repeats=2)
+    assert s.protocol("peers") == {"batch_size": 16, "warmup": 0, "iters": 5, "repeats": 2}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        (dict(batch_size=0), "batch_size"),
+        (dict(warmup=-1), "warmup"),
+        (dict(timed=3, repeats=5), "timed"),
+        (dict(imagenet_timed=2, repeats=3), "imagenet_timed"),
+        (dict(engines=("keras", "tflite")), "engines"),
+        (dict(engines=("keras", "keras")), "engines"),
+        (dict(sections=()), "sections"),
+        (dict(peak_size=True), "peak_size"),
+    ],
+)
+def test_bad_settings_name_the_argument(kwargs, named):
+    with pytest.raises(ValueError, match=f"`{named}`"):
+        suite.Settings(**kwargs)
+
+
+def test_quick_settings_are_small_and_overridable():
+    s = command.settings_from_args(parse(["--quick", "--batch-size", "4"]))
+    assert s.quick and s.batch_size == 4 and s.protocol("peers")["batch_size"] == 2
+    assert s.warmup + s.timed < 10 and s.peak_size <= 1024
+    s = command.settings_from_args(parse(["--engines", "onnx,keras", "--sections", "training"]))
+    assert s.engines == ("onnx", "keras") and s.sections == ("training",) and not s.quick
+
+
+def test_bad_arguments_are_usage_errors(tmp_path):
+    from keras_dmr.cli import UsageError
+
+    with pytest.raises(SystemExit):  # argparse rejects the value itself
+        parse(["--engines", "keras,tflite"])
+    with pytest.raises(SystemExit):
+        parse(["--warmup", "-1"])
+    args = parse(["--timed", "2", "--repeats", "5", "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(UsageError, match="--timed must be >= --repeats"):
+        command.run_bench(args)
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_unknown_engine_is_refused():
+    with pytest.raises(ValueError, match="`engine` must be one of"):
+        runner("tflite", keras_dmr.ResNet(8, compile=False), 1, ".")
+    assert ENGINES == ("keras", "xla", "saved_model", "onnx")
+
+
+# ------------------------------------------------------------------------------ analysis
+def test_activation_bytes_counts_what_the_graph_writes():
+    inputs = keras.Input((4, 4, 3))
+    conv = keras.layers.Conv2D(5, 3, padding="same", use_bias=False)(inputs)
+    assert suite.activation_bytes(keras.Model(inputs, conv)) == 4 * 4 * 5 * 4
+    relu = keras.layers.ReLU()(conv)
+    assert suite.activation_bytes(keras.Model(inputs, relu)) == 2 * 4 * 4 * 5 * 4
+
+
+def test_dense_detection():
+    resnet = keras_dmr.ResNet(8, compile=False)
+    assert suite.is_dense(resnet) and suite.is_dense(keras_dmr.to_plain(resnet))
+    grouped = keras_dmr.DMRNet(8, implementation="grouped", compile=False)
+    assert not suite.is_dense(grouped)
+    inputs = keras.Input((8, 8, 4))
+    depthwise = keras.Model(inputs, keras.layers.DepthwiseConv2D(3)(inputs))
+    assert not suite.is_dense(depthwise)
+
+
+def test_cifar_resnet34_is_the_rmnet_papers_baseline():
+    model = zoo.cifar_resnet34()
+    assert model.count_params() == 21_299_146  # RMNet paper Table 3: 21.2M
+    assert keras_dmr.analysis.count_flops(model) == 1_159_402_496  # 1.16 GFLOPs
+    assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 10)
+
+
+def test_zoo_has_every_family_and_the_table2_pairs():
+    groups = zoo.inference_groups()
+    labels = {spec.label for g in groups for spec in g.models}
+    for label in (
+        "ResNet-98",
+        "DMRNet-50",
+        "DVANet-50",
+        "RepVGG-21",
+        "RM+RepVGG-21 (r=0.25)",
+        "RMNet 26×3_32",
+        "CIFAR ResNet-34",
+        "MobileNetV2 (CIFAR, f=8)",
+        "keras.applications.ResNet50",
+        "keras.applications.MobileNetV2",
+        "ResNet-50 (keras_dmr)",
+    ):
+        assert label in labels
+    assert {g.section for g in groups} == {"families", "peers"}
+    (training,) = zoo.training_groups()
+    pairs = set(training.pairs)
+    for d, r in zoo.TABLE2_PAIRS:
+        assert (f"DMRNet-{d}", f"ResNet-{r}") in pairs
+    assert ("DMRNet-50 grouped", "DMRNet-50") in pairs and ("DVANet-50", "ResNet-98") in pairs
+
+
+# ------------------------------------------------------------------------------- targets
+def _record(label, engine, images_per_s, *, form="residual", dense=True, model=None):
+    return {
+        "label": label,
+        "model": model or label.removesuffix(" plain").removesuffix(" deploy"),
+        "engine": engine,
+        "form": form,
+        "dense": dense,
+        "images_per_s": images_per_s,
+        "peak_fraction": images_per_s / 1000,
+    }
+
+
+def test_targets_from_a_synthetic_result():
+    families = [
+        _record("RepVGG-21", "keras", 100.0),
+        _record("RepVGG-21 deploy", "keras", 250.0, form="plain"),
+        _record("RepVGG-21", "onnx", 100.0),
+        _record("RepVGG-21 deploy", "onnx", 150.0, form="plain"),
+        _record("RMNet 26×3_32 plain", "keras", 300.0, form="plain", dense=False),
+        _record("CIFAR ResNet-34", "keras", 100.0),
+        _record("RMNet 26×3_32 plain", "saved_model", 310.0, form="plain", dense=False),
+        _record("CIFAR ResNet-34", "saved_model", 125.0),
+    ]
+    result = {
+        "inference": [{"batch_size": 128, "section": "families", "results": families}],
+        "training": [
+            {
+                "pairs": [
+                    {
+                        "model": "DMRNet-14",
+                        "baseline": "ResNet-26",
+                        "train_step_ratio": 0.5,
+                        "inference_time_ratio": 1.2,
+                    },
+                    {
+                        "model": "DVANet-50",
+                        "baseline": "ResNet-98",
+                        "train_step_ratio": 0.1,
+                        "inference_time_ratio": 0.1,
+                    },
+                ]
+            }
+        ],
+    }
+    targets = {t["target"].split(":")[0].split(" (")[0]: t for t in suite.evaluate_targets(result)}
+    repvgg = {v["what"]: v for v in targets["RepVGG-21"]["values"]}
+    assert repvgg["keras"]["value"] == pytest.approx(2.5) and repvgg["keras"]["met"]
+    assert repvgg["onnx"]["value"] == pytest.approx(1.5) and not repvgg["onnx"]["met"]
+    rmnet = {
+        v["what"]: v
+        for v in targets["RMNet 26×3_32 plain against CIFAR ResNet-34, exported"]["values"]
+    }
+    assert rmnet["keras"]["met"] and rmnet["saved_model"]["value"] == pytest.approx(2.48)
+    in_process = {v["what"]: v for v in targets["In-process Keras model"]["values"]}
+    assert in_process["RMNet 26×3_32 plain"]["met"]  # 300 against 310: within 10%
+    assert not in_process["CIFAR ResNet-34"]["met"]  # 100 against 125
+    train = targets["DMRNet training step against its Table 2 ResNet"]["values"]
+    assert [(v["what"], v["met"]) for v in train] == [("DMRNet-14 / ResNet-26", True)]
+    infer = targets["DMRNet inference against its Table 2 ResNet"]["values"]
+    assert [(v["what"], v["met"]) for v in infer] == [("DMRNet-14 / ResNet-26", False)]
+    dense = targets["Plain dense-conv models at batch 128"]["values"]
+    assert [(v["what"], v["met"]) for v in dense] == [("RepVGG-21 deploy (keras)", False)]
+    assert "RMNetV1 against MobileNetV2" not in targets  # not measured: no row
+
+
+# ------------------------------------------------------------------------- end to end (tiny)
+def test_run_bench_records_every_candidate_and_writes_the_report(tmp_path, capsys):
+    families = [
+        zoo.InferenceGroup(
+            "tiny ResNet",
+            "families",
+            (
+                zoo.ModelSpec(
+                    "ResNet-8",
+                    lambda: keras_dmr.ResNet(8, compile=False),
+                    accuracy=90.0,
+                    accuracy_dataset="CIFAR-10",
+                    accuracy_source="made up for the test",
+                ),
+            ),
+            extra_engines=("onnx",),
+        )
+    ]
+    training = [
+        zoo.TrainingGroup(
+            "tiny pair",
+            (
+                zoo.ModelSpec("DMRNet-8", lambda: keras_dmr.DMRNet(8)),
+                zoo.ModelSpec("ResNet-14", lambda: keras_dmr.ResNet(14)),
+            ),
+            (("DMRNet-8", "ResNet-14"),),
+        )
+    ]
+    out = tmp_path / "bench"
+    args = parse([*TINY_ARGS, "--engines", "keras", "--output-dir", str(out)])
+    assert command.run_bench(args, inference_groups=families, training_groups=training) == 0
+    printed = capsys.readouterr().out
+    assert "## Targets" in printed and "| ResNet-8 plain |" in printed
+
+    data = json.loads((out / "benchmarks.json").read_text())
+    assert not (out / "benchmarks.partial.json").exists()
+    assert data["machine"]["cores"] >= 1 and data["machine"]["tensorflow"]
+    assert data["machine"]["device"] in ("/CPU:0", "/GPU:0")
+    assert data["peak"]["size"] == 64 and data["peak"]["gflops"] > 0
+    assert data["settings"]["engines"] == ["keras"] and data["flops_per_mac"] == 2
+
+    (group,) = data["inference"]
+    assert (group["batch_size"], group["iters"], group["repeats"]) == (2, 1, 2)
+    before, after = group["peak"]["before"]["gflops"], group["peak"]["after"]["gflops"]
+    assert group["peak"]["gflops"] == pytest.approx((before + after) / 2)
+    assert data["peak_end"]["size"] == 64
+    found = {(r["label"], r["engine"]): r for r in group["results"]}
+    assert set(found) == {
+        (label, engine) for label in ("ResNet-8", "ResNet-8 plain") for engine in ("keras", "onnx")
+    }
+    for r in found.values():
+        assert "error" not in r, r.get("error")
+        assert len(r["samples_s"]) == 2
+        # The median of two rounds is their mean; images/s = batch / median seconds per batch.
+        assert r["images_per_s"] == pytest.approx(2 / (sum(r["samples_s"]) / 2))
+        lo, hi = r["images_per_s_spread"]
+        assert lo <= r["images_per_s"] <= hi
+        assert r["gflops"] == pytest.approx(2 * r["macs"] * r["images_per_s"] / 1e9)
+        # The share of the peak uses the products timed just before and after this group.
+        assert r["peak_fraction"] == pytest.approx(r["gflops"] / group["peak"]["gflops"])
+    plain = found[("ResNet-8 plain", "keras")]
+    assert (
+        plain["max_relative_error"] <= 1e-4 and plain["macs"] > found[("ResNet-8", "keras")]["macs"]
+    )
+
+    (train,) = data["training"]
+    (pair,) = train["pairs"]
+    r = train["results"]
+    assert pair["train_step_ratio"] == pytest.approx(
+        r["DMRNet-8"]["train_step_ms"] / r["ResNet-14"]["train_step_ms"]
+    )
+    assert len(pair["train_ratio_per_round"]) == 2
+
+    speed = {t["target"].split(" (")[0].split(" against")[0]: t for t in data["targets"]}
+    assert "DMRNet training step" in speed and "DMRNet inference" in speed
+    for name in ("benchmarks.md", "benchmarks_speedup.png", "benchmarks_accuracy.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "benchmarks_speedup.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_failing_engine_is_recorded_not_fatal(tmp_path, monkeypatch):
+    real = suite.runner
+
+    def runner_without_onnx(engine, *args, **kwargs):
+        if engine == "onnx":
+            raise RuntimeError("no ONNX today\nsecond line")
+        return real(engine, *args, **kwargs)
+
+    monkeypatch.setattr(suite, "runner", runner_without_onnx)
+    spec = zoo.ModelSpec("ResNet-8", lambda: keras_dmr.ResNet(8, compile=False), ("residual",))
+    result = suite.run_inference_group(
+        zoo.InferenceGroup("g", "families", (spec,)),
+        protocol={"batch_size": 1, "warmup": 0, "iters": 1, "repeats": 1},
+        engines=["keras", "onnx"],
+        peak_gflops=None,
+        workdir=tmp_path,
+    )
+    runs = {r["engine"]: r for r in result["results"]}
+    keras_run, onnx_run = runs["keras"], runs["onnx"]
+    assert "images_per_s" in keras_run and "peak_fraction" not in keras_run  # no peak given
+    assert onnx_run["error"] == "RuntimeError: no ONNX today" and "images_per_s" not in onnx_run
+    assert "failed" in report.throughput_table([result])
+
+
+# -------------------------------------------------------------------------------- report
+def test_report_regenerates_the_marked_sections(tmp_path):
+    data = {
+        "machine": {
+            "cpu": "Test CPU",
+            "cores": 2,
+            "tensorflow": "x",
+            "keras": "y",
+            "python": "z",
+            "device": "/CPU:0",
+        },
+        "settings": {"quick": False},
+        "peak": {
+            "size": 64,
+            "gflops": 100.0,
+            "tensorflow_gflops": 100.0,
+            "framework": "tensorflow",
+        },
+        "inference": [
+            {
+                "name": "fam",
+                "section": "families",
+                "batch_size": 128,
+                "warmup": 1,
+                "iters": 1,
+                "repeats": 1,
+                "results": [
+                    {
+                        **_record(label, "keras", speed, form=form),
+                        "params": 10,
+                        "macs": macs,
+                        "activation_mb": 1.0,
+                        "images_per_s_spread": [speed, speed],
+                        "gflops": 1.0,
+                        "accuracy": 95.0,
+                    }
+                    for label, form, speed, macs in (
+                        ("Net", "residual", 100.0, 1000),
+                        ("Net plain", "plain", 150.0, 2000),
+                    )
+                ],
+            }
+        ],
+        "training": [],
+        "targets": [],
+    }
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(data))
+    doc = tmp_path / "benchmarks.md"
+    markers = "\n".join(
+        f"<!-- BEGIN bench-{name} -->\nold\n<!-- END bench-{name} -->" for name in report.SECTIONS
+    )
+    doc.write_text("# Benchmarks\n\nhand-written\n\n" + markers + "\n")
+    report.main([str(path), "--docs", str(tmp_path)])
+    text = doc.read_text()
+    assert "hand-written" in text and "\nold\n" not in text
+    assert "| Net | 2.00× | 1.00× | 1.50× |" in text  # MACs ratio, activation ratio, speed-up
+    assert "Test CPU, 2 cores" in text
+    for name in report.CHARTS.values():
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
