@@ -3,7 +3,9 @@ deploy plain."""
 
 __version__ = "0.1.0"
 
-from keras_dmr import analysis, convert, data, export, layers, models, prune, recipe, tuning  # noqa: E402
+import importlib as _importlib
+
+from keras_dmr import analysis, convert, layers, models, recipe  # noqa: E402
 from keras_dmr.convert import to_plain  # noqa: E402
 from keras_dmr.models import (  # noqa: E402
     DMRNet,
@@ -35,3 +37,19 @@ __all__ = [
     "tuning",
     "__version__",
 ]
+
+# Imported on first use: they need TensorFlow (tf.data, SavedModel, tf2onnx) or Keras Tuner,
+# while models, conversion and counting run on any Keras backend.
+_LAZY = ("data", "export", "prune", "tuning")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = _importlib.import_module(f"keras_dmr.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'keras_dmr' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

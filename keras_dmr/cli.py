@@ -31,6 +31,7 @@ import keras
 
 from keras_dmr import data
 from keras_dmr.analysis import path_length_distribution, path_length_stats, plot_path_lengths
+from keras_dmr.errors import UsageError
 from keras_dmr.layers.blocks import BRANCH_KINDS
 from keras_dmr.models import DMRNet, DMRNeXt, DVANet, ResNet
 from keras_dmr.recipe import compile_with_recipe
@@ -60,14 +61,6 @@ RESUME_KEYS = (
 )
 STATE_MEMBER = "keras_dmr_state.json"  # the training state inside the .keras zip
 STRATEGIES = ("none", "mirrored", "multiworker")  # keras_dmr.tuning.STRATEGIES (not imported)
-
-
-class UsageError(Exception):
-    """A bad argument: ``main`` prints ``keras-dmr: error: <message>`` and returns 2."""
-
-    def __init__(self, message: str, usage: str | None = None):
-        super().__init__(message)
-        self.usage = usage
 
 
 class _Parser(argparse.ArgumentParser):

@@ -376,3 +376,51 @@ def test_report_regenerates_the_marked_sections(tmp_path):
     assert "Test CPU, 2 cores" in text
     for name in report.CHARTS.values():
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------- JAX backend
+JAX_SCRIPT = """
+import json, sys
+sys.modules["tensorflow"] = None  # as on a machine without TensorFlow: importing it fails
+import keras_dmr
+from keras_dmr.bench import suite, zoo
+
+groups = [zoo.InferenceGroup("tiny", "families", (
+    zoo.ModelSpec("DMRNet-8", lambda: keras_dmr.DMRNet(8, compile=False)),))]
+training = [zoo.TrainingGroup("pair", (
+    zoo.ModelSpec("DMRNet-8", lambda: keras_dmr.DMRNet(8)),
+    zoo.ModelSpec("ResNet-14", lambda: keras_dmr.ResNet(14))), (("DMRNet-8", "ResNet-14"),))]
+settings = suite.Settings(batch_size=2, warmup=0, timed=2, repeats=2, train_batch_size=2,
+    peak_size=64, engines=("keras", "onnx"), sections=("families", "training"))
+result = suite.run(settings, inference_groups=groups, training_groups=training)
+print(json.dumps(result))
+"""
+
+
+def test_the_benchmark_runs_on_the_jax_backend(tmp_path):
+    """What a GPU machine without TensorFlow runs: models, conversion and timing on JAX, with
+    TensorFlow made unimportable."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("jax")
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", JAX_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert data["machine"]["backend"] == "jax" and data["machine"]["jax"]
+    assert data["machine"]["device"] == "cpu:0" and data["peak"]["jax_gflops"] > 0
+    assert data["engines_unavailable"] == ["onnx"]  # exports need TensorFlow
+    (group,) = data["inference"]
+    assert group["backend"] == "jax"
+    found = {(r["label"], r["engine"]): r for r in group["results"]}
+    assert set(found) == {("DMRNet-8", "keras"), ("DMRNet-8 plain", "keras")}
+    for r in found.values():
+        assert r["images_per_s"] > 0 and r["activation_mb"] is None
+    assert found[("DMRNet-8 plain", "keras")]["max_relative_error"] <= 1e-4
+    (pair,) = data["training"][0]["pairs"]
+    assert pair["train_step_ratio"] > 0
+    assert "JAX (XLA)" in report.markdown(data)

@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from keras_dmr.bench.command import DESCRIPTION, add_bench_arguments, run_bench
-    from keras_dmr.cli import UsageError
+    from keras_dmr.errors import UsageError
 
     parser = argparse.ArgumentParser(prog="python -m keras_dmr.bench", description=DESCRIPTION)
     add_bench_arguments(parser)

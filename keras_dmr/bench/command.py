@@ -152,7 +152,7 @@ def run_bench(args: argparse.Namespace, *, inference_groups=None, training_group
     try:
         settings = settings_from_args(args)
     except ValueError as err:
-        from keras_dmr.cli import UsageError
+        from keras_dmr.errors import UsageError
 
         message = re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), str(err))
         raise UsageError(message) from None

@@ -1,6 +1,7 @@
 """Ways of running a model's inference, each as a no-argument call on a fixed float32 batch.
 
-* ``keras``: the in-process Keras model as one TensorFlow graph (``tf.function``).
+* ``keras``: the in-process Keras model as one TensorFlow graph (``tf.function``); on the JAX
+  backend, ``jax.jit`` of its stateless call (the only engine there: exports need TensorFlow).
 * ``xla``: the same graph compiled by XLA (``jit_compile=True``).
 * ``saved_model``: :func:`keras_dmr.export.saved_model` (``preprocessing="none"``), loaded back
   with ``tf.saved_model.load`` and called through ``serving_default``: what TF Serving runs.
@@ -31,6 +32,26 @@ ENGINE_LABELS = {
     "saved_model": "SavedModel",
     "onnx": "ONNX Runtime",
 }
+
+
+def engine_label(engine: str, backend: str = "tensorflow") -> str:
+    """What a table calls ``engine``; on JAX the ``keras`` engine is a jitted (XLA) call."""
+    if engine == "keras" and backend == "jax":
+        return "JAX (XLA)"
+    return ENGINE_LABELS[engine]
+
+
+def available_engines() -> tuple[str, ...]:
+    """The engines this process can run: all four on TensorFlow (exports need tf2onnx and
+    ONNX Runtime for ``onnx``); on another backend only ``keras``, its compiled call."""
+    import importlib.util
+
+    if keras.backend.backend() != "tensorflow":
+        return ("keras",)
+    engines = ["keras", "xla", "saved_model"]
+    if all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnxruntime")):
+        engines.append("onnx")
+    return tuple(engines)
 
 
 def onnx_providers() -> list[str]:

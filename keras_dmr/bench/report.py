@@ -11,10 +11,21 @@ import argparse
 import json
 from pathlib import Path
 
-from keras_dmr.bench.engines import ENGINE_LABELS, ENGINES
+from keras_dmr.bench.engines import ENGINES, engine_label
 
 CHARTS = {"speedup": "benchmarks_speedup.png", "accuracy": "benchmarks_accuracy.png"}
 SECTIONS = ("machine", "targets", "families", "speedup", "efficiency", "peers", "training")
+
+
+def _backend(groups_or_data) -> str:
+    """The Keras backend a run used (runs before the field existed were TensorFlow's)."""
+    if isinstance(groups_or_data, dict):
+        return groups_or_data.get("machine", {}).get("backend") or "tensorflow"
+    return next((g.get("backend") for g in groups_or_data if g.get("backend")), "tensorflow")
+
+
+def _mb(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def _engines(records) -> list[str]:
@@ -48,15 +59,26 @@ def _efficiency(r: dict | None) -> str:
     return f"{r['gflops']:.1f}{share}"
 
 
+def _framework(m: dict) -> str:
+    if m.get("backend", "tensorflow") == "jax":
+        precision = m.get("jax_default_matmul_precision") or "default"
+        return f"JAX {m.get('jax')} (Keras backend; float32 matmul precision: {precision})"
+    return f"TensorFlow {m['tensorflow']}"
+
+
 def machine_text(data: dict) -> str:
     m, s, p = data["machine"], data["settings"], data.get("peak")
     gpus = ", ".join(g["name"] for g in m.get("gpu_details", [])) or "none"
     lines = [
         f"- Machine: {m['cpu']}, {m['cores']} cores ({m.get('usable_cores', m['cores'])} usable), "
-        f"GPU: {gpus}; device timed by TensorFlow: `{m.get('device', '?')}`.",
-        f"- Software: TensorFlow {m['tensorflow']}, Keras {m['keras']}, ONNX Runtime "
-        f"{m.get('onnxruntime')} ({', '.join(m.get('onnxruntime_providers', []))}), "
-        f"Python {m['python']}.",
+        f"GPU: {gpus}; device the models ran on: `{m.get('device', '?')}`.",
+        f"- Software: {_framework(m)}, Keras {m['keras']}, "
+        + (
+            f"ONNX Runtime {m['onnxruntime']} ({', '.join(m.get('onnxruntime_providers', []))}), "
+            if m.get("onnxruntime")
+            else ""
+        )
+        + f"Python {m['python']}.",
     ]
     before, after = m.get("load_average_before"), m.get("load_average_after")
     if before and after:
@@ -78,13 +100,14 @@ def machine_text(data: dict) -> str:
         lines.append(
             f"- Training steps: batch {g['batch_size']}, {g['warmup']} warm-up steps, "
             f"{g['repeats']} interleaved rounds of {g['iters']} steps; inference of the same "
-            f"models at batch {g['inference_batch_size']} (TF graph)."
+            f"models at batch {g['inference_batch_size']} "
+            f"({engine_label('keras', _backend(data))})."
         )
     if p:
-        fw = {"tensorflow": "TensorFlow", "onnxruntime": "ONNX Runtime"}
+        fw = {"tensorflow": "TensorFlow", "jax": "JAX", "onnxruntime": "ONNX Runtime"}
         parts = [
             f"{fw.get(k.removesuffix('_gflops'), k)} {p[k]:.0f}"
-            for k in ("tensorflow_gflops", "onnxruntime_gflops")
+            for k in ("tensorflow_gflops", "jax_gflops", "onnxruntime_gflops")
             if k in p
         ]
         end = data.get("peak_end")
@@ -116,7 +139,7 @@ def throughput_table(groups: list[dict]) -> str:
         return "_not measured_"
     engines = _engines(records)
     head = ["group", "model", "params", "MACs/image", "act. MB/image"]
-    head += [f"{ENGINE_LABELS[e]} img/s" for e in engines]
+    head += [f"{engine_label(e, _backend(groups))} img/s" for e in engines]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for g in groups:
         for label, by_engine in _rows_by_label(g["results"]).items():
@@ -126,7 +149,7 @@ def throughput_table(groups: list[dict]) -> str:
                 label,
                 f"{r['params'] / 1e6:.2f}M",
                 f"{r['macs'] / 1e6:,.0f}M",
-                f"{r['activation_mb']:.2f}",
+                _mb(r["activation_mb"]),
             ]
             cells += [_speed(by_engine.get(e)) for e in engines]
             lines.append("| " + " | ".join(cells) + " |")
@@ -139,7 +162,8 @@ def efficiency_table(groups: list[dict]) -> str:
     if not records:
         return "_not measured_"
     engines = _engines(records)
-    head = ["model", "dense convs", "batch"] + [f"{ENGINE_LABELS[e]}" for e in engines]
+    head = ["model", "dense convs", "batch"]
+    head += [engine_label(e, _backend(groups)) for e in engines]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * len(engines)]
     for g in groups:
         for label, by_engine in _rows_by_label(g["results"]).items():
@@ -173,7 +197,9 @@ def speedups(data: dict) -> list[dict]:
                     "group": g["name"],
                     "model": model,
                     "macs_ratio": any_pl["macs"] / any_res["macs"],
-                    "activation_ratio": any_pl["activation_mb"] / any_res["activation_mb"],
+                    "activation_ratio": any_pl["activation_mb"] / any_res["activation_mb"]
+                    if any_pl["activation_mb"] and any_res["activation_mb"]
+                    else None,
                     "speedup": ratios,
                 }
             )
@@ -186,10 +212,11 @@ def speedup_table(data: dict) -> str:
         return "_not measured_"
     engines = [e for e in ENGINES if any(e in r["speedup"] for r in rows)]
     head = ["model", "plain/residual MACs", "plain/residual act. MB"]
-    head += [ENGINE_LABELS[e] for e in engines]
+    head += [engine_label(e, _backend(data)) for e in engines]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
-        cells = [r["model"], f"{r['macs_ratio']:.2f}×", f"{r['activation_ratio']:.2f}×"]
+        act = "–" if r["activation_ratio"] is None else f"{r['activation_ratio']:.2f}×"
+        cells = [r["model"], f"{r['macs_ratio']:.2f}×", act]
         cells += [f"{r['speedup'][e]:.2f}×" if e in r["speedup"] else "–" for e in engines]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -235,7 +262,7 @@ def targets_table(data: dict) -> str:
     for t in targets:
         parts = []
         for v in t["values"]:
-            what = ENGINE_LABELS.get(v["what"], v["what"])
+            what = engine_label(v["what"], _backend(data)) if v["what"] in ENGINES else v["what"]
             value = f"{100 * v['value']:.0f}%" if t.get("percent") else f"{v['value']:.2f}×"
             parts.append(f"{what}: {value}{'' if v['met'] else ' ✗'}")
         met = sum(bool(v["met"]) for v in t["values"])
@@ -295,14 +322,16 @@ def plot_speedup(data: dict, path: str | Path) -> str | None:
     for i, e in enumerate(engines):
         xs = [j + (i - (len(engines) - 1) / 2) * width for j in range(len(rows))]
         ys = [r["speedup"].get(e, 0.0) for r in rows]
-        ax.bar(xs, ys, width, label=ENGINE_LABELS[e])
+        ax.bar(xs, ys, width, label=engine_label(e, _backend(data)))
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r["model"] for r in rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("plain / residual throughput")
     m = data["machine"]
     batch = data["inference"][0]["batch_size"] if data["inference"] else "?"
-    ax.set_title(f"Speed-up of the plain form ({m['cpu']}, {m['cores']} cores, batch {batch})")
+    gpus = [g["name"] for g in m.get("gpu_details", [])]
+    where = gpus[0] if gpus else f"{m['cpu']}, {m['cores']} cores"
+    ax.set_title(f"Speed-up of the plain form ({where}, batch {batch})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -337,7 +366,7 @@ def plot_accuracy(data: dict, path: str | Path, engine: str = "keras") -> str | 
                 ax.scatter([forms[f]["images_per_s"]], [acc], marker=marker, s=40)
         ax.annotate(model, (xs[0], acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel(f"images/s ({ENGINE_LABELS[engine]}, measured here)")
+    ax.set_xlabel(f"images/s ({engine_label(engine, _backend(data))}, measured here)")
     ax.set_ylabel("CIFAR-10 top-1 (%), published")
     ax.set_title("Accuracy against throughput: residual (o) → plain (^)")
     fig.tight_layout()

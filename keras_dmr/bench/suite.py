@@ -22,7 +22,7 @@ import keras
 import numpy as np
 
 from keras_dmr.bench import zoo
-from keras_dmr.bench.engines import ENGINES, runner
+from keras_dmr.bench.engines import ENGINES, available_engines, runner
 from keras_dmr.bench.timing import (
     default_device,
     inference_fn,
@@ -152,13 +152,16 @@ def _log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- analysis
-def activation_bytes(model: keras.Model) -> int:
-    """Bytes of float tensors the ops of ``model``'s inference graph write for one image.
+def activation_bytes(model: keras.Model) -> int | None:
+    """Bytes of float tensors the ops of ``model``'s inference graph write for one image
+    (TensorFlow backend; None on others).
 
     Summed over the TensorFlow graph as traced (before Grappler fuses ops; views, constants and
     variable reads excluded): a proxy for the memory traffic that additions, concatenations,
     splits and unfolded BatchNorms add to the convolutions' own outputs.
     """
+    if keras.backend.backend() != "tensorflow":
+        return None
     import tensorflow as tf
 
     shape = (1, *model.inputs[0].shape[1:])
@@ -194,10 +197,11 @@ def is_dense(model: keras.Model) -> bool:
 def describe(model: keras.Model) -> dict:
     from keras_dmr.analysis.flops import count_flops
 
+    traffic = activation_bytes(model)
     return {
         "params": int(model.count_params()),
         "macs": int(count_flops(model)),
-        "activation_mb": activation_bytes(model) / 2**20,
+        "activation_mb": None if traffic is None else traffic / 2**20,
         "dense": is_dense(model),
         "layers": len(model.layers),
     }
@@ -229,19 +233,29 @@ def _onnx_matmul(n: int, workdir: Path) -> Callable[[], object]:
 
 
 class PeakMeter:
-    """An n×n float32 matrix product (2n³ flops), ready to be timed again and again: in
-    TensorFlow (``tf.linalg.matmul`` in a ``tf.function`` on the default device) and in ONNX
-    Runtime (``MatMul``), interleaved. The machine's peak is the faster of the two."""
+    """An n×n float32 matrix product (2n³ flops), ready to be timed again and again: in the
+    Keras backend (``tf.linalg.matmul`` in a ``tf.function``, or a jitted ``jax.numpy.matmul``,
+    on the default device) and in ONNX Runtime (``MatMul``), interleaved. The machine's peak
+    is the faster of the two."""
 
     def __init__(self, n: int, workdir: Path):
-        import tensorflow as tf
-
         self.n = n
         rng = np.random.default_rng(0)
-        with tf.device(default_device()):
-            a, b = (tf.identity(rng.standard_normal((n, n)).astype("float32")) for _ in range(2))
-        matmul = tf.function(lambda x, y: tf.linalg.matmul(x, y)[0, 0], autograph=False)
-        self.candidates = {"tensorflow": lambda: matmul(a, b).numpy()}
+        a, b = (rng.standard_normal((n, n)).astype("float32") for _ in range(2))
+        if keras.backend.backend() == "jax":
+            import jax
+
+            device = jax.devices()[0]
+            a, b = jax.device_put(a, device), jax.device_put(b, device)
+            jax_matmul = jax.jit(lambda x, y: jax.numpy.matmul(x, y)[0, 0])
+            self.candidates = {"jax": lambda: np.asarray(jax_matmul(a, b))}
+        else:
+            import tensorflow as tf
+
+            with tf.device(default_device()):
+                a, b = tf.identity(a), tf.identity(b)
+            matmul = tf.function(lambda x, y: tf.linalg.matmul(x, y)[0, 0], autograph=False)
+            self.candidates = {"tensorflow": lambda: matmul(a, b).numpy()}
         try:
             self.candidates["onnxruntime"] = _onnx_matmul(n, workdir)
         except ImportError:
@@ -308,6 +322,7 @@ def run_inference_group(
 
     batch = protocol["batch_size"]
     engines = list(engines) + [e for e in group.extra_engines if e not in engines]
+    engines = [e for e in engines if e in available_engines()]
     # Exports first, while this process holds the least memory.
     engines.sort(key=lambda e: e in ("keras", "xla"))
     candidates, records, keep = {}, [], []
@@ -385,6 +400,7 @@ def run_inference_group(
     return {
         "name": group.name,
         "section": group.section,
+        "backend": keras.backend.backend(),
         **protocol,
         "peak": peak or None,
         "results": records,
@@ -563,7 +579,7 @@ def evaluate_targets(result: dict) -> list[dict]:
             )
             add(
                 {
-                    "target": "DMRNet inference against its Table 2 ResNet (time, TF graph)",
+                    "target": "DMRNet inference against its Table 2 ResNet (time, compiled graph)",
                     "rule": "≤ 1.0×",
                     "values": infer_values,
                     "paper": "DMRNet paper: same time complexity",
@@ -635,15 +651,16 @@ def run(
         if on_progress is not None:
             on_progress(result)
 
-    import tensorflow as tf
-
-    tf_logger, level = tf.get_logger(), tf.get_logger().level
-    tf_logger.setLevel("ERROR")  # one tf.function per candidate: retracing warnings are expected
+    unavailable = [e for e in settings.engines if e not in available_engines()]
+    if unavailable:
+        result["engines_unavailable"] = unavailable
+        _log(f"not on the {keras.backend.backend()} backend: {', '.join(unavailable)}")
+    quiet = _quiet_tensorflow()
     try:
         with tempfile.TemporaryDirectory(prefix="keras_dmr_bench_") as tmp:
             _run_sections(result, settings, inference_groups, training_groups, Path(tmp), progress)
     finally:
-        tf_logger.setLevel(level)
+        quiet()
     result["targets"] = evaluate_targets(result)
     progress()
     return result
@@ -685,6 +702,19 @@ def _run_sections(result, settings, inference_groups, training_groups, workdir, 
             progress()
     _log("peak again, at the end")
     result["peak_end"] = meter.measure()
+
+
+def _quiet_tensorflow() -> Callable[[], None]:
+    """Silence TensorFlow's retracing warnings (one tf.function per candidate is expected);
+    returns what restores its log level. Nothing to do on other backends."""
+    if keras.backend.backend() != "tensorflow":
+        return lambda: None
+    import tensorflow as tf
+
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")
+    return lambda: logger.setLevel(level)
 
 
 def _cleanup() -> None:

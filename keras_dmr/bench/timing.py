@@ -6,6 +6,7 @@ Every timed call ends by copying a small result to the host, so work queued on a
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import statistics
@@ -26,7 +27,16 @@ def load_average() -> list[float] | None:
 
 
 def gpu_description() -> list[dict]:
-    """Name and compute capability of every GPU TensorFlow sees (empty on a CPU-only machine)."""
+    """Name (and, on TensorFlow, compute capability) of every GPU the backend sees; empty on a
+    CPU-only machine."""
+    if backend() == "jax":
+        import jax
+
+        return [
+            {"device": f"{d.platform}:{d.id}", "name": d.device_kind, "compute_capability": None}
+            for d in jax.devices()
+            if d.platform == "gpu"
+        ]
     import tensorflow as tf
 
     gpus = []
@@ -46,10 +56,15 @@ def gpu_description() -> list[dict]:
     return gpus
 
 
-def machine_description() -> dict:
-    """CPU model, cores, GPUs and the versions of the frameworks timed."""
-    import tensorflow as tf
+def _version(module: str) -> str | None:
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return None
 
+
+def machine_description() -> dict:
+    """CPU model, cores, GPUs, the Keras backend and the versions of the frameworks timed."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -64,19 +79,28 @@ def machine_description() -> dict:
     except ImportError:
         ort_version, ort_providers = None, []
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    return {
+    gpus = gpu_description()
+    info = {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "usable_cores": len(affinity) if affinity is not None else os.cpu_count(),
-        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-        "gpu_details": gpu_description(),
-        "tensorflow": tf.__version__,
+        "gpus": [g["device"] for g in gpus],
+        "gpu_details": gpus,
+        "backend": backend(),
+        "tensorflow": _version("tensorflow") if backend() == "tensorflow" else None,
         "keras": keras.__version__,
         "onnxruntime": ort_version,
         "onnxruntime_providers": ort_providers,
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+    if backend() == "jax":
+        import jax
+
+        info["jax"] = jax.__version__
+        # On GPUs XLA may run float32 products in TF32 unless told otherwise: say which.
+        info["jax_default_matmul_precision"] = jax.config.jax_default_matmul_precision
+    return info
 
 
 def interleaved(
@@ -110,29 +134,100 @@ def to_host(value) -> object:
     return np.asarray(leaves[0]) if leaves else None
 
 
+def backend() -> str:
+    return keras.backend.backend()
+
+
 def train_step_fn(model: keras.Model, batch_size: int, seed: int = 0) -> Callable[[], object]:
-    """One compiled training step of ``model`` on a fixed random batch (TensorFlow backend)."""
+    """One compiled training step of ``model`` (its optimizer and loss) on a fixed random batch:
+    Keras' own train function on TensorFlow, a jitted stateless step on JAX."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch_size, *model.input_shape[1:])).astype("float32")
+    y = rng.integers(0, model.output_shape[-1], batch_size)
+    if backend() == "jax":
+        return _jax_train_step(model, x, y)
+    if backend() != "tensorflow":
+        raise NotImplementedError(f"training steps are timed on TensorFlow or JAX, not {backend()}")
     import tensorflow as tf
 
-    rng = np.random.default_rng(seed)
-    shape = (batch_size, *model.input_shape[1:])
-    x = tf.constant(rng.normal(size=shape).astype("float32"))
-    y = tf.constant(rng.integers(0, model.output_shape[-1], batch_size))
+    with tf.device(default_device()):
+        x, y = tf.identity(x), tf.identity(y)
     model.make_train_function()
     data = iter(lambda: (x, y), None)
     return lambda: to_host(model.train_function(data))
 
 
+def _jax_train_step(model: keras.Model, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
+    """Keras' stateless JAX training step (loss + regularisation losses, gradients, optimizer
+    update), jitted; the state is carried from call to call as a training loop does."""
+    import jax
+
+    if model.optimizer is None or model.loss is None:
+        raise ValueError(f"model {model.name!r} must be compiled (an optimizer and a loss)")
+    optimizer = model.optimizer
+    optimizer.build(model.trainable_variables)
+    loss_object = keras.losses.get(model.loss)
+
+    def loss_fn(trainable, non_trainable, x, y):
+        y_pred, non_trainable, losses = model.stateless_call(
+            trainable, non_trainable, x, training=True, return_losses=True
+        )
+        loss = loss_object(y, y_pred)
+        for extra in losses:
+            loss = loss + extra
+        return loss, non_trainable
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    @jax.jit
+    def step(state, x, y):
+        trainable, non_trainable, opt = state
+        (loss, non_trainable), grads = grad_fn(trainable, non_trainable, x, y)
+        trainable, opt = optimizer.stateless_apply(opt, grads, trainable)
+        return loss, (trainable, non_trainable, opt)
+
+    device = jax.devices()[0]
+    x, y = jax.device_put(x, device), jax.device_put(y, device)
+    state = [
+        (
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            [v.value for v in optimizer.variables],
+        )
+    ]
+
+    def call():
+        loss, state[0] = step(state[0], x, y)
+        return to_host(loss)
+
+    return call
+
+
 def inference_fn(
     model: keras.Model, batch_size: int, seed: int = 0, *, jit_compile: bool = False
 ) -> Callable[[], object]:
-    """``model`` in inference mode as one TensorFlow graph (``tf.function``; XLA-compiled with
-    ``jit_compile=True``) on a fixed random batch held on TensorFlow's default device."""
+    """``model`` in inference mode as one compiled graph on a fixed random batch held on the
+    default device: a ``tf.function`` on TensorFlow (XLA-compiled with ``jit_compile=True``),
+    ``jax.jit`` of the stateless call on JAX (always XLA)."""
+    rng = np.random.default_rng(seed)
+    batch = rng.normal(size=(batch_size, *model.input_shape[1:])).astype("float32")
+    if backend() == "jax":
+        import jax
+
+        @jax.jit
+        def forward_jax(trainable, non_trainable, x):
+            return model.stateless_call(trainable, non_trainable, x, training=False)[0]
+
+        x = jax.device_put(batch, jax.devices()[0])
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        return lambda: to_host(forward_jax(trainable, non_trainable, x))
+    if backend() != "tensorflow":
+        raise NotImplementedError(f"inference is timed on TensorFlow or JAX, not {backend()}")
     import tensorflow as tf
 
-    rng = np.random.default_rng(seed)
     with tf.device(default_device()):
-        x = tf.identity(rng.normal(size=(batch_size, *model.input_shape[1:])).astype("float32"))
+        x = tf.identity(batch)
 
     def forward(t):
         return model(t, training=False)
@@ -142,7 +237,13 @@ def inference_fn(
 
 
 def default_device() -> str:
-    """``/GPU:0`` where TensorFlow sees a GPU, else ``/CPU:0``."""
+    """The device the backend computes on: ``/GPU:0`` or ``/CPU:0`` on TensorFlow, the first
+    JAX device (for example ``cuda:0``) on JAX."""
+    if backend() == "jax":
+        import jax
+
+        d = jax.devices()[0]
+        return f"{d.platform}:{d.id}"
     import tensorflow as tf
 
     return "/GPU:0" if tf.config.list_physical_devices("GPU") else "/CPU:0"
