@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+from pathlib import Path
 
 import keras
 import pytest
@@ -424,3 +426,41 @@ def test_the_benchmark_runs_on_the_jax_backend(tmp_path):
     (pair,) = data["training"][0]["pairs"]
     assert pair["train_step_ratio"] > 0
     assert "JAX (XLA)" in report.markdown(data)
+
+
+# ------------------------------------------------------------------------- docs/benchmarks.md
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_docs_benchmarks_are_generated_from_the_recorded_runs(tmp_path):
+    """docs/benchmarks.md holds exactly what its JSON files say (run the report to refresh)."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(DOCS / "benchmarks.md", tmp_path / "benchmarks.md")
+    for name in ("benchmarks_cpu.json", "benchmarks_gpu.json"):
+        shutil.copy(DOCS / "data" / name, tmp_path / "data" / name)
+    report.main([str(tmp_path / "data" / "benchmarks_cpu.json"), "--docs", str(tmp_path)])
+    assert (tmp_path / "benchmarks.md").read_text() == (DOCS / "benchmarks.md").read_text(), (
+        "run `python -m keras_dmr.bench.report`"
+    )
+    cpu = json.loads((DOCS / "data" / "benchmarks_cpu.json").read_text())
+    gpu = json.loads((DOCS / "data" / "benchmarks_gpu.json").read_text())
+    assert cpu["machine"]["backend"] == "tensorflow" and not cpu["settings"]["quick"]
+    assert gpu["machine"]["gpu_details"] and gpu["machine"]["backend"] == "jax"
+    for chart in ("speedup", "accuracy"):
+        assert (DOCS / f"benchmarks_{chart}.png").is_file()
+        assert (DOCS / f"benchmarks_gpu_{chart}.png").is_file()
+
+
+def test_merge_joins_runs_of_one_machine_and_refuses_two():
+    gpu = json.loads((DOCS / "data" / "benchmarks_gpu.json").read_text())
+    first = dict(gpu, training=[], parts=None)
+    second = dict(gpu, inference=[])
+    merged = suite.merge([first, second])
+    assert merged["inference"] == gpu["inference"] and merged["training"] == gpu["training"]
+    assert len(merged["parts"]) == 2
+    assert [t["target"] for t in merged["targets"]] == [t["target"] for t in gpu["targets"]]
+    other = dict(second, machine=dict(second["machine"], cpu="Another CPU"))
+    with pytest.raises(ValueError, match="cpu"):
+        suite.merge([first, other])
+    with pytest.raises(ValueError, match="parts"):
+        suite.merge([])

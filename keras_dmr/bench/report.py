@@ -1,8 +1,9 @@
 """Markdown tables and PNG charts from a benchmark JSON, and ``docs/benchmarks.md`` from them.
 
-``python -m keras_dmr.bench.report [JSON] [--docs DIR]`` rewrites the generated sections of
-``DIR/benchmarks.md`` (default ``docs``, JSON default ``docs/data/benchmarks_cpu.json``) and
-redraws ``DIR/benchmarks_speedup.png`` and ``DIR/benchmarks_accuracy.png``. Nothing is timed.
+``python -m keras_dmr.bench.report [JSON] [--gpu JSON] [--docs DIR]`` rewrites the generated
+sections of ``DIR/benchmarks.md`` (default ``docs``, JSON default
+``docs/data/benchmarks_cpu.json``; ``bench-gpu-*`` sections from ``--gpu``) and redraws the
+charts beside it; ``--merge PART...`` first joins runs split by ``--sections``. Nothing is timed.
 """
 
 from __future__ import annotations
@@ -354,7 +355,8 @@ def plot_accuracy(data: dict, path: str | Path, engine: str = "keras") -> str | 
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for model, forms in points.items():
+    for i, (model, forms) in enumerate(points.items()):
+        color = f"C{i % 10}"
         xs = [forms[f]["images_per_s"] for f in ("residual", "plain") if f in forms]
         acc = next(iter(forms.values()))["accuracy"]
         if len(xs) == 2:
@@ -363,7 +365,7 @@ def plot_accuracy(data: dict, path: str | Path, engine: str = "keras") -> str | 
             )
         for f, marker in (("residual", "o"), ("plain", "^")):
             if f in forms:
-                ax.scatter([forms[f]["images_per_s"]], [acc], marker=marker, s=40)
+                ax.scatter([forms[f]["images_per_s"]], [acc], marker=marker, s=40, color=color)
         ax.annotate(model, (xs[0], acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel(f"images/s ({engine_label(engine, _backend(data))}, measured here)")
@@ -390,8 +392,12 @@ def write_outputs(data: dict, directory: str | Path, *, prefix: str = "") -> dic
     return {k: str(v) for k, v in paths.items()}
 
 
-def regenerate(json_path: str | Path, docs_dir: str | Path = "docs") -> None:
-    """Rewrite every ``bench-*`` section of ``docs_dir/benchmarks.md`` and redraw its charts."""
+def regenerate(
+    json_path: str | Path, docs_dir: str | Path = "docs", *, prefix: str = "bench"
+) -> None:
+    """Rewrite every ``<prefix>-*`` section of ``docs_dir/benchmarks.md`` from one result and
+    redraw its charts (``benchmarks_speedup.png`` for ``bench``, ``benchmarks_gpu_speedup.png``
+    for ``bench-gpu``, and so on)."""
     from keras_dmr.analysis.tables import replace_section
 
     data = json.loads(Path(json_path).read_text())
@@ -399,19 +405,48 @@ def regenerate(json_path: str | Path, docs_dir: str | Path = "docs") -> None:
     doc = docs / "benchmarks.md"
     text = doc.read_text()
     for name, content in sections(data).items():
-        text = replace_section(text, f"bench-{name}", content)
+        text = replace_section(text, f"{prefix}-{name}", content)
     doc.write_text(text)
-    plot_speedup(data, docs / CHARTS["speedup"])
-    plot_accuracy(data, docs / CHARTS["accuracy"])
+    stem = prefix.removeprefix("bench").strip("-")
+    for name, fn in (("speedup", plot_speedup), ("accuracy", plot_accuracy)):
+        chart = CHARTS[name] if not stem else CHARTS[name].replace("_", f"_{stem}_", 1)
+        fn(data, docs / chart)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m keras_dmr.bench.report", description=__doc__)
     parser.add_argument("json", nargs="?", default="docs/data/benchmarks_cpu.json")
+    parser.add_argument(
+        "--gpu",
+        metavar="JSON",
+        help="a GPU run for the bench-gpu-* sections (default: docs/data/benchmarks_gpu.json "
+        "when it exists and the docs have those sections)",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="PART",
+        help="first merge these results of one machine (runs split by --sections) into JSON",
+    )
     parser.add_argument("--docs", default="docs", help="directory of benchmarks.md")
     args = parser.parse_args(argv)
+    if args.merge:
+        from keras_dmr.bench.suite import merge
+
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        Path(args.json).write_text(json.dumps(merge(parts), indent=1) + "\n")
+        print(f"merged {len(parts)} results into {args.json}")
+        return 0
     regenerate(args.json, args.docs)
     print(f"regenerated {Path(args.docs) / 'benchmarks.md'} from {args.json}")
+    gpu = args.gpu
+    doc = Path(args.docs) / "benchmarks.md"
+    if gpu is None and "<!-- BEGIN bench-gpu-" in doc.read_text():
+        default = Path(args.docs) / "data" / "benchmarks_gpu.json"
+        gpu = str(default) if default.exists() else None
+    if gpu:
+        regenerate(gpu, args.docs, prefix="bench-gpu")
+        print(f"regenerated its GPU sections from {gpu}")
     return 0
 
 

@@ -224,6 +224,7 @@ def _onnx_matmul(n: int, workdir: Path) -> Callable[[], object]:
         [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8  # opset 17's IR version: every ONNX Runtime since 1.13 reads it
     path = workdir / "matmul.onnx"
     onnx.save(proto, str(path))
     session = onnx_session(path)
@@ -260,6 +261,8 @@ class PeakMeter:
             self.candidates["onnxruntime"] = _onnx_matmul(n, workdir)
         except ImportError:
             pass
+        except Exception as err:  # an ONNX Runtime that cannot run it: the backend's alone
+            _log(f"peak: no ONNX Runtime product ({type(err).__name__}: {str(err)[:200]})")
         self.flops = 2.0 * n**3
         # About 0.3 s of work per round at 200 GFLOP/s: at least one product, at most 100.
         self.iters = min(100, max(1, int(6e10 // self.flops)))
@@ -611,6 +614,35 @@ def evaluate_targets(result: dict) -> list[dict]:
             }
         )
     return targets
+
+
+def merge(parts: Sequence[dict]) -> dict:
+    """One result from runs of the same machine split by ``sections`` (say, where one command
+    may run only so long): their groups side by side, every part's settings kept under
+    ``parts``, the targets evaluated again. Ratios stay within a group, so within one run."""
+    if not parts:
+        raise ValueError("`parts` must hold at least one benchmark result")
+    keys = ("cpu", "gpus", "backend", "keras")
+    first = parts[0]["machine"]
+    for part in parts[1:]:
+        if any(part["machine"].get(k) != first.get(k) for k in keys):
+            raise ValueError(
+                "`parts` must come from one machine and software: they differ in "
+                + ", ".join(k for k in keys if part["machine"].get(k) != first.get(k))
+            )
+    merged = dict(parts[0])
+    merged["inference"] = [g for p in parts for g in p.get("inference", [])]
+    merged["training"] = [g for p in parts for g in p.get("training", [])]
+    merged["parts"] = [
+        {"settings": p["settings"], "duration_s": p.get("duration_s"), "peak": p.get("peak")}
+        for p in parts
+    ]
+    merged["duration_s"] = sum(p.get("duration_s") or 0 for p in parts)
+    merged["machine"] = dict(
+        first, load_average_after=parts[-1]["machine"].get("load_average_after")
+    )
+    merged["targets"] = evaluate_targets(merged)
+    return merged
 
 
 # --------------------------------------------------------------------------------------- run
