@@ -31,6 +31,7 @@ import keras
 
 from keras_dmr import data
 from keras_dmr.analysis import path_length_distribution, path_length_stats, plot_path_lengths
+from keras_dmr.arguments import int_at_least as _int_at_least
 from keras_dmr.errors import UsageError
 from keras_dmr.layers.blocks import BRANCH_KINDS
 from keras_dmr.models import DMRNet, DMRNeXt, DVANet, ResNet
@@ -84,19 +85,6 @@ class Command:
 # --------------------------------------------------------------------------------------------
 # Argument helpers shared by the subcommands
 # --------------------------------------------------------------------------------------------
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text!r}")
-        return value
-
-    return parse
 
 
 _positive_int = _int_at_least(1)

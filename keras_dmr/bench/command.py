@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+from keras_dmr.arguments import int_at_least as _int_at_least
+
 HELP = "time every family: residual vs plain, TF vs ONNX"
 DESCRIPTION = (
     "Measure inference throughput of every family, residual form against plain form, in "
@@ -18,19 +20,6 @@ DESCRIPTION = (
     "small CPU; --quick ends in about a minute. Writes benchmarks.json, benchmarks.md and two "
     "PNG charts to --output-dir and prints the Markdown."
 )
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text!r}")
-        return value
-
-    return parse
 
 
 def _choices_list(valid):

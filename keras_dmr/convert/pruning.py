@@ -37,6 +37,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_dmr.arguments import int_at_least as _count_arg
 from keras_dmr.layers import kernels
 from keras_dmr.layers.activations import ChannelwiseReLU
 from keras_dmr.layers.blocks import ChannelScale, ParallelBranchBlock
@@ -1145,19 +1146,6 @@ def _ratio_arg(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1); got {text!r}")
     return value
-
-
-def _count_arg(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text!r}")
-        return value
-
-    return parse
 
 
 def _lr_arg(text: str) -> float:
