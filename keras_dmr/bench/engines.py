@@ -64,7 +64,9 @@ def onnx_providers() -> list[str]:
 
 def onnx_session(path: str | Path):
     """An ONNX Runtime session with all graph optimisations; denormals flushed to zero as
-    TensorFlow does on CPU, so neither framework is slowed by them."""
+    TensorFlow does on CPU, so neither framework is slowed by them. ONNX Runtime sets that on
+    the calling thread and leaves it set: later float code in the same process sees denormals
+    as zero (hypothesis, for one, then refuses to draw subnormal floats)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
