@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -17,5 +19,37 @@ def int_at_least(low: int) -> Callable[[str], int]:
         if value < low:
             raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text!r}")
         return value
+
+    return parse
+
+
+def directory_problem(directory: Path) -> str | None:
+    """Why files cannot be written under ``directory`` (checking the nearest existing parent when
+    it does not exist yet), or None when they can."""
+    existing = Path(directory)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} exists and is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def output_path(kind: str) -> Callable[[str], Path]:
+    """An argparse ``type`` for a path the command will write: a ``"file"`` (not an existing
+    directory, its folder writable) or a ``"dir"`` (writable or creatable); checked before any
+    work starts."""
+    if kind not in ("file", "dir"):
+        raise ValueError(f"`kind` must be 'file' or 'dir'; got {kind!r}")
+
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if kind == "file" and path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a directory; give a file path")
+        problem = directory_problem(path.parent if kind == "file" else path)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return path
 
     return parse

@@ -32,6 +32,7 @@ import keras
 from keras_dmr import data
 from keras_dmr.analysis import path_length_distribution, path_length_stats, plot_path_lengths
 from keras_dmr.arguments import int_at_least as _int_at_least
+from keras_dmr.arguments import output_path
 from keras_dmr.errors import UsageError
 from keras_dmr.layers.blocks import BRANCH_KINDS
 from keras_dmr.models import DMRNet, DMRNeXt, DVANet, ResNet
@@ -203,7 +204,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("checkpointing")
     group.add_argument(
         "--output",
-        type=Path,
+        type=output_path("file"),
         metavar="PATH",
         help="checkpoint, rewritten after every epoch, with its state in PATH.state.json "
         "(default: runs/<model><depth>_<dataset>.keras)",
@@ -432,8 +433,8 @@ def add_paths_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--output",
-        type=Path,
-        default=Path("paths.png"),
+        type=output_path("file"),
+        default="paths.png",
         metavar="PATH",
         help="plot file (default: paths.png)",
     )
@@ -530,7 +531,9 @@ def describe_report(report: dict) -> str:
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .keras model")
-    parser.add_argument("output", type=Path, metavar="OUT", help="the plain model (.keras)")
+    parser.add_argument(
+        "output", type=output_path("file"), metavar="OUT", help="the plain model (.keras)"
+    )
     parser.add_argument(
         "--downsample",
         choices=("dirac", "prelu"),
@@ -586,7 +589,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="saved_model (TF Serving layout NAME/<version>/, default) or onnx (NAME.onnx)",
     )
     parser.add_argument(
-        "--base-dir", type=Path, default=Path("savedmodels"), help="(default: savedmodels)"
+        "--base-dir", type=output_path("dir"), default="savedmodels", help="(default: savedmodels)"
     )
     parser.add_argument(
         "--preprocessing",
@@ -780,8 +783,8 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
     group.add_argument(
         "--directory",
-        type=Path,
-        default=Path("runs/tune"),
+        type=output_path("dir"),
+        default="runs/tune",
         metavar="DIR",
         help="Keras Tuner's directory; shared by a distributed search (default: runs/tune)",
     )
@@ -795,7 +798,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--output",
-        type=Path,
+        type=output_path("file"),
         metavar="PATH",
         help="the best model (.keras), its summary in PATH.json (default: DIR/NAME/best.keras)",
     )

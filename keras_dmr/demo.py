@@ -17,6 +17,7 @@ DEMO_MODELS = (("dmrnet", 14), ("resnet", 20))
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     from keras_dmr import data
+    from keras_dmr.arguments import output_path
     from keras_dmr.cli import _positive_int
 
     parser.add_argument(
@@ -30,12 +31,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--epochs", type=_positive_int, default=8, metavar="N", help="epochs per model (default 8)"
     )
     parser.add_argument(
-        "--runs", type=Path, default=Path("runs"), help="checkpoint folder (default: runs)"
+        "--runs", type=output_path("dir"), default="runs", help="checkpoint folder (default: runs)"
     )
     parser.add_argument(
         "--base-dir",
-        type=Path,
-        default=Path("savedmodels"),
+        type=output_path("dir"),
+        default="savedmodels",
         help="export folder (default: savedmodels)",
     )
     parser.add_argument(

@@ -78,6 +78,32 @@ def test_bad_arguments_exit_2_with_a_message(argv, named, tmp_path, monkeypatch,
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["train", "--output", "blocker/model.keras"], "--output"),
+        (["paths", "--output", "blocker/paths.png"], "--output"),
+        (["convert", "in.keras", "blocker/out.keras"], "OUT"),
+        (["convert", "in.keras", "."], "OUT"),  # a directory where a file goes
+        (["export", "in.keras", "--name", "m", "--base-dir", "blocker"], "--base-dir"),
+        (["tune", "--directory", "blocker/tune"], "--directory"),
+        (["tune", "--output", "blocker/best.keras"], "--output"),
+        (["prune", "in.keras", "--ratio", "0.5", "--output", "blocker/p.keras"], "--output"),
+        (["demo", "--runs", "blocker"], "--runs"),
+        (["demo", "--base-dir", "blocker/savedmodels"], "--base-dir"),
+        (["bench", "--output-dir", "blocker/bench"], "--output-dir"),
+    ],
+)
+def test_unwritable_outputs_are_refused_before_any_work(argv, named, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("a file where a folder is needed")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.split("keras-dmr: error: ")[1]
+    assert err.startswith(f"argument {named}: ")
+    assert "not a directory" in err or "is a directory" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["blocker"]
+
+
 @pytest.mark.slow
 def test_train_checkpoints_and_resumes(tmp_path, capsys):
     ckpt = tmp_path / "tiny.keras"

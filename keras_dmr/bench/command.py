@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from keras_dmr.arguments import int_at_least as _int_at_least
+from keras_dmr.arguments import output_path
 
 HELP = "time every family: residual vs plain, TF vs ONNX"
 DESCRIPTION = (
@@ -47,8 +48,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--output-dir",
-        type=Path,
-        default=Path("runs/bench"),
+        type=output_path("dir"),
+        default="runs/bench",
         metavar="DIR",
         help="where benchmarks.json/.md and the charts go (default: runs/bench)",
     )

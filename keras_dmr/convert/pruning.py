@@ -38,6 +38,7 @@ import numpy as np
 from keras import ops
 
 from keras_dmr.arguments import int_at_least as _count_arg
+from keras_dmr.arguments import output_path
 from keras_dmr.layers import kernels
 from keras_dmr.layers.activations import ChannelwiseReLU
 from keras_dmr.layers.blocks import ChannelScale, ParallelBranchBlock
@@ -1213,7 +1214,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--output",
-        type=Path,
+        type=output_path("file"),
         metavar="PATH",
         help="pruned model (default: CHECKPOINT's name with _pruned)",
     )

@@ -15,6 +15,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_dmr.arguments import directory_problem
+
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities", "classes")
 
@@ -172,13 +174,9 @@ def check_class_names(class_names: Sequence[str] | None, classes: int):
 
 def check_writable(directory: Path) -> None:
     """Fail before any work if ``directory`` (or the nearest existing parent) is not writable."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ExportError(f"{existing} exists and is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ExportError(f"{existing} is not writable")
+    problem = directory_problem(directory)
+    if problem:
+        raise ExportError(problem)
 
 
 def next_version(base_dir: Path) -> int:
