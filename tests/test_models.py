@@ -170,6 +170,25 @@ def test_weights_argument_loads_a_file(tmp_path, rng):
 
 
 @pytest.mark.parametrize(
+    "builder",
+    [
+        keras_dmr.DMRNet,
+        keras_dmr.DMRNeXt,
+        keras_dmr.RepVGG,
+        keras_dmr.RMNeXt,
+        keras_dmr.MobileNetV2,
+    ],
+)
+def test_weights_and_classifier_activation_are_checked_before_building(builder, tmp_path):
+    with pytest.raises(ValueError, match="`weights` must be None or .*ImageNet"):
+        builder(weights="imagenet")
+    with pytest.raises(ValueError, match="`weights` must be None or the path"):
+        builder(weights=str(tmp_path / "missing.weights.h5"))
+    with pytest.raises(ValueError, match="`classifier_activation` must be .*got 'softmaxx'"):
+        builder(classifier_activation="softmaxx")
+
+
+@pytest.mark.parametrize(
     "builder,kwargs,argument",
     [
         (keras_dmr.DMRNet, dict(depth=51), "depth"),

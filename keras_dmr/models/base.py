@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import keras
 
@@ -81,8 +82,20 @@ def imagenet_plan(depth, branch: str | None) -> tuple[str, tuple[int, ...]]:
     return kind, blocks
 
 
-def check_common(*, variant, branches, width, classes, input_shape, pooling, branch):
+def check_common(
+    *,
+    variant,
+    branches,
+    width,
+    classes,
+    input_shape,
+    pooling,
+    branch,
+    classifier_activation=None,
+    weights=None,
+):
     check_choice("variant", variant, VARIANTS)
+    check_head_and_weights(classifier_activation, weights)
     if branch is not None:
         check_choice("branch", branch, BRANCH_KINDS)
     check_choice("pooling", pooling, POOLINGS)
@@ -100,6 +113,27 @@ def check_common(*, variant, branches, width, classes, input_shape, pooling, bra
             f"`input_shape` {tuple(input_shape)} is too small for the {variant} variant, which "
             f"downsamples {STRIDE_TWO_OPS[variant]} times: height and width must be >= {smallest}"
         )
+
+
+def check_head_and_weights(classifier_activation, weights) -> None:
+    if classifier_activation is not None:
+        try:
+            keras.activations.get(classifier_activation)
+        except ValueError:
+            raise ValueError(
+                "`classifier_activation` must be None (logits), a callable or the name of a Keras "
+                f"activation such as 'softmax'; got {classifier_activation!r}"
+            ) from None
+    if weights is None:
+        return
+    if weights == "imagenet":
+        raise ValueError(
+            "`weights` must be None or the path of a weights file (`model.save_weights`): "
+            "keras_dmr ships no pretrained weights; keras.applications' ImageNet ResNet50/101/152 "
+            "and MobileNetV2 convert with keras_dmr.convert.from_keras_application"
+        )
+    if not isinstance(weights, str | os.PathLike) or not os.path.isfile(weights):
+        raise ValueError(f"`weights` must be None or the path of a weights file; got {weights!r}")
 
 
 def scaled(value: int, width: float) -> int:

@@ -170,6 +170,8 @@ class MobileNetV2(ResidualClassifier):
             input_shape=input_shape,
             pooling=pooling,
             branch=None,
+            classifier_activation=classifier_activation,
+            weights=weights,
         )
 
         epsilon, momentum = BN_SETTINGS[variant]

@@ -92,6 +92,8 @@ class _AssemblyNet(ResidualClassifier):
             input_shape=input_shape,
             pooling=pooling,
             branch=branch,
+            classifier_activation=classifier_activation,
+            weights=weights,
         )
         check_choice("mapping", mapping, ("merge_and_run", "identity", "vanilla"))
         implementation = resolve_implementation(implementation)
@@ -230,6 +232,8 @@ class DMRNeXt(ResidualClassifier):
             input_shape=input_shape,
             pooling=pooling,
             branch="resnext",
+            classifier_activation=classifier_activation,
+            weights=weights,
         )
         if not isinstance(cardinality, int) or cardinality < branches or cardinality % branches:
             raise ValueError(

@@ -132,6 +132,8 @@ class RepVGG(ResidualClassifier):
             input_shape=input_shape,
             pooling=pooling,
             branch=None,
+            classifier_activation=classifier_activation,
+            weights=weights,
         )
 
         inputs = keras.Input(shape=input_shape, name="images")

@@ -168,6 +168,8 @@ class RMNeXt(ResidualClassifier):
             input_shape=input_shape,
             pooling=pooling,
             branch="resnext",
+            classifier_activation=classifier_activation,
+            weights=weights,
         )
         if blocks_per_stage is None:
             if not isinstance(depth, int) or depth not in RMNEXT_DEPTHS:
