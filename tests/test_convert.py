@@ -220,6 +220,16 @@ def test_recalibrate_bn_needs_bn():
         recalibrate_bn(plain, batches((32, 32, 3), n=1), verbose=0)
 
 
+def test_recalibrate_bn_and_count_flops_name_bad_input():
+    plain = to_plain(randomize(keras_dmr.ResNet(depth=8, compile=False), 0), fuse_bn=False)
+    with pytest.raises(ValueError, match=r"`data` must yield image batches of shape \(batch, 32"):
+        recalibrate_bn(plain, batches((16, 16, 3), n=1), verbose=0)
+    unbuilt = keras.Sequential([keras.layers.Conv2D(2, 3)])
+    with pytest.raises(ValueError, match="no defined input.*`input_shape`"):
+        keras_dmr.analysis.count_flops(unbuilt)
+    assert keras_dmr.analysis.count_flops(unbuilt, input_shape=(5, 5, 3)) == 3 * 3 * 2 * 27
+
+
 def test_plain_model_saves_and_loads_in_safe_mode(tmp_path):
     model = randomize(keras_dmr.DMRNet(depth=8, compile=False), seed=6)
     for downsample in ("dirac", "prelu"):

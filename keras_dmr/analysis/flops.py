@@ -28,7 +28,18 @@ def count_flops(model: keras.Model, input_shape: tuple | None = None) -> int:
     additions, activations and pooling are not counted. ``input_shape`` (H, W, C) is needed only
     when the model's own input size is unknown.
     """
-    shape = tuple(input_shape or model.inputs[0].shape[1:])
+    if input_shape is None:
+        try:
+            inputs = model.inputs
+        except (AttributeError, ValueError):  # a Sequential model without an Input
+            inputs = None
+        if not inputs:
+            raise ValueError(
+                f"model {model.name!r} has no defined input: build it (give it an Input or call "
+                "it once) or pass `input_shape` (H, W, C)"
+            )
+        input_shape = inputs[0].shape[1:]
+    shape = tuple(input_shape)
     if any(s is None for s in shape):
         raise ValueError(
             f"`input_shape` is required: model {model.name!r} has an unknown input size {shape}"

@@ -48,7 +48,16 @@ def recalibrate_bn(
     squares = [np.zeros(bn.input.shape[-1]) for bn in bns]
     counts = [0] * len(bns)
     bar = keras.utils.Progbar(steps, verbose=verbose, unit_name="batch")
+    expected = tuple(model.inputs[0].shape[1:])
     for i, images in enumerate(_batches(data, steps)):
+        got = tuple(np.shape(images))
+        if len(got) != len(expected) + 1 or any(
+            e is not None and g != e for g, e in zip(got[1:], expected, strict=True)
+        ):
+            raise ValueError(
+                f"`data` must yield image batches of shape (batch, {', '.join(map(str, expected))})"
+                f" for model {model.name!r}; got a batch of shape {got}"
+            )
         outputs = probe(images, training=False)
         outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
         for j, z in enumerate(outputs):
