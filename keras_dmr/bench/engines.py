@@ -21,9 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import keras
-import numpy as np
 
-from keras_dmr.bench.timing import inference_fn
+from keras_dmr.bench.timing import inference_fn, random_batch
 
 ENGINES = ("keras", "xla", "saved_model", "onnx")
 ENGINE_LABELS = {
@@ -150,8 +149,7 @@ def runner(
         raise ValueError(f"`engine` must be one of {ENGINES}; got {engine!r}")
     if engine in ("keras", "xla"):
         return inference_fn(model, batch_size, seed, jit_compile=engine == "xla")
-    rng = np.random.default_rng(seed)
-    batch = rng.normal(size=(batch_size, *model.input_shape[1:])).astype("float32")
+    batch = random_batch(model, batch_size, seed)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     stem = stem or model.name

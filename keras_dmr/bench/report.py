@@ -68,7 +68,7 @@ def _framework(m: dict) -> str:
 
 
 def machine_text(data: dict) -> str:
-    m, s, p = data["machine"], data["settings"], data.get("peak")
+    m, p = data["machine"], data.get("peak")
     gpus = ", ".join(g["name"] for g in m.get("gpu_details", [])) or "none"
     lines = [
         f"- Machine: {m['cpu']}, {m['cores']} cores ({m.get('usable_cores', m['cores'])} usable), "
@@ -129,7 +129,6 @@ def machine_text(data: dict) -> str:
         )
     if data["settings"].get("quick"):
         lines.append("- **--quick run**: tiny settings and stand-in models; figures mean little.")
-    del s
     return "\n".join(lines)
 
 

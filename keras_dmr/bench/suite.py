@@ -298,6 +298,18 @@ def _key(label: str, engine: str) -> str:
     return f"{label} | {engine}"
 
 
+def _time_ready(fns: dict, protocol: dict, message: str, *, warm: bool = True) -> dict:
+    """Call each of ``fns`` once (tracing and compilation, untimed) unless ``warm`` is False,
+    then time them all A B A B by ``protocol``."""
+    if warm:
+        for fn in fns.values():
+            fn()
+    _log(message + " A B A B")
+    return interleaved(
+        fns, warmup=protocol["warmup"], iters=protocol["iters"], repeats=protocol["repeats"]
+    )
+
+
 def _throughput(timing: dict, batch: int) -> dict:
     return {
         "batch_ms": 1e3 * timing["median_s"],
@@ -379,12 +391,8 @@ def run_inference_group(
     peak = {}
     if meter is not None:
         peak["before"] = meter.measure(repeats=3, warmup=1)
-    _log(f"{group.name}: timing {len(candidates)} candidates A B A B")
-    timing = interleaved(
-        candidates,
-        warmup=protocol["warmup"],
-        iters=protocol["iters"],
-        repeats=protocol["repeats"],
+    timing = _time_ready(
+        candidates, protocol, f"{group.name}: timing {len(candidates)} candidates", warm=False
     )
     if meter is not None:
         peak["after"] = meter.measure(repeats=3, warmup=1)
@@ -423,24 +431,10 @@ def run_training_group(
         _log(f"{group.name}: building {spec.label}")
         models[spec.label] = spec.build()
     batch = protocol["batch_size"]
-    train = {}
-    for label, m in models.items():
-        fn = train_step_fn(m, batch, seed)
-        fn()
-        train[label] = fn
-    _log(f"{group.name}: timing {len(train)} training steps A B A B")
-    train_t = interleaved(
-        train, warmup=protocol["warmup"], iters=protocol["iters"], repeats=protocol["repeats"]
-    )
-    infer = {}
-    for label, m in models.items():
-        fn = inference_fn(m, inference_batch, seed)
-        fn()
-        infer[label] = fn
-    _log(f"{group.name}: timing {len(infer)} inference passes A B A B")
-    infer_t = interleaved(
-        infer, warmup=protocol["warmup"], iters=protocol["iters"], repeats=protocol["repeats"]
-    )
+    train = {label: train_step_fn(m, batch, seed) for label, m in models.items()}
+    train_t = _time_ready(train, protocol, f"{group.name}: timing {len(train)} training steps")
+    infer = {label: inference_fn(m, inference_batch, seed) for label, m in models.items()}
+    infer_t = _time_ready(infer, protocol, f"{group.name}: timing {len(infer)} inference passes")
     results = {}
     for label, m in models.items():
         t, i = train_t[label], infer_t[label]

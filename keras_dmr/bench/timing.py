@@ -138,12 +138,17 @@ def backend() -> str:
     return keras.backend.backend()
 
 
+def random_batch(model: keras.Model, batch_size: int, seed: int = 0) -> np.ndarray:
+    """A fixed float32 batch of standard-normal images of ``model``'s input size."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(batch_size, *model.input_shape[1:])).astype("float32")
+
+
 def train_step_fn(model: keras.Model, batch_size: int, seed: int = 0) -> Callable[[], object]:
     """One compiled training step of ``model`` (its optimizer and loss) on a fixed random batch:
     Keras' own train function on TensorFlow, a jitted stateless step on JAX."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch_size, *model.input_shape[1:])).astype("float32")
-    y = rng.integers(0, model.output_shape[-1], batch_size)
+    x = random_batch(model, batch_size, seed)
+    y = np.random.default_rng(seed + 1).integers(0, model.output_shape[-1], batch_size)
     if backend() == "jax":
         return _jax_train_step(model, x, y)
     if backend() != "tensorflow":
@@ -209,8 +214,7 @@ def inference_fn(
     """``model`` in inference mode as one compiled graph on a fixed random batch held on the
     default device: a ``tf.function`` on TensorFlow (XLA-compiled with ``jit_compile=True``),
     ``jax.jit`` of the stateless call on JAX (always XLA)."""
-    rng = np.random.default_rng(seed)
-    batch = rng.normal(size=(batch_size, *model.input_shape[1:])).astype("float32")
+    batch = random_batch(model, batch_size, seed)
     if backend() == "jax":
         import jax
 

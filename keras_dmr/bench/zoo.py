@@ -98,64 +98,26 @@ def cifar_resnet34(classes: int = 10) -> keras.Model:
     return keras.Model(inputs, outputs, name="resnet34_cifar")
 
 
-def _dmr(cls_name: str, depth: int, **kw) -> Callable[[], keras.Model]:
-    def build():
-        import keras_dmr
-
-        return getattr(keras_dmr, cls_name)(depth, compile=False, **kw)
-
-    return build
-
-
-def _trainable(cls_name: str, depth: int, **kw) -> Callable[[], keras.Model]:
-    """Built with the package's recipe compiled (a training step needs an optimizer)."""
+def _builder(
+    cls_name: str, *args, compile: bool = False, jit_compile: bool = False, **kw
+) -> Callable[[], keras.Model]:
+    """A call that builds ``keras_dmr.<cls_name>(*args, **kw)`` with random weights; with
+    ``compile`` the package's recipe (a training step needs an optimizer), with ``jit_compile``
+    its training step compiled by XLA."""
 
     def build():
         import keras_dmr
 
-        return getattr(keras_dmr, cls_name)(depth, compile=True, **kw)
-
-    return build
-
-
-def _trainable_xla(cls_name: str, depth: int, **kw) -> Callable[[], keras.Model]:
-    """As :func:`_trainable`, its training step compiled by XLA (``jit_compile=True``)."""
-
-    def build():
-        model = _trainable(cls_name, depth, **kw)()
-        model.jit_compile = True
+        model = getattr(keras_dmr, cls_name)(*args, compile=compile, **kw)
+        if jit_compile:
+            model.jit_compile = True
         return model
 
     return build
 
 
-def _repvgg(reserve_ratio: float) -> Callable[[], keras.Model]:
-    def build():
-        import keras_dmr
-
-        return keras_dmr.RepVGG(21, reserve_ratio=reserve_ratio, compile=False)
-
-    return build
-
-
-def _rmnet26() -> keras.Model:
-    import keras_dmr
-
-    return keras_dmr.RMNeXt(26, expansion=3, channels_per_group=32, compile=False)
-
-
-def _mobilenet_cifar() -> keras.Model:
-    import keras_dmr
-
-    return keras_dmr.MobileNetV2(variant="cifar", compile=False)
-
-
-def _mobilenet_cifar_224() -> keras.Model:
-    import keras_dmr
-
-    return keras_dmr.MobileNetV2(
-        variant="cifar", input_shape=(224, 224, 3), classes=1000, compile=False
-    )
+def _trainable(cls_name: str, depth: int, **kw) -> Callable[[], keras.Model]:
+    return _builder(cls_name, depth, compile=True, **kw)
 
 
 def _keras_resnet50() -> keras.Model:
@@ -195,22 +157,28 @@ def inference_groups() -> list[InferenceGroup]:
         InferenceGroup(
             "ResNet-98",
             "families",
-            (_spec("ResNet-98", _dmr("ResNet", 98), acc=100 - 5.26, source=DMRNET_T2),),
+            (_spec("ResNet-98", _builder("ResNet", 98), acc=100 - 5.26, source=DMRNET_T2),),
         ),
         InferenceGroup(
             "DMRNet-50",
             "families",
-            (_spec("DMRNet-50", _dmr("DMRNet", 50), acc=100 - 4.99, source=DMRNET_T2),),
+            (_spec("DMRNet-50", _builder("DMRNet", 50), acc=100 - 4.99, source=DMRNET_T2),),
         ),
         InferenceGroup(
             "DVANet-50",
             "families",
-            (_spec("DVANet-50", _dmr("DVANet", 50), acc=100 - 5.05, source=DMRNET_T2),),
+            (_spec("DVANet-50", _builder("DVANet", 50), acc=100 - 5.05, source=DMRNET_T2),),
         ),
         InferenceGroup(
             "RepVGG-21",
             "families",
-            (_spec("RepVGG-21", _repvgg(0.0), plain_label="RepVGG-21 deploy"),),
+            (
+                _spec(
+                    "RepVGG-21",
+                    _builder("RepVGG", 21, reserve_ratio=0.0),
+                    plain_label="RepVGG-21 deploy",
+                ),
+            ),
         ),
         InferenceGroup(
             "RM+RepVGG-21 (r=0.25)",
@@ -218,7 +186,7 @@ def inference_groups() -> list[InferenceGroup]:
             (
                 _spec(
                     "RM+RepVGG-21 (r=0.25)",
-                    _repvgg(0.25),
+                    _builder("RepVGG", 21, reserve_ratio=0.25),
                     plain_label="RM+RepVGG-21 (r=0.25) deploy",
                 ),
             ),
@@ -229,7 +197,7 @@ def inference_groups() -> list[InferenceGroup]:
             (
                 _spec(
                     "RMNet 26×3_32",
-                    _rmnet26,
+                    _builder("RMNeXt", 26, expansion=3, channels_per_group=32),
                     acc=95.81,
                     source=RMNET_T3,
                     plain_label="RMNet 26×3_32 plain",
@@ -244,7 +212,7 @@ def inference_groups() -> list[InferenceGroup]:
             (
                 _spec(
                     "MobileNetV2 (CIFAR, f=8)",
-                    _mobilenet_cifar,
+                    _builder("MobileNetV2", variant="cifar"),
                     acc=92.07,
                     source=RMNET_T2,
                     plain_label="RMNetV1",
@@ -259,12 +227,14 @@ def inference_groups() -> list[InferenceGroup]:
                 _spec("keras.applications.MobileNetV2", _keras_mobilenet_v2, forms=("residual",)),
                 _spec(
                     "ResNet-50 (keras_dmr)",
-                    _dmr("ResNet", 50, variant="imagenet"),
+                    _builder("ResNet", 50, variant="imagenet"),
                     plain_label="ResNet-50 (keras_dmr) plain",
                 ),
                 _spec(
                     "RMNetV1 (CIFAR design at 224²)",
-                    _mobilenet_cifar_224,
+                    _builder(
+                        "MobileNetV2", variant="cifar", input_shape=(224, 224, 3), classes=1000
+                    ),
                     forms=("plain",),
                     plain_label="RMNetV1 (CIFAR design at 224²)",
                 ),
@@ -293,8 +263,10 @@ def training_groups() -> list[TrainingGroup]:
         pairs.append((label, f"ResNet-{r}"))
         pairs.append((label, f"DMRNet-{d}"))
     # Whether XLA's fusion of the split/mean/concatenate around each block closes the gap.
-    models.append(_spec("DMRNet-50 XLA", _trainable_xla("DMRNet", 50, implementation="split")))
-    models.append(_spec("ResNet-98 XLA", _trainable_xla("ResNet", 98)))
+    models.append(
+        _spec("DMRNet-50 XLA", _trainable("DMRNet", 50, implementation="split", jit_compile=True))
+    )
+    models.append(_spec("ResNet-98 XLA", _trainable("ResNet", 98, jit_compile=True)))
     pairs += [("DMRNet-50 XLA", "ResNet-98 XLA"), ("DMRNet-50 XLA", "DMRNet-50")]
     return [TrainingGroup("Table 2 pairs", tuple(models), tuple(pairs))]
 
@@ -306,7 +278,7 @@ def quick_inference_groups() -> list[InferenceGroup]:
         InferenceGroup(
             "ResNet-26 (quick)",
             "families",
-            (_spec("ResNet-26", _dmr("ResNet", 26), acc=100 - 6.62, source=DMRNET_T2),),
+            (_spec("ResNet-26", _builder("ResNet", 26), acc=100 - 6.62, source=DMRNET_T2),),
             extra_engines=("saved_model",),
         ),
         InferenceGroup(
