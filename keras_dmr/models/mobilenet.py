@@ -148,11 +148,6 @@ class MobileNetV2(ResidualClassifier):
             raise ValueError(f"`bottleneck_factor` must be an integer >= 1; got {f!r}")
         activation = activation or DEFAULT_ACTIVATION[variant]
         check_choice("activation", activation, ACTIVATIONS)
-        if weights == "imagenet":
-            raise ValueError(
-                "`weights` must be None or a path; for ImageNet weights use "
-                "from_keras_mobilenet_v2(keras.applications.MobileNetV2(weights='imagenet'))"
-            )
         input_shape = tuple(input_shape or DEFAULT_SHAPES[variant])
         classes = DEFAULT_CLASSES[variant] if classes is None else classes
         smallest = 2 ** STRIDE_TWO_OPS[variant]
