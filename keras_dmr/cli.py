@@ -31,6 +31,7 @@ import keras
 
 from keras_dmr import data
 from keras_dmr.analysis import path_length_distribution, path_length_stats, plot_path_lengths
+from keras_dmr.archives import CorruptArchiveError, check_keras_archive
 from keras_dmr.arguments import int_at_least as _int_at_least
 from keras_dmr.arguments import output_path
 from keras_dmr.errors import UsageError
@@ -269,9 +270,19 @@ def _state_path(output: Path) -> Path:
 
 
 def read_state(output: Path) -> dict | None:
-    """The training state of checkpoint ``output``; ``None`` when there is no checkpoint."""
+    """The training state of checkpoint ``output``; ``None`` when there is no checkpoint.
+
+    A checkpoint that is not an intact ``.keras`` archive is never resumed nor overwritten
+    silently: it is a :class:`UsageError` that says ``--fresh`` starts over."""
     if not output.exists():
         return None
+    try:
+        check_keras_archive(output)
+    except CorruptArchiveError as err:
+        raise UsageError(
+            f"cannot resume: {err}. It was left as it is; pass --fresh to start over "
+            "(overwriting it) or --output to write elsewhere"
+        ) from None
     try:
         with zipfile.ZipFile(output) as zf:
             return json.loads(zf.read(STATE_MEMBER))
@@ -494,17 +505,26 @@ def load_checkpoint(path: Path) -> keras.Model:
     if not path.is_file():
         raise UsageError(f"argument CHECKPOINT: {path} is not a file")
     try:
+        check_keras_archive(path)
+    except CorruptArchiveError as err:
+        raise UsageError(f"argument CHECKPOINT: {err}") from None
+    try:
         with warnings.catch_warnings():  # the optimizer is not needed (compile=False)
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # any unreadable or foreign file
         raise UsageError(f"cannot load {path}: {e}") from None
+    from keras_dmr.export.serving import is_plain
+
     ours = any(
         type(layer).__module__.startswith("keras_dmr")
         for layer in model._flatten_layers(include_self=True, recursive=True)
     )
-    if not ours:
-        raise UsageError(f"{path} is not a keras_dmr model (none of its layers is keras_dmr's)")
+    if not ours and not is_plain(model):  # a plain model (one we converted) is plain Keras
+        raise UsageError(
+            f"{path} is not a keras_dmr model (none of its layers is keras_dmr's) nor a plain "
+            "one; its residual connections are not keras_dmr blocks"
+        )
     return model
 
 
@@ -1093,6 +1113,12 @@ def make_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Merge-and-run networks (DMRNet) for Keras 3: train multi-branch, "
         "deploy plain.",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show TensorFlow's C++ start-up logging (CUDA probing, CPU features), which is "
+        "hidden by default; give it before COMMAND",
     )
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     sub.required = True

@@ -61,6 +61,24 @@ def test_export_versions_saved_models_and_writes_onnx(checkpoint, tmp_path, caps
     assert meta["format"] == "onnx" and meta["conversion"]["max_relative_error"] <= 1e-4
 
 
+def test_a_converted_plain_model_exports_through_the_cli(checkpoint, tmp_path, capsys):
+    """``convert`` writes plain Keras (no keras_dmr layer); ``export`` takes that file."""
+    path, model = checkpoint
+    plain_path = tmp_path / "plain.keras"
+    assert cli.main(["convert", str(path), str(plain_path)]) == 0
+    base = tmp_path / "served"
+    argv = ["export", str(plain_path), "--name", "p", "--base-dir", str(base)]
+    assert cli.main([*argv, "--preprocessing", "digits"]) == 0
+    meta = json.loads((base / "p" / "1" / "assets" / "keras_dmr.json").read_text())
+    assert meta["plain"] is True and meta["conversion"] is None  # already plain: not converted
+    signature = tf.saved_model.load(str(base / "p" / "1")).signatures["serving_default"]
+    images = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    info = keras_dmr.data.dataset_info("digits")
+    want = model((images - np.float32(info.mean)) / np.float32(info.std), training=False)
+    assert max_rel_error(signature(images=tf.constant(images))["logits"], want) <= 1e-5
+    capsys.readouterr()
+
+
 def _error(capsys, argv) -> str:
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -78,8 +96,14 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(checkpoint, tmp_path, cap
     )
     foreign = tmp_path / "foreign.keras"
     inputs = keras.Input((8, 8, 3))
-    keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs)).save(foreign)
+    x = keras.layers.Conv2D(3, 3, padding="same")(inputs)
+    keras.Model(inputs, keras.layers.Add()([x, inputs])).save(foreign)
     assert "not a keras_dmr model" in _error(capsys, ["export", str(foreign), "--name", "x"])
+    headless = tmp_path / "headless.keras"  # plain Keras, but no classifier to export
+    keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs)).save(headless)
+    argv = ["export", str(headless), "--name", "x", "--base-dir", str(tmp_path / "h")]
+    err = _error(capsys, [*argv, "--preprocessing", "none"])
+    assert "Dense classifier" in err
     # A keras_dmr block followed by a tanh: no plain form.
     inputs = keras.Input((8, 8, 3))
     x = keras_dmr.layers.ParallelBranchBlock(4)(inputs)
@@ -109,3 +133,100 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(checkpoint, tmp_path, cap
         ],
     )
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+
+
+# ------------------------------------------------------------------------ truncated checkpoints
+@pytest.mark.parametrize("fraction", [0.5, 0.95])
+def test_truncated_checkpoints_are_named_corrupt_and_nothing_is_written(
+    checkpoint, tmp_path, capsys, fraction
+):
+    path, _ = checkpoint
+    data = path.read_bytes()
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    work = tmp_path / "work"
+    work.mkdir()
+    commands = {
+        "convert": ["convert", str(cut), str(work / "plain.keras")],
+        "export": ["export", str(cut), "--name", "m", "--base-dir", str(work / "sm")],
+    }
+    for argv in commands.values():
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "corrupt or truncated" in err and str(cut) in err
+        assert "File not found" not in err and "Traceback" not in err
+    assert list(work.iterdir()) == []
+    assert cut.read_bytes() == data[: int(len(data) * fraction)]
+
+
+def test_train_refuses_to_resume_or_overwrite_a_truncated_checkpoint(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    data = path.read_bytes()
+    ckpt = tmp_path / "dmrnet8_digits.keras"
+    ckpt.write_bytes(data[: len(data) // 2])
+    (tmp_path / "dmrnet8_digits.keras.state.json").write_text(
+        json.dumps({"args": {"dataset": "digits"}, "completed_epochs": 1, "history": []})
+    )
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
+    argv = ["train", "--model", "dmrnet", "--depth", "8", "--epochs", "2", "--output", str(ckpt)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "corrupt or truncated" in err and str(ckpt) in err and "--fresh" in err
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before
+
+
+def test_check_keras_archive_detects_a_flipped_byte(checkpoint, tmp_path):
+    from keras_dmr.archives import CorruptArchiveError, check_keras_archive
+
+    path, _ = checkpoint
+    check_keras_archive(path)  # intact
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside a member's compressed or stored bytes
+    bad = tmp_path / "flipped.keras"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CorruptArchiveError, match="flipped.keras is corrupt"):
+        check_keras_archive(bad)
+    (tmp_path / "notzip.keras").write_text("hello")
+    with pytest.raises(CorruptArchiveError, match="notzip.keras is corrupt or truncated"):
+        check_keras_archive(tmp_path / "notzip.keras")
+
+
+# --------------------------------------------------------------------------------- quiet start
+def test_console_script_hides_tensorflow_startup_logging_unless_verbose(tmp_path):
+    """The installed ``keras-dmr`` script, as a user runs it: TensorFlow's C++ start-up lines
+    (CUDA probing on a machine without a GPU, CPU features) are dropped; --verbose keeps them;
+    the package's own errors still reach stderr."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from _keras_dmr_launcher import is_startup_noise
+
+    script = Path(sys.executable).parent / "keras-dmr"
+    assert script.exists(), "the console script is installed by `pip install -e .`"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    argv = ["paths", "--model", "resnet", "--depth", "8", "--output", str(tmp_path / "p.png")]
+    quiet = subprocess.run([str(script), *argv], capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "wrote" in quiet.stdout
+    assert [line for line in quiet.stderr.splitlines() if is_startup_noise(line)] == []
+    assert "I0000" not in quiet.stderr and "E0000" not in quiet.stderr
+
+    failing = subprocess.run(
+        [str(script), "convert", str(tmp_path / "missing.keras"), str(tmp_path / "o.keras")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert failing.returncode == 2
+    assert "keras-dmr: error: argument CHECKPOINT:" in failing.stderr  # real errors pass
+
+    verbose = subprocess.run(
+        [str(script), "--verbose", *argv], capture_output=True, text=True, env=env
+    )
+    assert verbose.returncode == 0, verbose.stderr
+    noise = [line for line in verbose.stderr.splitlines() if is_startup_noise(line)]
+    if not noise:
+        pytest.skip("TensorFlow printed no start-up lines on this machine")
+    assert any("absl::InitializeLog" in line or "cuda" in line for line in noise)

@@ -1,8 +1,12 @@
 """The documentation runs: every ```python block of README.md and docs/*.md is executed, file by
-file in one namespace, in a temporary directory; generated pages are current."""
+file in one namespace, in a temporary directory; every generated section (cli.md, the benchmark,
+pruning and train-step tables; the conversion and parameter tables in their own tests) equals
+what its generator makes from its data file now, and figures the prose repeats from those data
+agree with them."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -44,3 +48,87 @@ def test_cli_reference_is_current():
     from keras_dmr.cli_reference import render
 
     assert (ROOT / "docs" / "cli.md").read_text() == render()
+
+
+def section(page: str, name: str) -> str:
+    """The generated content between ``<!-- BEGIN name -->`` and ``<!-- END name -->``."""
+    text = (ROOT / "docs" / page).read_text()
+    match = re.search(rf"<!-- BEGIN {name} -->\n(.*?)\n<!-- END {name} -->", text, re.S)
+    assert match, f"docs/{page} has no generated section {name!r}"
+    return match.group(1)
+
+
+def data(name: str) -> dict:
+    return json.loads((ROOT / "docs" / "data" / name).read_text())
+
+
+def test_benchmark_sections_are_generated_from_their_data():
+    """`python -m keras_dmr.bench.report` (named on the page) writes these sections."""
+    from keras_dmr.bench.report import sections
+
+    for prefix, json_name in (
+        ("bench", "benchmarks_cpu.json"),
+        ("bench-gpu", "benchmarks_gpu.json"),
+    ):
+        for name, content in sections(data(json_name)).items():
+            assert section("benchmarks.md", f"{prefix}-{name}") == content, f"{prefix}-{name}"
+    assert "python -m keras_dmr.bench.report" in (ROOT / "docs" / "benchmarks.md").read_text()
+
+
+def test_pruning_section_is_generated_from_its_data():
+    from keras_dmr.analysis.pruning_study import table
+
+    assert section("pruning.md", "pruning-results") == table(data("pruning.json"))
+
+
+def test_architecture_train_step_section_is_generated_from_its_data():
+    """(Its `parameters` section is checked against the builders in test_models.)"""
+    from keras_dmr.analysis.tables import train_step_table
+
+    timing = ROOT / "docs" / "data" / "train_step_cpu.json"
+    assert section("architectures.md", "train-step") == train_step_table(timing)
+
+
+def _percent_range(values) -> str:
+    return f"{min(values):.0%}–{max(values):.0%}"
+
+
+def test_benchmark_prose_repeats_the_data():
+    """Figures the hand-written summary of benchmarks.md repeats from the CPU run."""
+    from keras_dmr.bench.report import speedups
+
+    cpu = data("benchmarks_cpu.json")
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    plain = [
+        r
+        for g in cpu["inference"]
+        if g["batch_size"] == 128
+        for r in g["results"]
+        if r["form"] == "plain" and r["dense"] and "peak_fraction" in r
+    ]
+    best: dict[str, float] = {}
+    for r in plain:
+        best[r["label"]] = max(best.get(r["label"], 0.0), r["peak_fraction"])
+    tf_graph = [r["peak_fraction"] for r in plain if r["engine"] == "keras"]
+    assert (
+        f"{_percent_range(best.values())} (best engine; TF graph {_percent_range(tf_graph)})"
+        in text
+    )
+    assert f"run at {_percent_range(best.values())} of the 4096² product" in text
+    by_model = {s["model"]: s["speedup"] for s in speedups(cpu)}
+    dva, mobile = by_model["DVANet-50"], by_model["MobileNetV2 (CIFAR, f=8)"]
+    assert f"{dva['xla']:.2f}×" == f"{dva['onnx']:.2f}×" == "0.87×"
+    assert f"DVANet-50\n  plain runs at {dva['xla']:.2f}× under XLA and ONNX Runtime" in text
+    assert f"at {mobile['xla']:.2f}× MobileNetV2 under XLA" in text
+    assert f"gives {dva['keras']:.2f}× and {mobile['keras']:.2f}×" in text
+
+
+def test_pruning_prose_repeats_the_data():
+    rows = data("pruning.json")
+    text = (ROOT / "docs" / "pruning.md").read_text()
+    table = section("pruning.md", "pruning-results")
+    for threshold, before, after in (("0.12", "9.72%", "96.94%"), ("0.001", "99.17%", "97.78%")):
+        assert f"| {threshold} | RMNet |" in table and f"{before} → {after}" in table
+    assert "from 9.72% to 96.94% at threshold 0.12" in text
+    assert "from 99.17% down to 97.78%" in text
+    assert rows  # the page's table is generated from this file (test above)

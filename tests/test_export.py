@@ -6,6 +6,7 @@ relative error <= 1e-5 (float32 throughout; measured ~1e-7).
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -49,6 +50,72 @@ FAMILIES = {
 }
 
 
+def saved_model_cli() -> list[str]:
+    cli = Path(tf.__file__).parents[3].parent / "bin" / "saved_model_cli"
+    return [str(cli)] if cli.exists() else ["saved_model_cli"]
+
+
+def documented_saved_model_cli_run() -> str:
+    """The ``saved_model_cli run`` line docs/serving.md shows (the one these tests run)."""
+    text = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    match = re.search(r"<!-- saved-model-cli-run -->\s*```bash\n(.*?)\n```", text, re.S)
+    assert match, "docs/serving.md must show the saved_model_cli run line"
+    return match.group(1)
+
+
+def tf1_session_outputs(path, images) -> dict:
+    """Run the export as TF Serving's C++ ``SavedModelBundle`` does: a TF1 Session restores the
+    variables from the checkpoint, then the signature's tensors are fed and fetched by name."""
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
+        meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(path))
+        signature = meta.signature_def["serving_default"]
+        feed = {signature.inputs["images"].name: images}
+        names = ("logits", "probabilities", "classes")
+        fetched = session.run([signature.outputs[n].name for n in names], feed_dict=feed)
+        return dict(zip(names, fetched, strict=True))
+
+
+def start_saved_model_cli_run(path, images, workdir: Path) -> tuple[subprocess.Popen, Path]:
+    """``saved_model_cli run`` (the binary, in a subprocess) writing each output as .npy."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    np.save(workdir / "images.npy", images)
+    command = shlex.split(documented_saved_model_cli_run())
+    assert command[:2] == ["saved_model_cli", "run"]
+    values = {
+        "savedmodels/dmrnet/1": str(path),
+        "images=images.npy": f"images={workdir / 'images.npy'}",
+        "out": str(workdir / "out"),
+    }
+    command = [*saved_model_cli(), *(values.get(word, word) for word in command[1:])]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return process, workdir / "out"
+
+
+def check_serving_loaders(exports: dict, images, want, workdir: Path) -> None:
+    """Every export (path → its TF2 ``serving_default`` outputs) runs through both TF1-style
+    loaders: each output equals the TF2 call's within 1e-6 (maximum relative error; classes
+    exactly) and the logits match the Keras model's ``want`` within the export tolerance. The
+    ``saved_model_cli`` binaries run side by side."""
+
+    def check(got, tf2):
+        for name in ("logits", "probabilities"):
+            assert max_rel_error(got[name], np.asarray(tf2[name])) <= 1e-6, name
+        np.testing.assert_array_equal(got["classes"], np.asarray(tf2["classes"]))
+        assert max_rel_error(got["logits"], want) <= TOLERANCE
+
+    started = {
+        path: start_saved_model_cli_run(path, images, workdir / str(i))
+        for i, path in enumerate(exports)
+    }
+    for path, tf2 in exports.items():
+        check(tf1_session_outputs(path, images), tf2)
+    for path, (process, out) in started.items():
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        names = ("logits", "probabilities", "classes")
+        check({n: np.load(out / f"{n}.npy") for n in names}, exports[path])
+
+
 def pixels(n=3, seed=0, shape=SHAPE):
     return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
 
@@ -78,7 +145,7 @@ def test_every_family_exports_to_saved_model_and_onnx(family_model, tmp_path):
     assert (Path(path) / "saved_model.pb").is_file() and (Path(path) / "variables").is_dir()
     check_no_xla(path)
     loaded = tf.saved_model.load(path)
-    out = loaded.signatures["serving_default"](images=tf.constant(images))
+    out = plain_out = loaded.signatures["serving_default"](images=tf.constant(images))
     assert set(out) == {"logits", "probabilities", "classes"}
     assert max_rel_error(out["logits"].numpy(), want) <= TOLERANCE
     np.testing.assert_array_equal(out["classes"].numpy(), np.argmax(want, -1))
@@ -103,6 +170,8 @@ def test_every_family_exports_to_saved_model_and_onnx(family_model, tmp_path):
     assert (
         json.loads((Path(residual) / "assets" / "keras_dmr.json").read_text())["conversion"] is None
     )
+    # What TF Serving runs: the TF1 Session restore, in process and as `saved_model_cli run`.
+    check_serving_loaders({path: plain_out, residual: out}, images, want, tmp_path / "cli")
 
     onnx_path = onnx(model, tmp_path / f"{name}.onnx", preprocessing="digits")
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
@@ -136,10 +205,11 @@ def test_versions_are_numbered_and_never_overwritten(exported):
 
 def test_saved_model_cli_shows_the_names(exported):
     _, _, path = exported
-    cli = Path(tf.__file__).parents[3].parent / "bin" / "saved_model_cli"
-    command = [str(cli)] if cli.exists() else ["saved_model_cli"]
     shown = subprocess.run(
-        [*command, "show", "--dir", path, "--all"], capture_output=True, text=True, check=True
+        [*saved_model_cli(), "show", "--dir", path, "--all"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "signature_def['serving_default']" in shown
     for name in ("images", "logits", "probabilities", "classes"):
@@ -261,3 +331,116 @@ def test_read_only_directory_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="not writable"):
         onnx(model, locked / "dmrnet.onnx", preprocessing="digits")
     assert list(locked.iterdir()) == []
+
+
+# ------------------------------------------------------------------ versions and destinations
+def test_a_version_taken_during_the_export_makes_version_none_retry(tmp_path, monkeypatch):
+    """Another exporter renames its version 1 into place while this one is writing: this one
+    lands as version 2, says so in its metadata, and version 1 is left as the other wrote it."""
+    model = randomize(keras_dmr.ResNet(depth=8, compile=False), seed=0)
+    base = tmp_path / "m"
+    real_save = tf.saved_model.save
+
+    def save_while_another_lands(obj, export_dir, **kwargs):
+        real_save(obj, export_dir, **kwargs)
+        shutil.copytree(export_dir, base / "1")  # the other process finished first
+        (base / "1" / "other").write_text("the other exporter's version")
+
+    monkeypatch.setattr(tf.saved_model, "save", save_while_another_lands)
+    path = saved_model(model, base, preprocessing="digits")
+    assert Path(path) == base / "2"
+    assert json.loads((base / "2" / "assets" / "keras_dmr.json").read_text())["version"] == 2
+    assert (base / "1" / "other").read_text() == "the other exporter's version"
+    assert sorted(p.name for p in base.iterdir()) == ["1", "2"]  # no temporary left behind
+
+
+_CONCURRENT_EXPORT = """
+import sys, time
+from pathlib import Path
+import keras_dmr
+from keras_dmr.convert import randomize
+
+base, ready, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+model = randomize(keras_dmr.ResNet(depth=8, compile=False), seed=0)
+ready.write_text("ready")
+deadline = time.monotonic() + 120
+while not go.exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(keras_dmr.export.saved_model(model, base, preprocessing="digits"))
+"""
+
+
+def test_two_processes_exporting_to_one_base_directory_both_land(tmp_path):
+    import os
+    import sys
+    import time
+
+    base, go = tmp_path / "served", tmp_path / "go"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    processes = []
+    for i in range(2):
+        ready = tmp_path / f"ready{i}"
+        command = [sys.executable, "-c", _CONCURRENT_EXPORT, str(base), str(ready), str(go)]
+        processes.append(
+            (
+                ready,
+                subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env),
+            )
+        )
+    deadline = time.monotonic() + 240
+    while not all(ready.exists() for ready, _ in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.write_text("go")  # both pick version 1 when they start exporting
+    landed = []
+    for _, process in processes:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err.decode()[-3000:]
+        landed.append(Path(out.decode().strip().splitlines()[-1]))
+    assert sorted(p.name for p in landed) == ["1", "2"]
+    assert sorted(p.name for p in base.iterdir()) == ["1", "2"]
+    images = pixels(n=2, seed=4)
+    for path in landed:
+        assert json.loads((path / "assets" / "keras_dmr.json").read_text())["version"] == int(
+            path.name
+        )
+        signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+        assert signature(images=tf.constant(images))["logits"].shape == (2, 10)
+
+
+def test_a_file_named_like_a_version_is_skipped(tmp_path):
+    model = randomize(keras_dmr.ResNet(depth=8, compile=False), seed=0)
+    base = tmp_path / "m"
+    base.mkdir()
+    (base / "1").write_text("not a version")
+    path = saved_model(model, base, preprocessing="digits")
+    assert Path(path).name == "2" and (Path(path) / "saved_model.pb").is_file()
+    assert (base / "1").read_text() == "not a version"
+    with pytest.raises(ExportError, match="never overwritten"):
+        saved_model(model, base, preprocessing="digits", version=1)
+
+
+def test_onnx_onto_a_directory_is_refused_by_name(tmp_path):
+    model = randomize(keras_dmr.ResNet(depth=8, compile=False), seed=0)
+    target = tmp_path / "model.onnx"
+    target.mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match=r"model\.onnx is a directory"):
+            onnx(model, target, preprocessing="digits", overwrite=overwrite)
+    assert target.is_dir() and not any(target.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary left
+
+
+def test_onnx_files_get_the_permissions_of_the_saved_model_files(tmp_path):
+    import os
+    import stat
+
+    model = randomize(keras_dmr.ResNet(depth=8, compile=False), seed=0)
+    previous = os.umask(0o022)
+    try:
+        onnx_path = Path(onnx(model, tmp_path / "m.onnx", preprocessing="digits"))
+        version = Path(saved_model(model, tmp_path / "sm", preprocessing="digits"))
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE(onnx_path.stat().st_mode)
+    assert mode == stat.S_IMODE((version / "saved_model.pb").stat().st_mode) == 0o644
+    assert stat.S_IMODE(version.stat().st_mode) == 0o755

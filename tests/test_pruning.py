@@ -389,9 +389,22 @@ def test_cli_prune_end_to_end(tmp_path, with_prune, capsys):
     assert "images/s" in printed and "pruned" in printed and "wrote" in printed
     pruned = keras.saving.load_model(output, safe_mode=True)
     assert pruned.count_params() < to_plain(model).count_params()
-    argv = ["prune", str(checkpoint), "--threshold", "0.1", "--residual", "--fold-bn", "--output"]
-    argv += [str(tmp_path / "res.keras"), "--finetune-epochs", "0", "--batch-size", "256"]
+    # The residual baseline: random BN scales are U(0.5, 1.5), so a threshold of 0.9 prunes some
+    # channels; the result keeps its residual blocks and computes with fewer parameters.
+    res_path = tmp_path / "res.keras"
+    argv = ["prune", str(checkpoint), "--threshold", "0.9", "--residual", "--fold-bn", "--output"]
+    argv += [str(res_path), "--finetune-epochs", "0", "--batch-size", "256"]
     assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "images/s" in printed and "wrote" in printed and str(res_path) in printed
+    residual = keras.saving.load_model(res_path, safe_mode=True)
+    assert residual.count_params() < model.count_params()
+    assert any(
+        hasattr(layer, "plain_ops") or isinstance(layer, keras.layers.Add)
+        for layer in residual._flatten_layers()
+    ), "the residual baseline keeps its residual blocks"
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    assert residual(x, training=False).shape == (2, 10)
 
 
 @pytest.mark.parametrize(

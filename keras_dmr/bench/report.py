@@ -258,7 +258,7 @@ def targets_table(data: dict) -> str:
     targets = data.get("targets") or []
     if not targets:
         return "_not measured_"
-    lines = ["| target | rule | measured | met | paper / prototype |", "|---|---|---|---|---|"]
+    lines = ["| target | rule | measured | met | paper |", "|---|---|---|---|---|"]
     for t in targets:
         parts = []
         for v in t["values"]:

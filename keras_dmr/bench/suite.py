@@ -537,7 +537,7 @@ def evaluate_targets(result: dict) -> list[dict]:
         "RMNet 26×3_32 plain",
         "CIFAR ResNet-34",
         1.5,
-        "1.23× (RMNet paper Table 3, V100); prototype here 1.59× TF, 1.72× ORT",
+        "1.23× (RMNet paper Table 3, V100)",
     )
     t and add(t)
     values = []
@@ -552,7 +552,7 @@ def evaluate_targets(result: dict) -> list[dict]:
                 "target": "In-process Keras model (TF graph) against its exported SavedModel",
                 "rule": "within ±10% (ratio 0.9–1.1)",
                 "values": values,
-                "paper": "prototype: Keras' own grouped Conv2D 1.8× slower than the native op",
+                "paper": "–",
             }
         )
     for group in result.get("training", []):
@@ -571,7 +571,7 @@ def evaluate_targets(result: dict) -> list[dict]:
                     "target": "DMRNet training step against its Table 2 ResNet (time)",
                     "rule": "≤ 0.6×",
                     "values": train_values,
-                    "paper": "prototype of the split form here: 0.54×",
+                    "paper": "DMRNet paper: faster convergence, no timing",
                 }
             )
             add(

@@ -25,8 +25,13 @@ from keras_dmr.layers import kernels
 from keras_dmr.layers.activations import ChannelwiseReLU
 
 DOWNSAMPLE_METHODS = ("dirac", "prelu")
+PLAIN_DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
+# The default verification tolerance by the plain model's compute dtype: float32 accumulates
+# ~1e-7 per operation; float16 rounds every activation to 11 significant bits (2^-11 ≈ 4.9e-4)
+# and bfloat16 to 8 (2^-8 ≈ 3.9e-3), which deep chains compound to a few times that.
+DEFAULT_TOLERANCES = {"float32": 1e-4, "mixed_float16": 5e-3, "mixed_bfloat16": 5e-2}
 GLOBAL_POOLS = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
-DEFAULT_TOLERANCE = 1e-4
+DEFAULT_TOLERANCE = DEFAULT_TOLERANCES["float32"]
 
 
 @dataclasses.dataclass
@@ -268,17 +273,17 @@ def plain_ops(
 
 
 # ------------------------------------------------------------------------------- emission
-def _activation_layer(act: Act, name: str):
+def _activation_layer(act: Act, name: str, dtype):
     if np.all(act.slope == 0):
         caps = np.unique(act.cap)
         if len(caps) == 1:
             cap = None if np.isinf(caps[0]) else float(caps[0])
-            return keras.layers.ReLU(max_value=cap, name=f"{name}_relu"), None
+            return keras.layers.ReLU(max_value=cap, name=f"{name}_relu", dtype=dtype), None
     if np.all(np.isinf(act.cap)):
-        return keras.layers.PReLU(shared_axes=[1, 2], name=f"{name}_prelu"), [
+        return keras.layers.PReLU(shared_axes=[1, 2], name=f"{name}_prelu", dtype=dtype), [
             act.slope.reshape(1, 1, -1)
         ]
-    return ChannelwiseReLU(act.slope, act.cap, name=f"{name}_act"), None
+    return ChannelwiseReLU(act.slope, act.cap, name=f"{name}_act", dtype=dtype), None
 
 
 def _unfold_bn(op: ConvOp) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -302,32 +307,30 @@ def _unfold_bn(op: ConvOp) -> tuple[np.ndarray, list[np.ndarray]]:
     return kernel, weights
 
 
-def _conv_layer(op: ConvOp, groups: int, use_bias: bool):
+def _conv_layer(op: ConvOp, groups: int, use_bias: bool, dtype):
+    """Keras' own ``Conv2D`` (or ``DepthwiseConv2D``), so that a plain model without grouped
+    convolutions loads with Keras alone; the package's ``GroupedConv2D`` only where groups > 1."""
     padding = "same" if op.padding == "same" else "valid"
     kh, kw = op.kernel_size
+    common = {"strides": op.strides, "padding": padding, "use_bias": use_bias, "name": op.name}
     if groups > 1 and groups == op.c_in == op.c_out:
-        layer = keras.layers.DepthwiseConv2D(
-            (kh, kw), strides=op.strides, padding=padding, use_bias=use_bias, name=op.name
-        )
+        layer = keras.layers.DepthwiseConv2D((kh, kw), dtype=dtype, **common)
         return layer, lambda k: np.transpose(kernels.to_grouped(k, groups), (0, 1, 3, 2))
+    if groups == 1:
+        return keras.layers.Conv2D(op.c_out, (kh, kw), dtype=dtype, **common), lambda k: k
     from keras_dmr.layers.conv import GroupedConv2D
 
-    layer = GroupedConv2D(
-        op.c_out,
-        (kh, kw),
-        strides=op.strides,
-        padding=padding,
-        groups=groups,
-        use_bias=use_bias,
-        name=op.name,
-    )
+    layer = GroupedConv2D(op.c_out, (kh, kw), groups=groups, dtype=dtype, **common)
     return layer, lambda k: kernels.to_grouped(k, groups)
 
 
-def build_model(ops, input_tensor_spec, *, fuse_bn: bool, name: str) -> keras.Model:
-    """Keras layers for a chain of ops (fused, channels ordered) as a functional model."""
-    shape, dtype, input_name = input_tensor_spec
-    inputs = keras.Input(shape=shape, dtype=dtype, name=input_name)
+def build_model(
+    ops, input_tensor_spec, *, fuse_bn: bool, name: str, dtype: str = "float32"
+) -> keras.Model:
+    """Keras layers for a chain of ops (fused, channels ordered) as a functional model, every
+    layer in the dtype policy ``dtype`` (weights cast once from float64)."""
+    shape, input_dtype, input_name = input_tensor_spec
+    inputs = keras.Input(shape=shape, dtype=input_dtype, name=input_name)
     x = inputs
     used: set[str] = set()
 
@@ -343,23 +346,25 @@ def build_model(ops, input_tensor_spec, *, fuse_bn: bool, name: str) -> keras.Mo
         if isinstance(op, ConvOp):
             op = dataclasses.replace(op, name=unique(op.name))
             if op.padding != "same":
-                x = keras.layers.ZeroPadding2D(op.padding, name=unique(f"{op.name}_pad"))(x)
+                x = keras.layers.ZeroPadding2D(
+                    op.padding, name=unique(f"{op.name}_pad"), dtype=dtype
+                )(x)
             if fuse_bn:
-                layer, grouped = _conv_layer(op, groups, use_bias=True)
+                layer, grouped = _conv_layer(op, groups, use_bias=True, dtype=dtype)
                 x = layer(x)
                 layer.set_weights([grouped(op.kernel), op.bias])
             else:
                 kernel, bn_weights = _unfold_bn(op)
-                layer, grouped = _conv_layer(op, groups, use_bias=False)
+                layer, grouped = _conv_layer(op, groups, use_bias=False, dtype=dtype)
                 x = layer(x)
                 layer.set_weights([grouped(kernel)])
                 bn = keras.layers.BatchNormalization(
-                    momentum=0.9, epsilon=op.epsilon, name=unique(f"{op.name}_bn")
+                    momentum=0.9, epsilon=op.epsilon, name=unique(f"{op.name}_bn"), dtype=dtype
                 )
                 x = bn(x)
                 bn.set_weights(bn_weights)
             if op.act is not None:
-                act_layer, act_weights = _activation_layer(op.act, op.name)
+                act_layer, act_weights = _activation_layer(op.act, op.name, dtype)
                 act_layer.name = unique(act_layer.name)
                 x = act_layer(x)
                 if act_weights is not None:
@@ -367,19 +372,23 @@ def build_model(ops, input_tensor_spec, *, fuse_bn: bool, name: str) -> keras.Mo
         elif isinstance(op, PoolOp):
             padding = "same" if op.padding == "same" else "valid"
             if op.padding != "same":
-                x = keras.layers.ZeroPadding2D(op.padding, name=unique(f"{op.name}_pad"))(x)
+                x = keras.layers.ZeroPadding2D(
+                    op.padding, name=unique(f"{op.name}_pad"), dtype=dtype
+                )(x)
             cls = keras.layers.MaxPooling2D if op.kind == "max" else keras.layers.AveragePooling2D
-            x = cls(op.pool_size, strides=op.strides, padding=padding, name=unique(op.name))(x)
+            x = cls(
+                op.pool_size, strides=op.strides, padding=padding, name=unique(op.name), dtype=dtype
+            )(x)
         elif isinstance(op, GlobalPoolOp):
             cls = (
                 keras.layers.GlobalAveragePooling2D
                 if op.kind == "avg"
                 else keras.layers.GlobalMaxPooling2D
             )
-            x = cls(name=unique(op.name))(x)
+            x = cls(name=unique(op.name), dtype=dtype)(x)
         elif isinstance(op, DenseOp):
             layer = keras.layers.Dense(
-                op.kernel.shape[1], activation=op.activation, name=unique(op.name)
+                op.kernel.shape[1], activation=op.activation, name=unique(op.name), dtype=dtype
             )
             x = layer(x)
             layer.set_weights([op.kernel, op.bias])
@@ -387,6 +396,60 @@ def build_model(ops, input_tensor_spec, *, fuse_bn: bool, name: str) -> keras.Mo
 
 
 # ------------------------------------------------------------------------------ public API
+_REDUCED_POLICIES = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
+
+
+def _float32_policies(config):
+    """``config`` with every reduced-precision dtype policy replaced by float32."""
+    if isinstance(config, dict):
+        if config.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and (
+            config.get("config", {}).get("name") in _REDUCED_POLICIES
+        ):
+            return {**config, "config": {**config["config"], "name": "float32"}}
+        return {k: _float32_policies(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_float32_policies(v) for v in config]
+    if isinstance(config, str) and config in _REDUCED_POLICIES:
+        return "float32"
+    return config
+
+
+def _computes_in_float32(model: keras.Model) -> bool:
+    return all(
+        layer.compute_dtype == "float32"
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if not isinstance(layer, keras.layers.InputLayer)  # its tensor keeps the given dtype
+    )
+
+
+def float32_reference(model: keras.Model) -> keras.Model:
+    """``model`` itself when every layer computes in float32, else a float32 copy with the same
+    weights (rebuilt from its config): the reference a conversion is verified against."""
+    if _computes_in_float32(model):
+        return model
+    config = _float32_policies(keras.saving.serialize_keras_object(model))
+    previous = keras.mixed_precision.global_policy()
+    try:  # models whose config is their constructor's arguments build under the global policy
+        keras.mixed_precision.set_global_policy("float32")
+        twin = keras.saving.deserialize_keras_object(config)
+        twin.set_weights(model.get_weights())
+    except Exception as err:  # a custom layer without a round-tripping config
+        raise ConversionError(
+            f"model {model.name!r} computes in reduced precision and no float32 copy of it can "
+            f"be built from its config to verify against ({err}); convert it with verify=False "
+            "and compare the outputs yourself, or rebuild it under the float32 policy"
+        ) from err
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    if not _computes_in_float32(twin):
+        raise ConversionError(
+            f"model {model.name!r}: a float32 copy to verify against could not be built (some "
+            "layer keeps a reduced-precision policy); convert with verify=False and compare "
+            "the outputs yourself"
+        )
+    return twin
+
+
 def compare(
     source: keras.Model,
     plain: keras.Model,
@@ -423,9 +486,10 @@ def to_plain(
     verify: bool = True,
     downsample: str = "dirac",
     relu_only: bool = False,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     verify_inputs=None,
     name: str | None = None,
+    dtype: str = "float32",
 ) -> keras.Model:
     """A plain (single-path, Conv→ReLU) model with the same outputs as ``model``.
 
@@ -437,24 +501,37 @@ def to_plain(
     Reserved signals that may be negative pass through slope-1 PReLU; ``relu_only=True`` refuses
     them instead (for runtimes without PReLU).
 
+    The plain model is built in the dtype policy ``dtype`` (``"float32"`` by default, whatever
+    the global policy; ``"mixed_float16"`` or ``"mixed_bfloat16"`` on request), from weights
+    folded in float64 and cast once. The reference it is verified against is always the float32
+    computation of ``model``'s weights (a float32 copy when ``model`` was built under a mixed
+    policy), so a model trained with ``mixed_float16`` converts like any other.
+
     With ``verify=True`` both models run on random batches (or ``verify_inputs``, a list of
     arrays) and :class:`ConversionError` is raised if the maximum relative error exceeds
-    ``tolerance``. The result carries ``conversion_report``: the error, parameter and
+    ``tolerance`` (default by ``dtype``: 1e-4 for float32, 5e-3 for mixed_float16, 5e-2 for
+    mixed_bfloat16). The result carries ``conversion_report``: the error, parameter and
     multiply-accumulate counts before and after, and the options used.
     """
     from keras_dmr.analysis.flops import count_flops
 
+    if dtype not in PLAIN_DTYPES:
+        raise ValueError(f"`dtype` must be one of {PLAIN_DTYPES}; got {dtype!r}")
+    if tolerance is None:
+        tolerance = DEFAULT_TOLERANCES[dtype]
     ops = plain_ops(model, downsample=downsample, relu_only=relu_only)
     spec = (tuple(model.inputs[0].shape[1:]), model.inputs[0].dtype, model.inputs[0].name)
     try:
-        plain = build_model(ops, spec, fuse_bn=fuse_bn, name=name or f"{model.name}_plain")
+        plain = build_model(
+            ops, spec, fuse_bn=fuse_bn, name=name or f"{model.name}_plain", dtype=dtype
+        )
     except ValueError as err:  # a Keras shape error here is a walker bug or an odd model
         raise ConversionError(
             f"model {model.name!r}: the plain model cannot be built: {err}"
         ) from err
     error = None
     if verify:
-        error = compare(model, plain, inputs=verify_inputs)
+        error = compare(float32_reference(model), plain, inputs=verify_inputs)
         if not error <= tolerance:
             raise ConversionError(
                 f"model {model.name!r}: the plain model differs from it by a maximum relative "
@@ -468,6 +545,7 @@ def to_plain(
         "fuse_bn": fuse_bn,
         "downsample": downsample,
         "relu_only": relu_only,
+        "dtype": dtype,
         "params_before": int(model.count_params()),
         "params_after": int(plain.count_params()),
         "flops_before": count_flops(model) if known_size else None,

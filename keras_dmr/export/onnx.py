@@ -18,6 +18,7 @@ from keras_dmr.export.serving import (
     check_writable,
     metadata,
     prepare,
+    publish_file,
     serving_function,
 )
 
@@ -48,6 +49,8 @@ def onnx(
     if path.suffix != ".onnx":
         raise ExportError(f"`path` must end in .onnx; got {str(path)!r}")
     check_writable(path.parent)
+    if path.is_dir():
+        raise ExportError(f"`path` {path} is a directory; give a file path ending in .onnx")
     if path.exists() and not overwrite:
         raise ExportError(f"{path} exists; pass overwrite=True to replace it")
     if not isinstance(opset, int) or not 13 <= opset <= 18:
@@ -68,7 +71,7 @@ def onnx(
     os.close(fd)
     try:
         onnx_lib.save(proto, tmp)
-        os.replace(tmp, path)
+        publish_file(tmp, path)  # the permissions of a plainly created file, as SavedModels get
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -11,13 +11,13 @@ import keras
 
 from keras_dmr.export.serving import (
     ExportError,
-    atomic_directory,
     check_class_names,
     check_writable,
     metadata,
-    next_version,
     prepare,
+    publish_version,
     serving_function,
+    staging_directory,
 )
 
 METADATA_FILE = "keras_dmr.json"
@@ -44,8 +44,11 @@ def saved_model(
     With ``plain=True`` a residual model is first converted by :func:`keras_dmr.to_plain` and
     verified (the error goes into the metadata asset ``assets/keras_dmr.json``, beside the source
     architecture and config, the input spec, ``class_names`` and the versions used).
-    ``version=None`` takes the next integer after the highest present; an existing version is
-    never overwritten. The export is written to a temporary directory and renamed at the end.
+    ``version=None`` takes the next integer after the highest name present (a file named like a
+    version counts) and, when another export takes that number first (two processes exporting
+    to one ``base_dir``), the next free one; an existing version is never overwritten. The export
+    is written to a hidden temporary directory in ``base_dir`` and renamed at the end, so a
+    version directory is always complete.
     """
     import tensorflow as tf
 
@@ -61,29 +64,36 @@ def saved_model(
     check_class_names(class_names, logits_model.outputs[0].shape[-1])
     serve, norm = serving_function(logits_model, preprocessing)
     base.mkdir(parents=True, exist_ok=True)
-    version = version or next_version(base)
-    final = base / str(version)
-    if final.exists():
+    if version is not None and (base / str(version)).exists():
         raise ExportError(
-            f"{final} exists: an exported version is never overwritten; pass another `version` "
-            "or None for the next one"
+            f"{base / str(version)} exists: an exported version is never overwritten; pass "
+            "another `version` or None for the next one"
         )
     info = metadata(source, exported, conversion, norm, class_names, fmt="saved_model")
-    info["version"] = version
-    with atomic_directory(final) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with staging_directory(base) as tmp, tempfile.TemporaryDirectory() as scratch:
         meta_path = Path(scratch) / METADATA_FILE
         meta_path.write_text(json.dumps(info, indent=2) + "\n")
         module = tf.Module()
-        module.model = logits_model
-        # Tracked explicitly, as keras.export.ExportArchive does: TensorFlow's object graph does
-        # not reach variables of layers held in nested lists (a residual ParallelBranchBlock).
-        module.model_variables = list(logits_model.variables)
+        # The tf.Variables behind the Keras variables, tracked directly: a Keras variable (or a
+        # model held as an attribute) is saved as a wrapper that TF2's loader resolves but the
+        # TF1 Session restore of `saved_model_cli run` and TF Serving's C++ loader cannot
+        # ("Could not find variable ..."). Listing them also reaches variables of layers held
+        # in nested lists (a residual ParallelBranchBlock).
+        module.model_variables = [v.value for v in logits_model.variables]
         module.serve = serve
         module.metadata = tf.saved_model.Asset(str(meta_path))
+        export_dir = tmp / "version"
         tf.saved_model.save(
-            module, str(tmp), signatures={"serving_default": serve.get_concrete_function()}
+            module, str(export_dir), signatures={"serving_default": serve.get_concrete_function()}
         )
-        check_no_xla(tmp)
+        check_no_xla(export_dir)
+
+        def record(number: int) -> None:  # the version lands in the exported metadata asset
+            info["version"] = number
+            asset = export_dir / "assets" / METADATA_FILE
+            asset.write_text(json.dumps(info, indent=2) + "\n")
+
+        final = publish_version(export_dir, base, version, before_rename=record)
     return str(final)
 
 

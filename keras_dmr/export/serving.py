@@ -180,26 +180,59 @@ def check_writable(directory: Path) -> None:
 
 
 def next_version(base_dir: Path) -> int:
-    versions = [
-        int(p.name) for p in base_dir.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name)
-    ]
-    return max(versions, default=0) + 1
+    """One more than the highest number any entry of ``base_dir`` is named (a version directory,
+    or a file or folder that merely has a version's name: its name is never reused)."""
+    taken = [int(p.name) for p in base_dir.iterdir() if re.fullmatch(r"\d+", p.name)]
+    return max(taken, default=0) + 1
 
 
 @contextlib.contextmanager
-def atomic_directory(final: Path):
-    """Yield a temporary directory beside ``final``; rename it to ``final`` only on success."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+def staging_directory(parent: Path):
+    """Yield a new hidden temporary directory in ``parent``, removed unless it was published."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export.", suffix=".tmp", dir=parent))
     try:
         yield tmp
-        if final.exists():
-            raise ExportError(f"{final} appeared while exporting; nothing was overwritten")
-        os.chmod(tmp, 0o777 & ~_umask())
-        os.rename(tmp, final)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+MAX_VERSION_ATTEMPTS = 1000
+
+
+def publish_version(tmp: Path, base: Path, version: int | None, before_rename=None) -> Path:
+    """Rename the complete export ``tmp`` to ``base/<version>`` and return that path.
+
+    An existing version is never overwritten: an explicit ``version`` that exists (or appears
+    meanwhile) raises; with ``version=None`` another exporter that took the number first makes
+    this one retry with the next free number, so concurrent exports all land as distinct
+    versions. ``before_rename(number)`` runs before each attempt (to record the number).
+    """
+    os.chmod(tmp, 0o777 & ~_umask())
+    for _ in range(MAX_VERSION_ATTEMPTS):
+        number = version or next_version(base)
+        final = base / str(number)
+        if not final.exists():
+            if before_rename is not None:
+                before_rename(number)
+            try:
+                os.rename(tmp, final)  # fails if another exporter's (non-empty) version is there
+                return final
+            except OSError:
+                if not final.exists():
+                    raise
+        if version is not None:
+            raise ExportError(
+                f"{final} exists: an exported version is never overwritten; pass another "
+                "`version` or None for the next one"
+            )
+    raise ExportError(f"{base}: no free version number after {MAX_VERSION_ATTEMPTS} attempts")
+
+
+def publish_file(tmp: str | Path, path: Path) -> None:
+    """``os.replace`` with the permissions of a plainly created file (mkstemp's are 0600)."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
 
 
 def _umask() -> int:

@@ -178,15 +178,27 @@ class ParallelBranchBlock(keras.layers.Layer):
         )
 
     def _make_unit_layers(self, unit: Unit, copies: int, prefix: str) -> list:
-        """Layers of one unit for ``copies`` stacked branches (1 = split form)."""
-        bias = self.use_bias
+        """Layers of one unit for ``copies`` stacked branches (1 = split form), computing in the
+        block's dtype policy."""
+        bias, dtype = self.use_bias, self.dtype_policy
         if unit.separable:
             dw = depthwise_conv2d(
-                unit.kernel_size, strides=unit.strides, use_bias=bias, name=f"{prefix}_dw"
+                unit.kernel_size,
+                strides=unit.strides,
+                use_bias=bias,
+                name=f"{prefix}_dw",
+                dtype=dtype,
             )
             convs = [
                 dw,
-                conv2d(unit.filters * copies, 1, groups=copies, use_bias=bias, name=f"{prefix}_pw"),
+                conv2d(
+                    unit.filters * copies,
+                    1,
+                    groups=copies,
+                    use_bias=bias,
+                    name=f"{prefix}_pw",
+                    dtype=dtype,
+                ),
             ]
         else:
             convs = [
@@ -197,23 +209,39 @@ class ParallelBranchBlock(keras.layers.Layer):
                     groups=unit.groups * copies,
                     use_bias=bias,
                     name=f"{prefix}_conv",
+                    dtype=dtype,
                 )
             ]
-        bn = batch_norm(name=f"{prefix}_bn", epsilon=self.bn_epsilon)
+        bn = batch_norm(name=f"{prefix}_bn", epsilon=self.bn_epsilon, dtype=dtype)
         return [*convs, bn]
 
+    @staticmethod
+    def _build_path(path, shape) -> tuple:
+        """Build the layers of ``path`` in order from ``shape``; return the output shape."""
+        for layers in path:
+            for layer in layers:
+                layer.build(shape)
+                shape = layer.compute_output_shape(shape)
+        return tuple(shape)
+
     def build(self, input_shape):
+        input_shape = tuple(input_shape)
         d_in = self._d_in = self.filters_in(input_shape)
         self.needs_projection = self.strides != 1 or d_in != self.filters
         units = self.units(d_in)
         k = self.branches
+        per_branch = (*input_shape[:-1], d_in)
+        stacked = (*input_shape[:-1], k * d_in)
         if self.implementation == "split":
             self.paths = [
                 [self._make_unit_layers(u, 1, f"b{b}_{i}") for i, u in enumerate(units)]
                 for b in range(k)
             ]
+            for path in self.paths:
+                self._build_path(path, per_branch)
         else:
             self.paths = [[self._make_unit_layers(u, k, f"{i}") for i, u in enumerate(units)]]
+            self._build_path(self.paths[0], stacked)
         self.projection = []
         if self.needs_projection:
             proj = Unit(1, d_in, self.filters, self.strides)
@@ -223,13 +251,29 @@ class ParallelBranchBlock(keras.layers.Layer):
                 self.projection = [
                     self._make_unit_layers(proj, copies, f"proj{b}") for b in range(count)
                 ]
+                shape = per_branch if copies == 1 else stacked
             else:
                 self.projection = [self._make_unit_layers(proj, 1, "proj")]
+                shape = per_branch
+            for unit in self.projection:
+                self._build_path([unit], shape)
         if self.skip_bn:
-            self.skip_scale = ChannelScale(epsilon=self.bn_epsilon, name="skip_bn")
-            self.sum_stats = ChannelScale(scale=False, epsilon=self.bn_epsilon, name="sum_stats")
-        # Sublayers build on the first (symbolic) call, from the shapes they actually receive.
+            dtype = self.dtype_policy
+            self.skip_scale = ChannelScale(epsilon=self.bn_epsilon, name="skip_bn", dtype=dtype)
+            self.sum_stats = ChannelScale(
+                scale=False, epsilon=self.bn_epsilon, name="sum_stats", dtype=dtype
+            )
+            self.skip_scale.build(input_shape)
+            self.sum_stats.build(self.compute_output_shape(input_shape))
         self.built = True
+
+    def compute_output_shape(self, input_shape):
+        h, w = input_shape[1:3]
+        if self.strides != 1:
+            h = None if h is None else -(-h // self.strides)
+            w = None if w is None else -(-w // self.strides)
+        channels = self.filters * (self.branches if self.stacked_input else 1)
+        return (input_shape[0], h, w, channels)
 
     # ------------------------------------------------------------------------------------ call
     @staticmethod

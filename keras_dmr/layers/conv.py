@@ -2,17 +2,55 @@
 
 from __future__ import annotations
 
+import functools
+
 import keras
+
+
+@functools.cache
+def native_grouped_conv_works() -> bool:
+    """Whether TensorFlow's own grouped ``conv2d`` runs here inside a graph, forward with a bias
+    and backward: with oneDNN it does; TensorFlow's Eigen CPU kernels (oneDNN off, the default
+    on CPUs without AVX-512) refuse a fused grouped Conv2D+BiasAdd and a grouped filter
+    gradient. Probed once per process on a tiny convolution, eagerly."""
+    import tensorflow as tf
+
+    with tf.init_scope():
+        x = tf.ones((1, 4, 4, 4))
+        kernel = tf.Variable(tf.ones((3, 3, 2, 4)))
+        bias = tf.ones((4,))
+
+        @tf.function
+        def forward():  # a graph grappler rewrites into a fused Conv2D+BiasAdd+Relu
+            return tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias))
+
+        @tf.function
+        def backward():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.nn.conv2d(x, kernel, 1, "SAME"))
+            return tape.gradient(loss, kernel)
+
+        try:
+            forward()
+            backward()
+        except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError):
+            return False
+    return True
 
 
 @keras.saving.register_keras_serializable(package="keras_dmr")
 class GroupedConv2D(keras.layers.Conv2D):
-    """``Conv2D`` whose grouped form runs on TensorFlow's native kernel.
+    """``Conv2D`` whose grouped form runs on TensorFlow's native kernels.
 
     Keras routes every grouped convolution on the TensorFlow backend through an XLA-compiled
     function (keras-team/keras#18180): slower than TensorFlow's own grouped ``conv2d`` on CPU, an
     ``_XlaMustCompile`` function in exported SavedModels, and a graph tf2onnx cannot convert. With
     ``groups == 1`` or another backend this layer is exactly ``keras.layers.Conv2D``.
+
+    Where TensorFlow's grouped kernel cannot run in a graph (its Eigen CPU kernels, when oneDNN
+    is off: see :func:`native_grouped_conv_works`) the groups run as separate convolutions and
+    are concatenated: the same function, standard ops everywhere, slower. A SavedModel keeps the
+    form chosen on the machine that exported it.
     """
 
     def convolution_op(self, inputs, kernel):
@@ -20,14 +58,24 @@ class GroupedConv2D(keras.layers.Conv2D):
             return super().convolution_op(inputs, kernel)
         import tensorflow as tf
 
-        return tf.nn.conv2d(
-            inputs,
-            kernel,
-            strides=self.strides,
-            padding=self.padding.upper(),
-            dilations=self.dilation_rate,
-            data_format="NHWC" if self.data_format == "channels_last" else "NCHW",
-        )
+        data_format = "NHWC" if self.data_format == "channels_last" else "NCHW"
+
+        def conv(x, k):
+            return tf.nn.conv2d(
+                x,
+                k,
+                strides=self.strides,
+                padding=self.padding.upper(),
+                dilations=self.dilation_rate,
+                data_format=data_format,
+            )
+
+        if native_grouped_conv_works():
+            return conv(inputs, kernel)
+        axis = -1 if data_format == "NHWC" else 1
+        parts = tf.split(inputs, self.groups, axis=axis)
+        kernels = tf.split(kernel, self.groups, axis=-1)
+        return tf.concat([conv(x, k) for x, k in zip(parts, kernels, strict=True)], axis=axis)
 
 
 def conv2d(filters: int, kernel_size: int, *, strides: int = 1, groups: int = 1, name=None, **kw):
@@ -45,7 +93,9 @@ def conv2d(filters: int, kernel_size: int, *, strides: int = 1, groups: int = 1,
     )
 
 
-def depthwise_conv2d(kernel_size: int, *, strides: int = 1, use_bias: bool = False, name=None):
+def depthwise_conv2d(
+    kernel_size: int, *, strides: int = 1, use_bias: bool = False, name=None, dtype=None
+):
     return keras.layers.DepthwiseConv2D(
         kernel_size,
         strides=strides,
@@ -53,12 +103,13 @@ def depthwise_conv2d(kernel_size: int, *, strides: int = 1, use_bias: bool = Fal
         use_bias=use_bias,
         depthwise_initializer="he_normal",
         name=name,
+        dtype=dtype,
     )
 
 
 BN_EPSILON = 1e-5
 
 
-def batch_norm(name=None, epsilon: float = BN_EPSILON):
+def batch_norm(name=None, epsilon: float = BN_EPSILON, dtype=None):
     """BatchNorm with the papers' constants: momentum 0.9 (PyTorch's 0.1) and epsilon 1e-5."""
-    return keras.layers.BatchNormalization(momentum=0.9, epsilon=epsilon, name=name)
+    return keras.layers.BatchNormalization(momentum=0.9, epsilon=epsilon, name=name, dtype=dtype)

@@ -136,7 +136,7 @@ class InvertedResidualBlock(keras.layers.Layer):
 
     def _bn(self, name):
         return keras.layers.BatchNormalization(
-            momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=name
+            momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=name, dtype=self.dtype_policy
         )
 
     def build(self, input_shape):
@@ -153,7 +153,7 @@ class InvertedResidualBlock(keras.layers.Layer):
         shape = tuple(input_shape)
         self.expand = self.expand_bn = self.pad = None
         if self.expansion != 1:
-            self.expand = conv2d(hidden, 1, name="expand")
+            self.expand = conv2d(hidden, 1, name="expand", dtype=self.dtype_policy)
             self.expand_bn = self._bn("expand_bn")
             self.expand.build(shape)
             shape = (*shape[:-1], hidden)
@@ -161,7 +161,7 @@ class InvertedResidualBlock(keras.layers.Layer):
         self.pads = None
         if self.strides == 2 and self.padding == "keras" and None in shape[1:3]:
             self.pads = keras_pads(shape[1:3])
-            self.pad = keras.layers.ZeroPadding2D(self.pads, name="pad")
+            self.pad = keras.layers.ZeroPadding2D(self.pads, name="pad", dtype=self.dtype_policy)
             shape = self.pad.compute_output_shape(shape)
         self.depthwise = keras.layers.DepthwiseConv2D(
             3,
@@ -170,12 +170,13 @@ class InvertedResidualBlock(keras.layers.Layer):
             use_bias=False,
             depthwise_initializer="he_normal",
             name="depthwise",
+            dtype=self.dtype_policy,
         )
         self.depthwise_bn = self._bn("depthwise_bn")
         self.depthwise.build(shape)
         shape = self.depthwise.compute_output_shape(shape)
         self.depthwise_bn.build(shape)
-        self.project = conv2d(self.out_channels, 1, name="project")
+        self.project = conv2d(self.out_channels, 1, name="project", dtype=self.dtype_policy)
         self.project_bn = self._bn("project_bn")
         self.project.build(shape)
         self.project_bn.build((*shape[:-1], self.out_channels))

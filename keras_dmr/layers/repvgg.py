@@ -95,15 +95,16 @@ class RepVGGBlock(keras.layers.Layer):
         m = self.learned
         if m:
             out_shape = (*input_shape[:-1], m)
-            self.conv3 = conv2d(m, 3, strides=self.strides, name="conv3x3")
-            self.bn3 = batch_norm(name="bn3x3")
-            self.conv1 = conv2d(m, 1, strides=self.strides, name="conv1x1")
-            self.bn1 = batch_norm(name="bn1x1")
+            dtype = self.dtype_policy
+            self.conv3 = conv2d(m, 3, strides=self.strides, name="conv3x3", dtype=dtype)
+            self.bn3 = batch_norm(name="bn3x3", dtype=dtype)
+            self.conv1 = conv2d(m, 1, strides=self.strides, name="conv1x1", dtype=dtype)
+            self.bn1 = batch_norm(name="bn1x1", dtype=dtype)
             for conv, bn in ((self.conv3, self.bn3), (self.conv1, self.bn1)):
                 conv.build(input_shape)
                 bn.build(out_shape)
             if self.has_identity:
-                self.bn_id = batch_norm(name="bn_identity")
+                self.bn_id = batch_norm(name="bn_identity", dtype=dtype)
                 self.bn_id.build(out_shape)
         self.built = True
 
