@@ -1,8 +1,6 @@
 """keras_dmr: merge-and-run networks and the RM operation for Keras 3 — train multi-branch,
 deploy plain."""
 
-__version__ = "0.1.0"
-
 import importlib as _importlib
 
 from keras_dmr import analysis, convert, layers, models, recipe  # noqa: E402
@@ -16,6 +14,7 @@ from keras_dmr.models import (  # noqa: E402
     ResNet,
     RMNeXt,
 )
+from keras_dmr.version import __version__
 
 __all__ = [
     "DMRNeXt",

@@ -1,4 +1,4 @@
-"""Errors shared by the command line and the modules it drives (no heavy imports here)."""
+"""The package's exceptions, in one place (no heavy imports here)."""
 
 
 class UsageError(Exception):
@@ -7,3 +7,15 @@ class UsageError(Exception):
     def __init__(self, message: str, usage: str | None = None):
         super().__init__(message)
         self.usage = usage
+
+
+class ConversionError(ValueError):
+    """A model (or one of its layers) cannot be rewritten as a plain network."""
+
+
+class ExportError(ValueError):
+    """A model or a destination the exporter cannot use."""
+
+
+class CorruptArchiveError(ValueError):
+    """A ``.keras`` file that is not a complete, intact zip archive."""

@@ -10,6 +10,7 @@ import keras
 import pytest
 
 from keras_dmr import cli
+from keras_dmr.training import checkpoints
 
 TINY = ["--model", "dmrnet", "--depth", "8"]  # 6·1 + 2: one merge-and-run block per stage
 STEPS_PER_EPOCH = math.ceil(1437 / 64)  # digits train split, default batch size
@@ -117,7 +118,7 @@ def test_train_checkpoints_and_resumes(tmp_path, capsys):
     assert first["completed_epochs"] == 1 and len(first["history"]) == 1
     assert first["args"]["depth"] == 8 and first["args"]["epochs"] == 1
     with zipfile.ZipFile(ckpt) as zf:  # the state also travels inside the checkpoint
-        assert json.loads(zf.read(cli.STATE_MEMBER)) == first
+        assert json.loads(zf.read(checkpoints.STATE_MEMBER)) == first
 
     (tmp_path / ".tiny.keras.x1y2.keras").write_bytes(b"PK")  # a save killed half-way
     assert cli.main([*base, "--epochs", "2"]) == 0

@@ -12,6 +12,7 @@ from conftest import max_rel_error, randomize
 
 import keras_dmr
 from keras_dmr import cli
+from keras_dmr.training import checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def checkpoint(tmp_path_factory):
     """A keras-dmr train checkpoint (random weights and BN statistics, digits recorded)."""
     path = tmp_path_factory.mktemp("ckpt") / "dmrnet8_digits.keras"
     model = randomize(keras_dmr.DMRNet(depth=8), seed=3)
-    cli.save_checkpoint(model, path, {"args": {"dataset": "digits"}, "completed_epochs": 1})
+    checkpoints.save_checkpoint(model, path, {"args": {"dataset": "digits"}, "completed_epochs": 1})
     return path, model
 
 
@@ -176,7 +177,7 @@ def test_train_refuses_to_resume_or_overwrite_a_truncated_checkpoint(checkpoint,
 
 
 def test_check_keras_archive_detects_a_flipped_byte(checkpoint, tmp_path):
-    from keras_dmr.archives import CorruptArchiveError, check_keras_archive
+    from keras_dmr.utils.archives import CorruptArchiveError, check_keras_archive
 
     path, _ = checkpoint
     check_keras_archive(path)  # intact

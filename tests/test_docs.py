@@ -45,7 +45,7 @@ def test_skipped_blocks_say_why():
 
 
 def test_cli_reference_is_current():
-    from keras_dmr.cli_reference import render
+    from tools.cli_reference import render
 
     assert (ROOT / "docs" / "cli.md").read_text() == render()
 
@@ -76,14 +76,14 @@ def test_benchmark_sections_are_generated_from_their_data():
 
 
 def test_pruning_section_is_generated_from_its_data():
-    from keras_dmr.analysis.pruning_study import table
+    from tools.pruning_study import table
 
     assert section("pruning.md", "pruning-results") == table(data("pruning.json"))
 
 
 def test_architecture_train_step_section_is_generated_from_its_data():
     """(Its `parameters` section is checked against the builders in test_models.)"""
-    from keras_dmr.analysis.tables import train_step_table
+    from tools.tables import train_step_table
 
     timing = ROOT / "docs" / "data" / "train_step_cpu.json"
     assert section("architectures.md", "train-step") == train_step_table(timing)

@@ -444,3 +444,37 @@ def test_onnx_files_get_the_permissions_of_the_saved_model_files(tmp_path):
     mode = stat.S_IMODE(onnx_path.stat().st_mode)
     assert mode == stat.S_IMODE((version / "saved_model.pb").stat().st_mode) == 0o644
     assert stat.S_IMODE(version.stat().st_mode) == 0o755
+
+
+def _conv_nodes(saved_model_dir) -> tuple[int, list[str]]:
+    """How many Conv2D nodes the serving signature runs, and those whose filter reads fewer
+    channels than the input has (TensorFlow's native grouped convolution)."""
+    signature = tf.saved_model.load(str(saved_model_dir)).signatures["serving_default"]
+    graphs = [signature.graph, *(f.graph for f in signature.graph._functions.values())]
+    convs = [op for g in graphs for op in g.get_operations() if op.type == "Conv2D"]
+    grouped = [op.name for op in convs if op.inputs[0].shape[-1] != op.inputs[1].shape[2]]
+    return len(convs), grouped
+
+
+def test_exports_carry_no_native_grouped_convolution(tmp_path, monkeypatch):
+    """Even where this machine's TensorFlow runs grouped convolutions natively (forced here),
+    the exported graph splits them: a TF Serving build without oneDNN cannot run a grouped
+    Conv2D fused with its bias."""
+    import keras_dmr.layers.conv as conv
+
+    monkeypatch.setattr(conv, "native_grouped_conv_works", lambda: True)
+    model = randomize(FAMILIES["rmnext"](), seed=2)
+    x = tf.random.normal((2, *SHAPE))
+    traced = tf.function(lambda t: model(t, training=False)).get_concrete_function(x)
+    native = [
+        op.name
+        for op in traced.graph.get_operations()
+        if op.type == "Conv2D" and op.inputs[0].shape[-1] != op.inputs[1].shape[2]
+    ]
+    assert native, "outside an export the native grouped kernel is used (the test's premise)"
+    path = saved_model(model, tmp_path / "rmnext", preprocessing="digits")
+    count, grouped = _conv_nodes(path)
+    assert count > len(native) and grouped == []  # every group became its own convolution
+    images = pixels(n=2, seed=6)
+    out = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(images))
+    assert max_rel_error(out["logits"].numpy(), expected_logits(model, images)) <= TOLERANCE

@@ -12,7 +12,6 @@ from conftest import max_rel_error, randomize
 
 from keras_dmr.analysis.flops import count_flops
 from keras_dmr.convert import ConversionError, compare, to_plain
-from keras_dmr.convert.ops import ConvOp
 from keras_dmr.convert.plain import PlainContext, build_model, plain_ops
 from keras_dmr.layers.activations import ChannelwiseReLU
 from keras_dmr.layers.inverted import InvertedResidualBlock
@@ -22,6 +21,7 @@ from keras_dmr.models.mobilenet import (
     from_keras_mobilenet_v2,
     make_divisible,
 )
+from keras_dmr.rm.ops import ConvOp
 
 BLOCK_TOL = 1e-5  # float32 relative error of one block
 MODEL_TOL = 1e-4  # worst case through ~30 float32 layers
@@ -247,7 +247,7 @@ def test_cifar_plain_is_mobilenet_v1(cifar_pair):
     # Every convolution is followed by exactly one activation (ReLU, or PReLU where mixed).
     assert len(body) == 2 * len(v1_sequence())
     for conv, act in zip(body[::2], body[1::2], strict=True):
-        assert conv in ("GroupedConv2D", "DepthwiseConv2D")
+        assert conv in ("Conv2D", "DepthwiseConv2D")  # groups == 1: Keras' own layer
         assert act in ("ReLU", "PReLU")
     assert count_flops(plain) < count_flops(model)
     report = plain.conversion_report

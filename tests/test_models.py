@@ -9,8 +9,8 @@ from conftest import max_rel_error, randomize
 
 import keras_dmr
 from keras_dmr.analysis import path_length_distribution, path_length_stats, plot_path_lengths
-from keras_dmr.analysis.tables import PAPER_PARAMETERS, parameter_counts, parameter_table
 from keras_dmr.recipe import RecipeSGD, StepDecay
+from tools.tables import PAPER_PARAMETERS, parameter_counts, parameter_table
 
 # The issue's tolerance is 5%. Table 2 prints one rounded figure per row for four networks
 # (0.4/0.6/1.2M); the textbook CIFAR ResNet-26/38/74 partners count 0.37/0.56/1.15M and our
@@ -44,7 +44,7 @@ def test_table2_partners_have_equal_budgets(dmr, resnet):
 
 def test_docs_parameter_table_is_generated():
     text = (Path(__file__).parents[1] / "docs" / "architectures.md").read_text()
-    assert parameter_table() in text, "run `python -m keras_dmr.analysis.tables`"
+    assert parameter_table() in text, "run `python -m tools.tables`"
 
 
 def test_block_structure_follows_depth():
@@ -220,3 +220,37 @@ def test_weights_and_classifier_activation_are_checked_before_building(builder, 
 def test_invalid_arguments_name_the_argument(builder, kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         builder(compile=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "builder, family, smallest",
+    [
+        (lambda s: keras_dmr.DMRNet(depth=8, input_shape=s, compile=False), "the", 4),
+        (lambda s: keras_dmr.RepVGG(input_shape=s, compile=False), "RepVGG's", 8),
+        (lambda s: keras_dmr.RMNeXt(input_shape=s, compile=False), "RMNeXt's", None),
+        (lambda s: keras_dmr.MobileNetV2(input_shape=s, compile=False), "MobileNetV2's", None),
+    ],
+)
+def test_too_small_inputs_name_the_family_and_the_smallest_size(builder, family, smallest):
+    """One check for every builder: the message names the family and the smallest size."""
+    with pytest.raises(ValueError, match=rf"too small for {family} cifar variant") as info:
+        builder((2, 2, 3))
+    size = int(str(info.value).rsplit(">= ", 1)[1])
+    assert smallest is None or size == smallest
+    builder((size, size, 3))  # the smallest size it names builds
+
+
+@pytest.mark.parametrize(
+    "builder, kwargs, argument",
+    [
+        (keras_dmr.ResNet, {"branches": 2}, "branches"),
+        (keras_dmr.ResNet, {"mapping": "identity"}, "mapping"),
+        (keras_dmr.DVANet, {"mapping": "merge_and_run"}, "mapping"),
+    ],
+)
+def test_builders_refuse_arguments_they_cannot_honour(builder, kwargs, argument):
+    """Never silently dropped: an argument a family cannot take is an error naming it."""
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        builder(depth=8, compile=False, **kwargs)
+    model = builder(depth=8, compile=False)
+    assert type(model).from_config(model.get_config()).count_params() == model.count_params()

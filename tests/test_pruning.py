@@ -17,8 +17,8 @@ import keras_dmr
 from keras_dmr import cli
 from keras_dmr import prune as kp
 from keras_dmr.analysis.flops import count_flops
+from keras_dmr.cli.prune import prune_command
 from keras_dmr.convert import to_plain
-from keras_dmr.convert.pruning import prune_command
 from keras_dmr.layers.blocks import ChannelScale
 
 TYPICAL = 1e-5

@@ -199,7 +199,7 @@ def test_to_plain_equivalence_and_same_structure_for_every_ratio(fuse_bn, rng):
         plain = to_plain(model, fuse_bn=fuse_bn, verify_inputs=batches, tolerance=MODEL_TOL)
         assert plain.conversion_report["max_relative_error"] <= MODEL_TOL
         kinds = {type(lyr).__name__ for lyr in plain.layers} - {"InputLayer"}
-        expected = {"GroupedConv2D", "ReLU", "GlobalAveragePooling2D", "Dense"}
+        expected = {"Conv2D", "ReLU", "GlobalAveragePooling2D", "Dense"}  # Keras' own Conv2D
         assert kinds == (expected if fuse_bn else expected | {"BatchNormalization"})
         convs = [lyr for lyr in plain.layers if isinstance(lyr, keras.layers.Conv2D)]
         if not fuse_bn:  # an identity BN (Eq. 3) after every merged convolution

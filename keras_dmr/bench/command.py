@@ -7,8 +7,8 @@ import json
 import re
 from pathlib import Path
 
-from keras_dmr.arguments import int_at_least as _int_at_least
-from keras_dmr.arguments import output_path
+from keras_dmr.utils.arguments import int_at_least as _int_at_least
+from keras_dmr.utils.arguments import output_path
 
 HELP = "time every family: residual vs plain, TF vs ONNX"
 DESCRIPTION = (

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import keras
 
-from keras_dmr.bench.timing import inference_fn, random_batch
+from keras_dmr.utils.timing import inference_fn, random_batch
 
 ENGINES = ("keras", "xla", "saved_model", "onnx")
 ENGINE_LABELS = {
@@ -165,7 +165,7 @@ def runner(
         return lambda: session.run(["logits"], {"images": batch})[0]
     import tensorflow as tf
 
-    from keras_dmr.bench.timing import default_device
+    from keras_dmr.utils.timing import default_device
 
     loaded = tf.saved_model.load(export_in_subprocess(model, engine, workdir, stem))
     serve = loaded.signatures["serving_default"]

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     engine, model_path, out = argv if argv is not None else sys.argv[1:]
     import keras
 
-    import keras_dmr  # noqa: F401  (registers the package's layers for loading)
+    import keras_dmr.models  # noqa: F401  (registers the package's layers and models for loading)
     from keras_dmr import export
 
     model = keras.saving.load_model(model_path, compile=False, safe_mode=True)

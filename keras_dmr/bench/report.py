@@ -397,7 +397,7 @@ def regenerate(
     """Rewrite every ``<prefix>-*`` section of ``docs_dir/benchmarks.md`` from one result and
     redraw its charts (``benchmarks_speedup.png`` for ``bench``, ``benchmarks_gpu_speedup.png``
     for ``bench-gpu``, and so on)."""
-    from keras_dmr.analysis.tables import replace_section
+    from keras_dmr.utils.markdown import replace_section
 
     data = json.loads(Path(json_path).read_text())
     docs = Path(docs_dir)

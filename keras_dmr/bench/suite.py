@@ -23,7 +23,7 @@ import numpy as np
 
 from keras_dmr.bench import zoo
 from keras_dmr.bench.engines import ENGINES, available_engines, runner
-from keras_dmr.bench.timing import (
+from keras_dmr.utils.timing import (
     default_device,
     inference_fn,
     interleaved,

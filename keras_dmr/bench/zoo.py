@@ -1,6 +1,6 @@
 """The models the benchmark times, and the groups they are timed in side by side.
 
-A *group* is one call of :func:`keras_dmr.bench.timing.interleaved`: every candidate in it (a
+A *group* is one call of :func:`keras_dmr.utils.timing.interleaved`: every candidate in it (a
 model, a form — residual or plain — and an engine) is timed A B A B, so ratios inside a group are
 measured together. Builders are called lazily, one group at a time, with random weights.
 
@@ -106,9 +106,9 @@ def _builder(
     its training step compiled by XLA."""
 
     def build():
-        import keras_dmr
+        from keras_dmr import models
 
-        model = getattr(keras_dmr, cls_name)(*args, compile=compile, **kw)
+        model = getattr(models, cls_name)(*args, compile=compile, **kw)
         if jit_compile:
             model.jit_compile = True
         return model

@@ -1,10 +1,10 @@
 """Residual models rewritten as plain Conv→ReLU networks (the RM operation)."""
 
 from keras_dmr.convert.keras_applications import from_keras_application
-from keras_dmr.convert.ops import ConversionError
 from keras_dmr.convert.plain import compare, plain_ops, to_plain
 from keras_dmr.convert.randomize import randomize
 from keras_dmr.convert.recalibrate import recalibrate_bn
+from keras_dmr.errors import ConversionError
 
 __all__ = [
     "ConversionError",

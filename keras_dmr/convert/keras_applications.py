@@ -13,7 +13,7 @@ import re
 import keras
 import numpy as np
 
-from keras_dmr.convert.ops import ConversionError
+from keras_dmr.errors import ConversionError
 
 SUPPORTED = ("ResNet50", "ResNet101", "ResNet152", "MobileNetV2")
 RESNET_V1_STAGES = {

@@ -8,7 +8,9 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from keras_dmr.convert.ops import (
+from keras_dmr.layers.activations import ChannelwiseReLU
+from keras_dmr.rm import kernels
+from keras_dmr.rm.ops import (
     Act,
     ConversionError,
     ConvOp,
@@ -21,8 +23,6 @@ from keras_dmr.convert.ops import (
     fuse_linear_pairs,
     order_channels,
 )
-from keras_dmr.layers import kernels
-from keras_dmr.layers.activations import ChannelwiseReLU
 
 DOWNSAMPLE_METHODS = ("dirac", "prelu")
 PLAIN_DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")

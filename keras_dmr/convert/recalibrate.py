@@ -5,12 +5,14 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_dmr.rm import kernels
+
 
 def identity_channels(bn: keras.layers.BatchNormalization, rtol: float = 1e-6) -> np.ndarray:
     """Channels where ``gamma == sqrt(variance + epsilon)``: the BN is the identity plus a
     constant there (Eq. 3), so their statistics can change without changing the output."""
     gamma, _, _, var = (np.asarray(w, np.float64) for w in bn.get_weights())
-    return np.isclose(gamma, np.sqrt(var + bn.epsilon), rtol=rtol, atol=0)
+    return kernels.identity_bn_channels(gamma, var, bn.epsilon, rtol) & (gamma > 0)
 
 
 def _batches(data, steps):

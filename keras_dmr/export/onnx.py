@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,9 +16,10 @@ from keras_dmr.export.serving import (
     check_writable,
     metadata,
     prepare,
-    publish_file,
     serving_function,
 )
+from keras_dmr.layers.conv import split_grouped_convolutions
+from keras_dmr.utils.files import atomic_output
 
 
 def onnx(
@@ -59,22 +58,16 @@ def onnx(
     check_class_names(class_names, logits_model.outputs[0].shape[-1])
     serve, norm = serving_function(logits_model, preprocessing)
     spec = serve.input_signature
-    proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
+    with split_grouped_convolutions():  # standard ops, whatever this machine's kernels
+        proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
     _rename_io(proto)
     info = metadata(source, exported, conversion, norm, class_names, fmt="onnx")
     info["opset"] = opset
     entry = proto.metadata_props.add()
     entry.key, entry.value = "keras_dmr", json.dumps(info)
     onnx_lib.checker.check_model(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx_lib.save(proto, tmp)
-        publish_file(tmp, path)  # the permissions of a plainly created file, as SavedModels get
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:  # a plain file's permissions, as SavedModel files get
+        onnx_lib.save(proto, str(tmp))
     del tf
     return str(path)
 

@@ -19,6 +19,7 @@ from keras_dmr.export.serving import (
     serving_function,
     staging_directory,
 )
+from keras_dmr.layers.conv import split_grouped_convolutions
 
 METADATA_FILE = "keras_dmr.json"
 
@@ -83,9 +84,9 @@ def saved_model(
         module.serve = serve
         module.metadata = tf.saved_model.Asset(str(meta_path))
         export_dir = tmp / "version"
-        tf.saved_model.save(
-            module, str(export_dir), signatures={"serving_default": serve.get_concrete_function()}
-        )
+        with split_grouped_convolutions():  # standard ops any TensorFlow (Serving) build runs
+            concrete = serve.get_concrete_function()
+        tf.saved_model.save(module, str(export_dir), signatures={"serving_default": concrete})
         check_no_xla(export_dir)
 
         def record(number: int) -> None:  # the version lands in the exported metadata asset

@@ -15,14 +15,12 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_dmr.arguments import directory_problem
+from keras_dmr.errors import ExportError
+from keras_dmr.utils.arguments import directory_problem
+from keras_dmr.utils.files import umask
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities", "classes")
-
-
-class ExportError(ValueError):
-    """A model or a destination the exporter cannot use."""
 
 
 def resolve_preprocessing(preprocessing) -> tuple[np.ndarray, np.ndarray] | None:
@@ -136,7 +134,7 @@ def serving_function(logits_model: keras.Model, preprocessing):
 def metadata(source, exported, conversion, norm, class_names, *, fmt: str) -> dict:
     import tensorflow as tf
 
-    import keras_dmr
+    from keras_dmr.version import __version__
 
     config = None
     with contextlib.suppress(Exception):
@@ -158,7 +156,7 @@ def metadata(source, exported, conversion, norm, class_names, *, fmt: str) -> di
         "outputs": list(OUTPUT_NAMES),
         "class_names": list(class_names) if class_names is not None else None,
         "versions": {
-            "keras_dmr": keras_dmr.__version__,
+            "keras_dmr": __version__,
             "keras": keras.__version__,
             "tensorflow": tf.__version__,
         },
@@ -208,7 +206,7 @@ def publish_version(tmp: Path, base: Path, version: int | None, before_rename=No
     this one retry with the next free number, so concurrent exports all land as distinct
     versions. ``before_rename(number)`` runs before each attempt (to record the number).
     """
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~umask())
     for _ in range(MAX_VERSION_ATTEMPTS):
         number = version or next_version(base)
         final = base / str(number)
@@ -227,18 +225,6 @@ def publish_version(tmp: Path, base: Path, version: int | None, before_rename=No
                 "`version` or None for the next one"
             )
     raise ExportError(f"{base}: no free version number after {MAX_VERSION_ATTEMPTS} attempts")
-
-
-def publish_file(tmp: str | Path, path: Path) -> None:
-    """``os.replace`` with the permissions of a plainly created file (mkstemp's are 0600)."""
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_metadata(path: str | Path) -> dict:

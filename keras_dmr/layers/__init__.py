@@ -13,8 +13,8 @@ from keras_dmr.layers.blocks import (
 )
 from keras_dmr.layers.conv import GroupedConv2D
 from keras_dmr.layers.inverted import InvertedResidualBlock
-from keras_dmr.layers.kernels import merge_and_run_matrix, stack_branches, unstack_branches
 from keras_dmr.layers.repvgg import RepVGGBlock
+from keras_dmr.rm.kernels import merge_and_run_matrix, stack_branches, unstack_branches
 
 __all__ = [
     "BRANCH_KINDS",

@@ -16,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import numpy as np
 from keras import ops
 
-from keras_dmr.layers import kernels
+from keras_dmr import rm
 from keras_dmr.layers.conv import BN_EPSILON, batch_norm, conv2d, depthwise_conv2d
+from keras_dmr.rm import kernels
 
 BRANCH_KINDS = ("basic", "bottleneck", "resnext", "xception")
 MAPPINGS = ("merge_and_run", "identity", "vanilla")
@@ -397,7 +399,6 @@ class ParallelBranchBlock(keras.layers.Layer):
     # --------------------------------------------------------------------------- RM operation
     def plain_ops(self, ctx):
         """This block as plain convolutions with the same output (RM operation, float64)."""
-        from keras_dmr.convert import ops as plain
 
         k, vanilla = self.branches, self.mapping == "vanilla"
         weights = self.branch_weights()
@@ -411,22 +412,22 @@ class ParallelBranchBlock(keras.layers.Layer):
             for b in range(k):
                 layer_w = weights["branches"][b][u]
                 if unit.separable:
-                    dw = plain.conv_bn_op(
-                        plain.depthwise_kernel(layer_w[0][0]),
+                    dw = rm.conv_bn_op(
+                        rm.depthwise_kernel(layer_w[0][0]),
                         None,
                         epsilon=eps,
                         bias=_conv_bias(layer_w[0]),
                         strides=unit.strides,
                         groups=unit.filters_in,
                     )
-                    pw = plain.conv_bn_op(
+                    pw = rm.conv_bn_op(
                         layer_w[1][0], layer_w[2], epsilon=eps, bias=_conv_bias(layer_w[1])
                     )
                     per_branch.append([dw, pw])
                 else:
                     per_branch.append(
                         [
-                            plain.conv_bn_op(
+                            rm.conv_bn_op(
                                 layer_w[0][0],
                                 layer_w[1],
                                 epsilon=eps,
@@ -444,34 +445,30 @@ class ParallelBranchBlock(keras.layers.Layer):
                 op.name = f"{self.name}_conv{len(branch_ops) + 1}"
                 last = u == len(units) - 1 and j == len(per_branch[0]) - 1
                 linear = unit.separable and j == 0
-                op.act = None if last or linear else plain.Act.relu(op.c_out)
+                op.act = None if last or linear else rm.Act.relu(op.c_out)
                 branch_ops.append(op)
-        skip = self._plain_skip(plain, weights, d_in, eps)
-        result = plain.reserve_and_merge(
+        skip = self._plain_skip(weights, d_in, eps)
+        result = rm.reserve_and_merge(
             branch_ops,
             skip,
-            post=plain.Act.relu(skip.c_out),
+            post=rm.Act.relu(skip.c_out),
             input_nonnegative=ctx.input_nonnegative,
             input_hw=ctx.input_hw,
             method=ctx.downsample,
-            skip_scale=self._plain_skip_scale(plain, eps) if self.skip_bn else None,
+            skip_scale=self._plain_skip_scale(eps) if self.skip_bn else None,
         )
         if self.skip_bn:  # the merged channels' BN: the statistics of the whole sum
-            import numpy as np
-
             merged = result[-1]
             mean, var = (np.asarray(w, np.float64) for w in self.sum_stats.get_weights())
             merged.bn = np.stack([np.sqrt(var), mean - merged.bias, var])
         return result
 
-    def _plain_skip_scale(self, plain, eps):
+    def _plain_skip_scale(self, eps):
         """The extra BN on the residual path as a diagonal 1×1 op with a BN record: over the
         block input, ``gamma = s·sqrt(var)`` (the reserved channel's standard deviation), the
         input's moving mean and variance, and the kernel scaled so that it computes ``s·x``."""
-        import numpy as np
-
         s, mean, var = (np.asarray(w, np.float64) for w in self.skip_scale.get_weights())
-        return plain.ConvOp(
+        return rm.ConvOp(
             np.diag(s)[None, None],
             np.zeros_like(s),
             bn=np.stack([s * np.sqrt(var), mean, var]),
@@ -479,14 +476,12 @@ class ParallelBranchBlock(keras.layers.Layer):
             name=f"{self.name}_skip_bn",
         )
 
-    def _plain_skip(self, plain, weights, d_in, eps):
+    def _plain_skip(self, weights, d_in, eps):
         """The shortcut as one linear 1×1 op over the block's whole input (float64)."""
-        import numpy as np
-
         k = self.branches
         if self.projection:
             projs = [
-                plain.conv_bn_op(
+                rm.conv_bn_op(
                     w[0][0], w[1], epsilon=eps, bias=_conv_bias(w[0]), strides=self.strides
                 )
                 for w in weights["projection"]
@@ -506,7 +501,7 @@ class ParallelBranchBlock(keras.layers.Layer):
             bias = np.concatenate(b_p if len(b_p) == k else b_p * k)
         else:
             matrix, bias = w_p[0], b_p[0]
-        return plain.ConvOp(
+        return rm.ConvOp(
             matrix[None, None], bias, strides=self.strides, name=f"{self.name}_shortcut"
         )
 
@@ -632,10 +627,6 @@ def _assemble(convs, shared_input: bool, summed_output: bool):
     stacked along the input (outputs summed) for its last. A sum of K BNs is no one BN, so the
     BN record is dropped there.
     """
-    import dataclasses
-
-    import numpy as np
-
     k = len(convs)
     if k == 1:
         return convs[0]

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import keras
+
+_FORCE_SPLIT_GROUPS = [False]
+
+
+@contextlib.contextmanager
+def split_grouped_convolutions():
+    """Within this context (while a function is traced), :class:`GroupedConv2D` emits one
+    convolution per group and a concatenation: standard ops that every TensorFlow build runs.
+    The exporters trace under it, so a SavedModel made on a machine with oneDNN still runs in a
+    TF Serving build without it."""
+    previous = _FORCE_SPLIT_GROUPS[0]
+    _FORCE_SPLIT_GROUPS[0] = True
+    try:
+        yield
+    finally:
+        _FORCE_SPLIT_GROUPS[0] = previous
 
 
 @functools.cache
@@ -49,8 +66,9 @@ class GroupedConv2D(keras.layers.Conv2D):
 
     Where TensorFlow's grouped kernel cannot run in a graph (its Eigen CPU kernels, when oneDNN
     is off: see :func:`native_grouped_conv_works`) the groups run as separate convolutions and
-    are concatenated: the same function, standard ops everywhere, slower. A SavedModel keeps the
-    form chosen on the machine that exported it.
+    are concatenated: the same function, standard ops everywhere, slower. The exporters always
+    trace this split form (:func:`split_grouped_convolutions`), so exported graphs do not depend
+    on the exporting machine's kernels.
     """
 
     def convolution_op(self, inputs, kernel):
@@ -70,7 +88,7 @@ class GroupedConv2D(keras.layers.Conv2D):
                 data_format=data_format,
             )
 
-        if native_grouped_conv_works():
+        if not _FORCE_SPLIT_GROUPS[0] and native_grouped_conv_works():
             return conv(inputs, kernel)
         axis = -1 if data_format == "NHWC" else 1
         parts = tf.split(inputs, self.groups, axis=axis)

@@ -25,6 +25,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_dmr import rm
 from keras_dmr.layers.blocks import check_choice
 from keras_dmr.layers.conv import BN_EPSILON, conv2d
 
@@ -213,35 +214,34 @@ class InvertedResidualBlock(keras.layers.Layer):
         """This block as plain convolutions (float64): the three ConvBNs as they are without a
         residual; with one, the RM operation (``reserve_and_merge`` with a partial-identity
         skip, no activation after the add)."""
-        from keras_dmr.convert import ops as plain
 
         eps = self.bn_epsilon
         cap = RELU6_CAP if self.activation == "relu6" else np.inf
         branch = []
         if self.expand is not None:
             branch.append(
-                plain.conv_bn_op(
+                rm.conv_bn_op(
                     self.expand.get_weights()[0],
                     self.expand_bn.get_weights(),
                     epsilon=eps,
-                    act=plain.Act.relu(self.hidden, cap),
+                    act=rm.Act.relu(self.hidden, cap),
                     name=f"{self.name}_expand",
                 )
             )
         branch.append(
-            plain.conv_bn_op(
-                plain.depthwise_kernel(self.depthwise.get_weights()[0]),
+            rm.conv_bn_op(
+                rm.depthwise_kernel(self.depthwise.get_weights()[0]),
                 self.depthwise_bn.get_weights(),
                 epsilon=eps,
                 strides=self.strides,
                 groups=self.hidden,
-                act=plain.Act.relu(self.hidden, cap),
+                act=rm.Act.relu(self.hidden, cap),
                 padding="same" if self.pads is None else self.pads,
                 name=f"{self.name}_depthwise",
             )
         )
         branch.append(
-            plain.conv_bn_op(
+            rm.conv_bn_op(
                 self.project.get_weights()[0],
                 self.project_bn.get_weights(),
                 epsilon=eps,
@@ -253,10 +253,10 @@ class InvertedResidualBlock(keras.layers.Layer):
         # The shortcut: the first C input channels onto the first C outputs.
         matrix = np.zeros((self.c_in, self.out_channels))
         matrix[: self.filters, : self.filters] = np.eye(self.filters)
-        skip = plain.ConvOp(
+        skip = rm.ConvOp(
             matrix[None, None], np.zeros(self.out_channels), name=f"{self.name}_shortcut"
         )
-        return plain.reserve_and_merge(
+        return rm.reserve_and_merge(
             branch,
             skip,
             post=None,

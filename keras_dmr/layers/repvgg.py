@@ -11,7 +11,7 @@ plain form keeps them. A pair (reserving block, ordinary block) is a residual co
 one non-linear layer: the second block's identity BN merges the reserved channels back.
 
 ``plain_ops`` re-parameterises the block into ONE 3×3 convolution + ReLU through
-:func:`keras_dmr.convert.ops.reserve_and_merge`: the 1×1 branch, the identity BN and the
+:func:`keras_dmr.rm.ops.reserve_and_merge`: the 1×1 branch, the identity BN and the
 reserved channels form a linear 1×1 skip that lands in the 3×3 kernel at the tap TensorFlow's
 'same' padding reads (reserved channels become Dirac filters with zero bias).
 """
@@ -24,8 +24,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_dmr.layers import kernels
+from keras_dmr import rm
 from keras_dmr.layers.conv import batch_norm, conv2d
+from keras_dmr.rm import kernels
 
 
 def reserved_channels(filters: int, reserve_ratio: float) -> int:
@@ -132,20 +133,19 @@ class RepVGGBlock(keras.layers.Layer):
         The merged convolution carries no BN record: ``fuse_bn=False`` puts an identity BN
         (Eq. 3) after it, holding the bias.
         """
-        from keras_dmr.convert import ops as plain
 
         n, m, c_in, c = self.reserved, self.learned, self.c_in, self.filters
         if not m:  # all channels pass through: the block is the identity
             return []
         eps = self.bn3.epsilon
-        k3 = plain.conv_bn_op(
+        k3 = rm.conv_bn_op(
             self.conv3.get_weights()[0], self.bn3.get_weights(), epsilon=eps, strides=self.strides
         )
-        k1 = plain.conv_bn_op(
+        k1 = rm.conv_bn_op(
             self.conv1.get_weights()[0], self.bn1.get_weights(), epsilon=eps, strides=self.strides
         )
         # The branch: the 3×3 unit, with zero columns where the reserved channels will sit.
-        branch = plain.ConvOp(
+        branch = rm.ConvOp(
             np.concatenate([np.zeros((3, 3, c_in, n)), k3.kernel], axis=-1),
             np.concatenate([np.zeros(n), k3.bias]),
             strides=self.strides,
@@ -161,9 +161,9 @@ class RepVGGBlock(keras.layers.Layer):
             scale, shift = kernels.fold_bn(*self.bn_id.get_weights(), eps)
             matrix[n:, n:] += np.diag(scale)
             bias[n:] += shift
-        skip = plain.ConvOp(matrix[None, None], bias, strides=self.strides, name=f"{self.name}_1x1")
-        post = plain.passthrough(n, ctx.input_nonnegative).concat(plain.Act.relu(m))
-        (op,) = plain.reserve_and_merge(
+        skip = rm.ConvOp(matrix[None, None], bias, strides=self.strides, name=f"{self.name}_1x1")
+        post = rm.passthrough(n, ctx.input_nonnegative).concat(rm.Act.relu(m))
+        (op,) = rm.reserve_and_merge(
             [branch],
             skip,
             post=post,

@@ -93,7 +93,12 @@ def check_common(
     branch,
     classifier_activation=None,
     weights=None,
+    family: str = "the",
+    downsamples: int | None = None,
 ):
+    """The checks every builder shares: one home for each argument's rule and message.
+    ``downsamples`` (default: the variant's stride-2 operations of the merge-and-run family)
+    sets the smallest input size, named after ``family`` ("RepVGG's") in the message."""
     check_choice("variant", variant, VARIANTS)
     check_head_and_weights(classifier_activation, weights)
     if branch is not None:
@@ -107,11 +112,12 @@ def check_common(
         raise ValueError(f"`classes` must be an integer >= 1; got {classes!r}")
     if len(input_shape) != 3 or (input_shape[-1] is not None and input_shape[-1] < 1):
         raise ValueError(f"`input_shape` must be (height, width, channels); got {input_shape!r}")
-    smallest = 2 ** STRIDE_TWO_OPS[variant]
+    times = STRIDE_TWO_OPS[variant] if downsamples is None else downsamples
+    smallest = 2**times
     if any(s is not None and s < smallest for s in input_shape[:2]):
         raise ValueError(
-            f"`input_shape` {tuple(input_shape)} is too small for the {variant} variant, which "
-            f"downsamples {STRIDE_TWO_OPS[variant]} times: height and width must be >= {smallest}"
+            f"`input_shape` {tuple(input_shape)} is too small for {family} {variant} variant, "
+            f"which downsamples {times} times: height and width must be >= {smallest}"
         )
 
 

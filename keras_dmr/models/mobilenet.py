@@ -27,7 +27,7 @@ import re
 import keras
 import numpy as np
 
-from keras_dmr.convert.ops import ConversionError
+from keras_dmr.errors import ConversionError
 from keras_dmr.layers.blocks import check_choice
 from keras_dmr.layers.conv import BN_EPSILON, conv2d
 from keras_dmr.layers.inverted import ACTIVATIONS, InvertedResidualBlock, keras_pads
@@ -150,13 +150,6 @@ class MobileNetV2(ResidualClassifier):
         check_choice("activation", activation, ACTIVATIONS)
         input_shape = tuple(input_shape or DEFAULT_SHAPES[variant])
         classes = DEFAULT_CLASSES[variant] if classes is None else classes
-        smallest = 2 ** STRIDE_TWO_OPS[variant]
-        if len(input_shape) == 3 and any(s is not None and s < smallest for s in input_shape[:2]):
-            raise ValueError(
-                f"`input_shape` {input_shape} is too small for MobileNetV2's {variant} variant, "
-                f"which downsamples {STRIDE_TWO_OPS[variant]} times: height and width must be "
-                f">= {smallest}"
-            )
         check_common(
             variant=variant,
             branches=1,
@@ -167,6 +160,8 @@ class MobileNetV2(ResidualClassifier):
             branch=None,
             classifier_activation=classifier_activation,
             weights=weights,
+            family="MobileNetV2's",
+            downsamples=STRIDE_TWO_OPS[variant],
         )
 
         epsilon, momentum = BN_SETTINGS[variant]

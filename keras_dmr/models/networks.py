@@ -154,7 +154,8 @@ class DMRNet(_AssemblyNet):
         widths: per-branch widths of the stages before ``width`` (CIFAR default (16, 32, 64)).
         share_stem_and_head: with ``mapping="identity"``, ``False`` gives every stream its own
             conv0 and classifier (Table 7, "w/o sharing"; the logits are summed).
-        implementation: ``"split"``, ``"grouped"`` or ``"auto"`` (the faster here).
+        implementation: ``"split"``, ``"grouped"`` or ``"auto"`` (always ``"split"``: the
+            faster form on CPU; pass ``"grouped"`` on a GPU, see ``resolve_implementation``).
         variant: ``"cifar"`` (3 stages, 32×32) or ``"imagenet"`` (4 stages, 224×224).
         input_shape, classes, include_top, pooling, classifier_activation, weights: as in
             ``keras.applications``; ``classifier_activation=None`` (default) outputs logits.
@@ -173,10 +174,15 @@ class DMRNet(_AssemblyNet):
 class DVANet(_AssemblyNet):
     """Deep vanilla-assembly network (Eq. 2): K branches read one input; outputs summed with it.
 
-    Arguments as :class:`DMRNet` (no ``mapping``)."""
+    Arguments as :class:`DMRNet`; ``mapping`` can only be ``"vanilla"`` (what the saved config
+    holds): anything else is an error, never silently ignored."""
 
-    def __init__(self, depth: int = 50, *, branches: int = 2, **kw):
-        kw.pop("mapping", None)
+    def __init__(self, depth: int = 50, *, branches: int = 2, mapping: str = "vanilla", **kw):
+        if mapping != "vanilla":
+            raise ValueError(
+                f"`mapping` of a DVANet is 'vanilla' (vanilla assembly, Eq. 2); use DMRNet for "
+                f"'merge_and_run' or 'identity'; got {mapping!r}"
+            )
         super().__init__(depth, branches=branches, mapping="vanilla", **kw)
 
 
@@ -186,11 +192,28 @@ class ResNet(_AssemblyNet):
 
     CIFAR: ``ResNet(depth=98)`` is DMRNet-50's Table 2 partner; ``widths=(23, 46, 92)`` gives
     the "wide ResNet" of the same table. ImageNet: depths 18, 34, 50, 98, 101, 152.
-    Arguments as :class:`DMRNet` (no ``branches`` or ``mapping``)."""
+    Arguments as :class:`DMRNet`; ``branches`` can only be 1 and ``mapping`` only
+    ``"merge_and_run"`` (what the saved config holds; with one branch every mapping is the plain
+    residual): anything else is an error, never silently ignored."""
 
-    def __init__(self, depth: int = 98, widths: tuple[int, ...] | None = None, **kw):
-        kw.pop("branches", None)
-        kw.pop("mapping", None)
+    def __init__(
+        self,
+        depth: int = 98,
+        widths: tuple[int, ...] | None = None,
+        *,
+        branches: int = 1,
+        mapping: str = "merge_and_run",
+        **kw,
+    ):
+        if branches != 1:
+            raise ValueError(
+                f"`branches` of a ResNet is 1; use DMRNet or DVANet for K > 1; got {branches!r}"
+            )
+        if mapping != "merge_and_run":
+            raise ValueError(
+                f"`mapping` of a ResNet is 'merge_and_run' (one branch: the plain residual); use "
+                f"DMRNet or DVANet for other mappings; got {mapping!r}"
+            )
         super().__init__(depth, branches=1, mapping="merge_and_run", widths=widths, **kw)
 
 

@@ -117,13 +117,6 @@ class RepVGG(ResidualClassifier):
         reserve_ratio = check_reserve_ratio(reserve_ratio)
         if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 1:
             raise ValueError(f"`base_width` must be an integer >= 1; got {base_width!r}")
-        smallest = 2 ** STRIDE_TWO_BLOCKS[variant]
-        if len(input_shape) == 3 and any(s is not None and s < smallest for s in input_shape[:2]):
-            raise ValueError(
-                f"`input_shape` {input_shape} is too small for RepVGG's {variant} variant, which "
-                f"downsamples {STRIDE_TWO_BLOCKS[variant]} times: height and width must be "
-                f">= {smallest}"
-            )
         check_common(
             variant=variant,
             branches=1,
@@ -134,6 +127,8 @@ class RepVGG(ResidualClassifier):
             branch=None,
             classifier_activation=classifier_activation,
             weights=weights,
+            family="RepVGG's",
+            downsamples=STRIDE_TWO_BLOCKS[variant],
         )
 
         inputs = keras.Input(shape=input_shape, name="images")

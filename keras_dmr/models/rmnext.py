@@ -153,13 +153,6 @@ class RMNeXt(ResidualClassifier):
         check_choice("variant", variant, DEFAULT_SHAPES)
         input_shape = tuple(input_shape or DEFAULT_SHAPES[variant])
         classes = DEFAULT_CLASSES[variant] if classes is None else classes
-        smallest = 2 ** _STRIDE_TWO_OPS[variant]
-        if len(input_shape) == 3 and any(s is not None and s < smallest for s in input_shape[:2]):
-            raise ValueError(
-                f"`input_shape` {input_shape} is too small for RMNeXt's {variant} variant, which "
-                f"downsamples {_STRIDE_TWO_OPS[variant]} times: height and width must be "
-                f">= {smallest}"
-            )
         check_common(
             variant=variant,
             branches=1,
@@ -170,6 +163,8 @@ class RMNeXt(ResidualClassifier):
             branch="resnext",
             classifier_activation=classifier_activation,
             weights=weights,
+            family="RMNeXt's",
+            downsamples=_STRIDE_TWO_OPS[variant],
         )
         if blocks_per_stage is None:
             if not isinstance(depth, int) or depth not in RMNEXT_DEPTHS:

@@ -1,7 +1,7 @@
 """Keras Tuner hypermodels (DMRNet, RepVGG/RMNeXt), a latency objective on the converted plain
 model, tuners by name, and tf.distribute strategies for training and tuning."""
 
-from keras_dmr.tuning.distribute import (
+from keras_dmr.training.distribute import (
     STRATEGIES,
     AverageBatchNormStatistics,
     MultiWorkerStrategy,

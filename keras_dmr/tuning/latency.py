@@ -3,7 +3,7 @@
 Each trial's trained model is converted with :func:`keras_dmr.to_plain` (verified), and the plain
 model's inference is timed on the machine that runs the trial: the median over ``repeats`` of the
 mean time of ``iters`` calls on one fixed batch of ``batch_size`` images, after ``warmup`` calls
-(:func:`keras_dmr.bench.timing.interleaved`). The score is::
+(:func:`keras_dmr.utils.timing.interleaved`). The score is::
 
     score = accuracy                              if latency <= budget
     score = accuracy * budget / latency           otherwise
@@ -73,8 +73,8 @@ class PlainLatencyObjective(kt.Objective):
 
     def measure(self, model: keras.Model) -> dict[str, float]:
         """Convert ``model`` to plain (verified) and time it here; the latency metrics."""
-        from keras_dmr.bench.timing import inference_fn, interleaved
         from keras_dmr.convert import to_plain
+        from keras_dmr.utils.timing import inference_fn, interleaved
 
         plain = to_plain(model)
         report = plain.conversion_report

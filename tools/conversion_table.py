@@ -1,6 +1,6 @@
 """The conversion table of ``docs/conversion.md``: every family, before and after ``to_plain``.
 
-Run ``python -m keras_dmr.analysis.conversion`` to measure (minutes on 2 CPU cores) into
+Run ``python -m tools.conversion_table`` to measure (minutes on 2 CPU cores) into
 ``docs/data/conversion.json`` and regenerate the table from it.
 """
 
@@ -174,8 +174,8 @@ def render(rows: list[dict]) -> str:
 
 
 def regenerate(json_path="docs/data/conversion.json", doc="docs/conversion.md", measure_again=True):
-    from keras_dmr.analysis.tables import replace_section
-    from keras_dmr.bench.timing import machine_description
+    from keras_dmr.utils.markdown import replace_section
+    from keras_dmr.utils.timing import machine_description
 
     json_path, doc = Path(json_path), Path(doc)
     if measure_again:

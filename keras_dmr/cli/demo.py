@@ -17,8 +17,8 @@ DEMO_MODELS = (("dmrnet", 14), ("resnet", 20))
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     from keras_dmr import data
-    from keras_dmr.arguments import output_path
-    from keras_dmr.cli import _positive_int
+    from keras_dmr.cli.common import _positive_int
+    from keras_dmr.utils.arguments import output_path
 
     parser.add_argument(
         "--dataset",
@@ -46,7 +46,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _throughput(candidates: dict, batch: np.ndarray) -> dict[str, float]:
     """Images/s per candidate: median of 3 interleaved repeats of 10 calls (after 3 warm-up)."""
-    from keras_dmr.bench.timing import interleaved
+    from keras_dmr.utils.timing import interleaved
 
     times = interleaved(candidates, warmup=3, iters=10, repeats=3)
     return {name: len(batch) / t["median_s"] for name, t in times.items()}
@@ -57,8 +57,9 @@ def run_demo(args: argparse.Namespace) -> int:
     import onnxruntime as ort
     import tensorflow as tf
 
-    from keras_dmr import cli, data, export
+    from keras_dmr import data, export
     from keras_dmr.analysis import count_flops
+    from keras_dmr.cli import common as cli
     from keras_dmr.convert import to_plain
 
     checkpoints = {}

@@ -1,17 +1,17 @@
 """Generated sections of the docs: tables computed from the code (and measured JSON), never typed.
 
 A doc marks a generated section with ``<!-- BEGIN name -->`` … ``<!-- END name -->``;
-``python -m keras_dmr.analysis.tables`` rewrites every section it knows.
+``python -m tools.tables`` rewrites every section it knows.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import re
 from pathlib import Path
 
 import keras_dmr
+from keras_dmr.utils.markdown import replace_section
 
 # (label, builder, kwargs, paper's parameter count in millions, source)
 PAPER_PARAMETERS = [
@@ -92,13 +92,6 @@ def train_step_table(json_path: str | Path) -> str:
             f"| {r['inference_vs_resnet98']:.2f} |"
         )
     return "\n".join(rows)
-
-
-def replace_section(text: str, name: str, content: str) -> str:
-    pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
-    if not pattern.search(text):
-        raise ValueError(f"no generated section {name!r} in the document")
-    return pattern.sub(lambda m: m.group(1) + content + "\n" + m.group(2), text)
 
 
 def regenerate(docs_dir: str | Path = "docs") -> None:

@@ -16,13 +16,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from keras_dmr.layers import kernels
+from keras_dmr.errors import ConversionError
+from keras_dmr.rm import kernels
 
 INF = np.inf
-
-
-class ConversionError(ValueError):
-    """A model (or one of its layers) cannot be rewritten as a plain network."""
 
 
 # ---------------------------------------------------------------------------------- activations

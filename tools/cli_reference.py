@@ -1,4 +1,4 @@
-"""``docs/cli.md``, generated from the parser: ``python -m keras_dmr.cli_reference``."""
+"""``docs/cli.md``, generated from the parser: ``python -m tools.cli_reference``."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _render() -> str:
     parts = [
         "# Command line",
         "",
-        f"Generated from `{PROG} --help` by `python -m keras_dmr.cli_reference`; a test keeps it "
+        f"Generated from `{PROG} --help` by `python -m tools.cli_reference`; a test keeps it "
         "current. Argument mistakes exit with code 2 and one `keras-dmr: error: ...` line.",
         "",
         "```text",

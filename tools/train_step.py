@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import keras_dmr
-from keras_dmr.bench.timing import inference_fn, interleaved, machine_description, train_step_fn
+from keras_dmr.utils.timing import inference_fn, interleaved, machine_description, train_step_fn
 
 
 def train_step_benchmark(

@@ -11,9 +11,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-
-class CorruptArchiveError(ValueError):
-    """A ``.keras`` file that is not a complete, intact zip archive."""
+from keras_dmr.errors import CorruptArchiveError
 
 
 def check_keras_archive(path: str | Path) -> None:

@@ -1,6 +1,6 @@
 """RMNet's Fig. 7 on the bundled digits: network slimming of a ResNet against its plain RMNet.
 
-``python -m keras_dmr.analysis.pruning_study`` (a few minutes on 2 CPU cores) trains a ResNet
+``python -m tools.pruning_study`` (a few minutes on 2 CPU cores) trains a ResNet
 with the extra BN on the residual path and an L1 penalty on every BN scale, prunes (a) the
 ResNet itself and (b) its RM plain form at the same thresholds, fine-tunes every pruned model
 briefly, measures accuracy and throughput (BN folded, all models timed interleaved) and writes
@@ -62,9 +62,9 @@ def run(cfg: dict = CONFIG) -> dict:
     from keras_dmr import data
     from keras_dmr import prune as kp
     from keras_dmr.analysis.flops import count_flops
-    from keras_dmr.bench.timing import load_average, machine_description
     from keras_dmr.convert import to_plain
     from keras_dmr.recipe import StepDecay, compile_with_recipe
+    from keras_dmr.utils.timing import load_average, machine_description
 
     start = time.monotonic()
     keras.utils.set_random_seed(cfg["seed"])
@@ -299,7 +299,7 @@ def plot(record: dict, path: str | Path) -> None:
 
 
 def write_docs(record: dict, docs: Path) -> None:
-    from keras_dmr.analysis.tables import replace_section
+    from keras_dmr.utils.markdown import replace_section
 
     (docs / "data").mkdir(parents=True, exist_ok=True)
     (docs / "data" / "pruning.json").write_text(json.dumps(record, indent=2) + "\n")

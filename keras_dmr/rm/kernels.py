@@ -67,6 +67,13 @@ def identity_bn(bias, epsilon, mean=None, variance=None) -> list[np.ndarray]:
     return [np.sqrt(variance + float(epsilon)), mean + bias, mean, variance]
 
 
+def identity_bn_channels(gamma, variance, epsilon, rtol: float = 1e-6) -> np.ndarray:
+    """Channels whose BN is the identity plus a constant (Eq. 3, ``|gamma| = sqrt(var + eps)``):
+    the form :func:`identity_bn` writes, so their statistics carry no learned scale."""
+    gamma, variance = np.asarray(gamma, np.float64), np.asarray(variance, np.float64)
+    return np.isclose(np.abs(gamma), np.sqrt(variance + float(epsilon)), rtol=rtol, atol=0)
+
+
 def same_padding_before(kernel_size: int, strides: int, size: int) -> int:
     """Rows (or columns) TensorFlow's ``padding='same'`` adds before the input."""
     out = -(-size // strides)

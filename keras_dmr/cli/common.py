@@ -1,0 +1,187 @@
+"""What the subcommands share: the parser and :class:`Command`, argument types, the model
+registry of ``--model`` and loading a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+
+from keras_dmr.errors import UsageError
+from keras_dmr.layers.blocks import BRANCH_KINDS
+from keras_dmr.models import DMRNet, DMRNeXt, DVANet, ResNet
+from keras_dmr.utils.archives import CorruptArchiveError, check_keras_archive
+from keras_dmr.utils.arguments import int_at_least as _int_at_least
+
+PROG = "keras-dmr"
+MODELS = {"dmrnet": DMRNet, "dvanet": DVANet, "resnet": ResNet, "dmrnext": DMRNeXt}
+DISPLAY = {"dmrnet": "DMRNet", "dvanet": "DVANet", "resnet": "ResNet", "dmrnext": "DMRNeXt"}
+# `train` defaults: small CIFAR-variant nets that train on the bundled digits in minutes on a CPU.
+# ResNet-26 has 12 residual blocks, twice DMRNet-14's 6 merge-and-run blocks, as the paper pairs
+# them (same number of branch layers); DMRNeXt-11 is the smallest DMRNeXt (9n + 2, n = 1).
+TRAIN_DEPTHS = {"dmrnet": 14, "dvanet": 14, "resnet": 26, "dmrnext": 11}
+# `paths` defaults: the networks of the paper's Fig. 3 (and DMRNeXt-29 of Table 5).
+FIG3 = (("resnet", 38), ("dvanet", 20), ("dmrnet", 20))
+PATHS_DEPTHS = {"dmrnet": 20, "dvanet": 20, "resnet": 38, "dmrnext": 29}
+# Builder options, and the models that do not take them (the builders would ignore or reject them).
+MODEL_OPTIONS = ("branches", "width", "branch", "mapping")
+NOT_FOR = {"dvanet": ("mapping",), "resnet": ("branches", "mapping"), "dmrnext": MODEL_OPTIONS[1:]}
+# Arguments that must match for `train` to resume a checkpoint (`--epochs` may grow).
+RESUME_KEYS = (
+    "model",
+    "depth",
+    *MODEL_OPTIONS,
+    "dataset",
+    "batch_size",
+    "learning_rate",
+    "seed",
+)
+STRATEGIES = ("none", "mirrored", "multiworker")  # keras_dmr.tuning.STRATEGIES (not imported)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises :class:`UsageError` instead of exiting, so ``main`` returns 2 to its caller."""
+
+    def error(self, message: str):
+        raise UsageError(message, self.format_usage())
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand: ``add_arguments(parser)`` declares it, ``run(args)`` returns the exit code."""
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------------------------
+# Argument helpers shared by the subcommands
+# --------------------------------------------------------------------------------------------
+
+
+_positive_int = _int_at_least(1)
+_natural = _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0; got {text!r}")
+    return value
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, *, depth_help: str) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--depth", type=_positive_int, help=depth_help)
+    group.add_argument(
+        "--branches",
+        type=_positive_int,
+        metavar="K",
+        help="parallel branches per block (dmrnet, dvanet, dmrnext; builder default 2)",
+    )
+    group.add_argument(
+        "--width",
+        type=_positive_float,
+        help="multiplier of the per-branch widths 16/32/64 (not for dmrnext; default 1)",
+    )
+    group.add_argument(
+        "--branch",
+        choices=BRANCH_KINDS,
+        help="branch kind (default basic; bottleneck: depth 9n+2; resnext is dmrnext's own)",
+    )
+    group.add_argument(
+        "--mapping",
+        choices=("merge_and_run", "identity"),
+        help="dmrnet only: merge_and_run (default) or identity (K separate ResNets, Table 7)",
+    )
+
+
+def build_model(
+    model: str, depth: int, *, classes: int = 10, compile: bool = True, **options
+) -> keras.Model:
+    """Build a ``--model`` with the options given (``None``: the builder's default).
+
+    Options a model does not take and the builders' ``ValueError`` become :class:`UsageError`.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    for name in options:
+        if name in NOT_FOR.get(model, ()):
+            raise UsageError(f"argument --{name}: does not apply to --model {model}")
+    try:
+        return MODELS[model](depth, classes=classes, compile=compile, **options)
+    except ValueError as e:
+        raise UsageError(f"--model {model}: {e}") from None
+
+
+def _model_options(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in MODEL_OPTIONS}
+
+
+def load_checkpoint(path: Path) -> keras.Model:
+    """A keras_dmr model from a ``.keras`` file (safe mode), or a :class:`UsageError`."""
+    if path.suffix != ".keras":
+        raise UsageError(f"argument CHECKPOINT: must be a .keras file; got {str(path)!r}")
+    if not path.is_file():
+        raise UsageError(f"argument CHECKPOINT: {path} is not a file")
+    try:
+        check_keras_archive(path)
+    except CorruptArchiveError as err:
+        raise UsageError(f"argument CHECKPOINT: {err}") from None
+    try:
+        with warnings.catch_warnings():  # the optimizer is not needed (compile=False)
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # any unreadable or foreign file
+        raise UsageError(f"cannot load {path}: {e}") from None
+    from keras_dmr.export.serving import is_plain
+
+    ours = any(
+        type(layer).__module__.startswith("keras_dmr")
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+    )
+    if not ours and not is_plain(model):  # a plain model (one we converted) is plain Keras
+        raise UsageError(
+            f"{path} is not a keras_dmr model (none of its layers is keras_dmr's) nor a plain "
+            "one; its residual connections are not keras_dmr blocks"
+        )
+    return model
+
+
+def describe_report(report: dict) -> str:
+    def count(before, after, unit=""):
+        if before is None:
+            return "unknown (input size not fixed)"
+        return f"{before:,}{unit} → {after:,}{unit} ({after / before:.2f}×)"
+
+    error = report["max_relative_error"]
+    return "\n".join(
+        [
+            f"parameters:      {count(report['params_before'], report['params_after'])}",
+            f"MACs per image:  {count(report['flops_before'], report['flops_after'])}",
+            "max rel. error:  "
+            + (
+                "not verified"
+                if error is None
+                else f"{error:.2e} (tolerance {report['tolerance']:g})"
+            ),
+        ]
+    )
+
+
+def _make_strategy(name: str):
+    """The ``--strategy``; ``None`` for ``none`` (keras_dmr.tuning is imported only if needed)."""
+    if name == "none":
+        return None
+    from keras_dmr.training.distribute import make_strategy
+
+    return make_strategy(name)

@@ -1,0 +1,139 @@
+"""``keras-dmr convert`` and ``keras-dmr export``: the RM conversion and the exporters."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from keras_dmr import data
+from keras_dmr.cli.common import (
+    _positive_int,
+    describe_report,
+    load_checkpoint,
+)
+from keras_dmr.errors import UsageError
+from keras_dmr.training.checkpoints import read_state
+from keras_dmr.utils.arguments import output_path
+from keras_dmr.utils.files import atomic_output
+
+# --------------------------------------------------------------------------------------------
+# convert and export
+# --------------------------------------------------------------------------------------------
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .keras model")
+    parser.add_argument(
+        "output", type=output_path("file"), metavar="OUT", help="the plain model (.keras)"
+    )
+    parser.add_argument(
+        "--downsample",
+        choices=("dirac", "prelu"),
+        default="dirac",
+        help="downsample blocks by Fig. 9b (dirac, default) or Fig. 9a (prelu)",
+    )
+    parser.add_argument(
+        "--keep-bn",
+        action="store_true",
+        help="keep a BatchNormalization after every conv, for fine-tuning (Appendix A.2)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)"
+    )
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from keras_dmr.convert import ConversionError, to_plain
+
+    if args.output.suffix != ".keras":
+        raise UsageError(f"argument OUT: must end in .keras; got {str(args.output)!r}")
+    if args.output.exists() and not args.overwrite:
+        raise UsageError(f"argument OUT: {args.output} exists; pass --overwrite to replace it")
+    model = load_checkpoint(args.checkpoint)
+    try:
+        plain = to_plain(model, fuse_bn=not args.keep_bn, downsample=args.downsample)
+    except ConversionError as e:
+        raise UsageError(f"cannot convert {args.checkpoint}: {e}") from None
+    with atomic_output(args.output, suffix=".keras") as tmp:
+        plain.save(tmp)
+    print(f"{model.name} → {plain.name}: {len(plain.layers)} layers, no residual connections")
+    print(describe_report(plain.conversion_report))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .keras model")
+    parser.add_argument("--name", required=True, help="model name: the folder under --base-dir")
+    parser.add_argument(
+        "--format",
+        choices=("saved_model", "onnx"),
+        default="saved_model",
+        help="saved_model (TF Serving layout NAME/<version>/, default) or onnx (NAME.onnx)",
+    )
+    parser.add_argument(
+        "--base-dir", type=output_path("dir"), default="savedmodels", help="(default: savedmodels)"
+    )
+    parser.add_argument(
+        "--preprocessing",
+        help="dataset whose mean/std the model was trained with, so the export takes uint8 "
+        "pixels (default: the dataset recorded in a keras-dmr train checkpoint), or 'none' "
+        "for float32 input fed as is",
+    )
+    parser.add_argument(
+        "--version", type=_positive_int, help="saved_model version (default: the next one)"
+    )
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from keras_dmr import export
+    from keras_dmr.convert import ConversionError
+
+    if not args.name or not all(c.isalnum() or c in "-_." for c in args.name):
+        raise UsageError(
+            f"argument --name: letters, digits, '-', '_' and '.' only; got {args.name!r}"
+        )
+    model = load_checkpoint(args.checkpoint)
+    preprocessing = args.preprocessing
+    if preprocessing is None:
+        try:
+            state = read_state(args.checkpoint)
+        except UsageError:
+            state = None
+        preprocessing = (state or {}).get("args", {}).get("dataset")
+        if preprocessing is None:
+            raise UsageError(
+                f"argument --preprocessing: {args.checkpoint} records no training dataset; give "
+                "the dataset its inputs were normalised with, or 'none'"
+            )
+    names = None
+    if preprocessing in data.SUPPORTED:
+        names = data.dataset_info(preprocessing).class_names
+        if len(names) != model.outputs[0].shape[-1]:
+            names = None
+    try:
+        if args.format == "saved_model":
+            path = export.saved_model(
+                model,
+                args.base_dir / args.name,
+                preprocessing=preprocessing,
+                version=args.version,
+                class_names=names,
+            )
+        else:
+            if args.version is not None:
+                raise UsageError("argument --version: only for --format saved_model")
+            path = export.onnx(
+                model,
+                args.base_dir / f"{args.name}.onnx",
+                preprocessing=preprocessing,
+                class_names=names,
+            )
+    except (export.ExportError, ConversionError) as e:
+        raise UsageError(str(e)) from None
+    kind = "float32" if preprocessing == "none" else f"uint8, normalised for {preprocessing}"
+    print(f"exported {model.name} as {args.format} (input images: {kind}): {path}")
+    conversion = export.read_metadata(path)["conversion"]
+    if conversion is not None:
+        print(describe_report(conversion))
+    return 0

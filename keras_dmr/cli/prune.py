@@ -1,0 +1,220 @@
+"""``keras-dmr prune``: parse, call :mod:`keras_dmr.prune`, print."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import keras
+
+from keras_dmr.prune import (
+    accuracy,
+    describe,
+    fold_batchnorm,
+    format_table,
+    slim,
+    slim_residual,
+    throughput,
+)
+from keras_dmr.utils.arguments import int_at_least as _count_arg
+from keras_dmr.utils.arguments import output_path
+from keras_dmr.utils.files import atomic_output
+
+# ---------------------------------------------------------------------------------- CLI
+PRUNE_HELP = "prune a checkpoint by network slimming (Sec. 4.2)"
+PRUNE_DESCRIPTION = (
+    "Convert the model in CHECKPOINT (.keras) to its plain form with BN kept, drop the channels "
+    "whose BN scale is below --threshold (or the lowest --ratio of them), fine-tune for "
+    "--finetune-epochs, print parameters, MACs, accuracy and measured throughput before and "
+    "after, and save the pruned model atomically. --residual prunes the residual network "
+    "itself instead (channels tied by a shortcut go together): the baseline of Fig. 7. Train "
+    "with keras_dmr.prune.BNSparsity (and skip_bn) first for channels worth dropping."
+)
+
+
+def _threshold_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {text!r}")
+    return value
+
+
+def _ratio_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1); got {text!r}")
+    return value
+
+
+def _lr_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0; got {text!r}")
+    return value
+
+
+def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``keras-dmr prune``."""
+    from keras_dmr import data
+
+    parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .keras model")
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--threshold",
+        type=_threshold_arg,
+        metavar="T",
+        help="drop channels whose BN scale is below T (the paper: 5e-4 to 5e-3)",
+    )
+    how.add_argument(
+        "--ratio", type=_ratio_arg, metavar="R", help="drop the lowest fraction R of channels"
+    )
+    parser.add_argument(
+        "--residual",
+        action="store_true",
+        help="prune the residual network itself (the baseline) instead of its plain form",
+    )
+    parser.add_argument(
+        "--finetune-epochs",
+        type=_count_arg(0),
+        default=2,
+        metavar="N",
+        help="fine-tuning epochs after pruning (default: 2)",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=_lr_arg,
+        default=0.01,
+        metavar="LR",
+        help="fine-tuning learning rate, recipe schedule (default: 0.01)",
+    )
+    parser.add_argument(
+        "--batch-size", type=_count_arg(1), default=64, metavar="N", help="(default: 64)"
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=data.SUPPORTED,
+        default="digits",
+        help="data for fine-tuning and accuracy (default: digits, bundled)",
+    )
+    parser.add_argument("--data-dir", metavar="DIR", help="TFDS data directory")
+    parser.add_argument(
+        "--downsample",
+        choices=("dirac", "prelu"),
+        default="dirac",
+        help="RM of downsampling blocks (default: dirac)",
+    )
+    parser.add_argument(
+        "--fold-bn", action="store_true", help="save with BN folded into the convolutions"
+    )
+    parser.add_argument(
+        "--output",
+        type=output_path("file"),
+        metavar="PATH",
+        help="pruned model (default: CHECKPOINT's name with _pruned)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """``keras-dmr prune``: returns the exit code; bad arguments raise ``UsageError``."""
+    from keras_dmr import data
+    from keras_dmr.cli.common import load_checkpoint
+    from keras_dmr.convert import ConversionError, to_plain
+    from keras_dmr.errors import UsageError
+    from keras_dmr.recipe import StepDecay, compile_with_recipe
+
+    output = args.output or args.checkpoint.with_name(f"{args.checkpoint.stem}_pruned.keras")
+    if output.suffix != ".keras":
+        raise UsageError(f"argument --output: must end in .keras; got {str(output)!r}")
+    if output.exists() and not args.overwrite:
+        raise UsageError(f"argument --output: {output} exists; pass --overwrite to replace it")
+    model = load_checkpoint(args.checkpoint)
+    residual = any(hasattr(layer, "plain_ops") for layer in model.layers)
+    if args.residual and not residual:
+        raise UsageError(f"argument --residual: {args.checkpoint} holds no residual blocks")
+    info = data.dataset_info(args.dataset)
+    if model.outputs[0].shape[-1] != info.num_classes:
+        raise UsageError(
+            f"argument --dataset: {args.dataset} has {info.num_classes} classes, the model "
+            f"{model.outputs[0].shape[-1]} outputs"
+        )
+    how = {"threshold": args.threshold, "ratio": args.ratio}
+    source = model
+    try:
+        if args.residual:
+            pruned = slim_residual(model, **how)
+        else:
+            if residual:
+                source = to_plain(model, fuse_bn=False, downsample=args.downsample)
+            pruned = slim(source, **how)
+    except (ConversionError, ValueError) as e:
+        raise UsageError(f"cannot prune {args.checkpoint}: {e}") from None
+    report = pruned.pruning_report
+    test = data.load(args.dataset, "test", batch_size=args.batch_size, data_dir=args.data_dir)
+    print(
+        f"{model.name}: kept {report['channels_after']:,} of {report['channels_before']:,} "
+        f"channels (BN scale threshold {report['threshold']:.3g}); "
+        f"{report['pruned_params_ratio']:.1%} of the parameters pruned",
+        flush=True,
+    )
+    pruned_accuracy = accuracy(pruned, test)
+    if args.finetune_epochs:
+        # Whole batches: TensorFlow 2.21's oneDNN CPU kernels can crash training a pruned
+        # functional ResNet on a short last batch.
+        train = data.load(
+            args.dataset,
+            "train",
+            batch_size=args.batch_size,
+            data_dir=args.data_dir,
+            drop_remainder=True,
+        )
+        last = model.layers[-1]
+        linear = getattr(last, "activation", None) in (None, keras.activations.linear)
+        compile_with_recipe(pruned, learning_rate=args.learning_rate, from_logits=linear)
+        n = args.finetune_epochs
+        print(f"fine-tuning for {n} epoch{'s' if n > 1 else ''}", flush=True)
+        pruned.fit(
+            train,
+            validation_data=test,
+            epochs=args.finetune_epochs,
+            shuffle=False,
+            verbose=1 if sys.stdout.isatty() else 2,
+            callbacks=[StepDecay()],
+        )
+    final = fold_batchnorm(pruned) if args.fold_bn else pruned
+    models = {f"{model.name} (checkpoint)": model}
+    if source is not model:  # the plain form before pruning, in the form saved
+        models["plain, before pruning"] = fold_batchnorm(source) if args.fold_bn else source
+    models["pruned" + (" (fine-tuned)" if args.finetune_epochs else "")] = final
+    speed = throughput(models, batch_size=args.batch_size)
+    rows = describe(models, data=test, speed=speed)
+    print(format_table(rows))
+    print(f"accuracy right after pruning, before fine-tuning: {pruned_accuracy:.4f}")
+    with atomic_output(output, suffix=".keras") as tmp:
+        final.save(tmp)
+    print(f"wrote {output}")
+    return 0
+
+
+def prune_command():
+    """The ``Command`` entry of ``keras-dmr prune`` for :data:`keras_dmr.cli.COMMANDS`."""
+    from keras_dmr.cli.common import Command
+
+    return Command(
+        "prune",
+        help=PRUNE_HELP,
+        description=PRUNE_DESCRIPTION,
+        add_arguments=add_prune_arguments,
+        run=run_prune,
+    )

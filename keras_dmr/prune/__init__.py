@@ -1,0 +1,29 @@
+"""Network slimming of RMNet's plain form and of the residual baseline (``keras_dmr.prune``):
+sparsity training (:mod:`~keras_dmr.prune.sparsity`), slimming the plain model
+(:mod:`~keras_dmr.prune.slim`, whose docstring explains the method), the residual baseline and BN
+folding (:mod:`~keras_dmr.prune.residual`), reports (:mod:`~keras_dmr.prune.report`). See
+``docs/pruning.md``.
+"""
+
+from keras_dmr.layers.blocks import ChannelScale
+from keras_dmr.prune.report import accuracy, describe, format_table, throughput
+from keras_dmr.prune.residual import fold_batchnorm, slim_residual
+from keras_dmr.prune.slim import channel_importances, slim, threshold_for_ratio
+from keras_dmr.prune.sparsity import BNSparsity, bn_scales, scale_variables, with_skip_bn
+
+__all__ = [
+    "BNSparsity",
+    "ChannelScale",
+    "accuracy",
+    "bn_scales",
+    "channel_importances",
+    "describe",
+    "fold_batchnorm",
+    "format_table",
+    "scale_variables",
+    "slim",
+    "slim_residual",
+    "threshold_for_ratio",
+    "throughput",
+    "with_skip_bn",
+]

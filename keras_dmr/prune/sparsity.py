@@ -1,0 +1,121 @@
+"""Sparsity training for network slimming: an L1 penalty on the BN scales (:class:`BNSparsity`)
+and the extra BN on the residual path (:func:`with_skip_bn`)."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_dmr.layers.blocks import ChannelScale, ParallelBranchBlock
+from keras_dmr.prune.units import (
+    SPARSITY_METHODS,
+    clone_layer,
+    input_like,
+    layer_chain,
+)
+
+
+# ------------------------------------------------------------------------------ sparsity
+def scale_variables(model: keras.Model) -> list:
+    """The scale factors network slimming penalises: every BatchNormalization's ``gamma`` and
+    every :class:`ChannelScale`'s (the extra BN on the residual path), nested layers included."""
+    found, seen = [], set()
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        var = None
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.scale:
+            var = layer.gamma
+        elif isinstance(layer, ChannelScale) and layer.scale:
+            var = layer.gamma
+        if var is not None and id(var) not in seen:
+            seen.add(id(var))
+            found.append(var)
+    return found
+
+
+def bn_scales(model: keras.Model) -> np.ndarray:
+    """All penalised scale factors of ``model`` as one vector of ``|gamma|``."""
+    variables = scale_variables(model)
+    if not variables:
+        return np.zeros(0)
+    return np.concatenate([np.abs(np.asarray(v, np.float64)) for v in variables])
+
+
+class BNSparsity(keras.callbacks.Callback):
+    """Sparsity training: an L1 penalty ``factor·Σ|gamma|`` on every BN scale (and every
+    :class:`ChannelScale`), applied after each training batch with the optimizer's current
+    learning rate ``lr``.
+
+    ``method="proximal"`` (default) soft-thresholds, ``gamma ← sign(gamma)·max(|gamma| −
+    lr·factor, 0)``, so unimportant scales reach exactly 0; ``"subgradient"`` steps
+    ``gamma −= lr·factor·sign(gamma)`` as Network slimming does (scales hover around 0). The
+    paper picks ``factor`` in [1e-4, 1e-3] for 200 CIFAR epochs; the penalty applied is
+    proportional to ``factor`` times the number of steps, so short runs need a larger one. The
+    step bypasses momentum and weight decay (it is not part of the loss).
+    """
+
+    def __init__(self, factor: float = 1e-4, method: str = "proximal"):
+        super().__init__()
+        if isinstance(factor, bool) or not isinstance(factor, int | float):
+            raise ValueError(f"`factor` must be a number > 0; got {factor!r}")
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"`factor` must be a number > 0; got {factor!r}")
+        if method not in SPARSITY_METHODS:
+            raise ValueError(f"`method` must be one of {SPARSITY_METHODS}; got {method!r}")
+        self.factor = float(factor)
+        self.method = method
+        self._variables = []
+
+    def on_train_begin(self, logs=None):
+        self._variables = scale_variables(self.model)
+        if not self._variables:
+            raise ValueError(
+                f"model {self.model.name!r} has no BatchNormalization (or ChannelScale) scale "
+                "for BNSparsity to penalise"
+            )
+
+    def on_train_batch_end(self, batch, logs=None):
+        lr = float(ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        step = lr * self.factor
+        for var in self._variables:
+            g = var.value
+            if self.method == "proximal":
+                var.assign(ops.sign(g) * ops.maximum(ops.abs(g) - step, 0.0))
+            else:
+                var.assign(g - step * ops.sign(g))
+
+    def get_config(self):
+        return {"factor": self.factor, "method": self.method}
+
+
+def with_skip_bn(model: keras.Model) -> keras.Model:
+    """A copy of ``model`` (a chain of layers, as the package's builders make) whose residual
+    blocks have the extra BN on the residual path (``ParallelBranchBlock(skip_bn=True)``).
+
+    Same weights and, with the new scales at 1, the same function. The copy is a functional
+    ``keras.Model`` (it no longer rebuilds from builder arguments), compiled with the paper's
+    recipe when ``model`` was compiled; add :class:`keras_dmr.recipe.StepDecay` to its ``fit``
+    for the recipe's schedule. Blocks of other kinds are copied as they are.
+    """
+    from keras_dmr.recipe import compile_with_recipe
+
+    layers = layer_chain(model, "model")
+    inputs = input_like(model)
+    x = inputs
+    for layer in layers:
+        if isinstance(layer, ParallelBranchBlock):
+            new = clone_layer(layer, skip_bn=True)
+            x = new(x)
+            new.set_branch_weights(layer.branch_weights())
+        else:
+            new = clone_layer(layer)
+            x = new(x)
+            new.set_weights(layer.get_weights())
+    copy = keras.Model(inputs, x, name=model.name)
+    if getattr(model, "optimizer", None) is not None:
+        last = layers[-1]
+        linear = getattr(last, "activation", None) in (None, keras.activations.linear)
+        compile_with_recipe(copy, from_logits=linear)
+    return copy
