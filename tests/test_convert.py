@@ -318,7 +318,7 @@ def test_bad_downsample_argument():
 
 
 # ------------------------------------------------------------------------- property-based
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     branches=st.integers(1, 3),
     mapping=st.sampled_from(["merge_and_run", "identity", "vanilla"]),

@@ -165,3 +165,29 @@ def test_plain_keras_file_loads_without_keras_dmr(tmp_path):
     for name in PLAIN_KERAS:
         got, want = np.load(tmp_path / f"{name}_got.npy"), np.load(tmp_path / f"{name}_y.npy")
         assert max_rel_error(got, want) <= 1e-6
+
+
+# ------------------------------------------------------------ one walker protocol, idempotent
+IDEMPOTENT = {
+    **BUILDERS,
+    "mobilenet_v2": lambda: keras_dmr.MobileNetV2(variant="cifar", alpha=0.25, compile=False),
+    "dmrnet_headless": lambda: keras_dmr.DMRNet(
+        depth=8, include_top=False, pooling="avg", compile=False
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(IDEMPOTENT))
+def test_a_plain_model_converts_again_to_itself(family):
+    """The walker reads everything its emitter writes (Conv2D, GroupedConv2D, DepthwiseConv2D,
+    ReLU, PReLU, ChannelwiseReLU, pooling, Dense): converting a plain model again gives the same
+    layers and the same outputs (float32, max. relative error <= 1e-6 over three batches)."""
+    model = randomize(IDEMPOTENT[family](), seed=8)
+    plain = to_plain(model)
+    again = to_plain(plain)
+    kinds = [type(layer).__name__ for layer in plain.layers]
+    assert [type(layer).__name__ for layer in again.layers] == kinds
+    assert again.count_params() == plain.count_params()
+    for x in batches(model.inputs[0].shape[1:]):
+        assert max_rel_error(again(x, training=False), plain(x, training=False)) <= 1e-6
+        assert max_rel_error(again(x, training=False), model(x, training=False)) <= FLOAT32

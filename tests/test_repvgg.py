@@ -115,7 +115,7 @@ def test_block_matches_formula_and_converts(c_in, filters, strides, reserve_rati
         check_plain_block(block, x, nonnegative)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     filters=st.integers(1, 6),
     strides=st.sampled_from([1, 2]),

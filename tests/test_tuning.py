@@ -458,3 +458,13 @@ def test_best_trial_follows_the_direction_and_breaks_ties_by_the_earliest_trial(
     assert tuning.best_trial(running).trial_id == "03"
     with pytest.raises(ValueError, match="no completed trial"):
         tuning.best_trial(_fake_tuner("max", {"00": 1.0}, {"00": "RUNNING"}))
+
+
+def test_the_command_line_offers_the_library_s_tuners_and_strategies():
+    """keras-dmr keeps its own tuple of tuners (importing keras_dmr.tuning would load Keras
+    Tuner for every command); it must stay the library's."""
+    from keras_dmr.cli.tune import TUNERS
+    from keras_dmr.training.distribute import STRATEGIES
+
+    assert TUNERS == tuning.TUNERS
+    assert STRATEGIES == tuning.STRATEGIES

@@ -40,7 +40,6 @@ RESUME_KEYS = (
     "learning_rate",
     "seed",
 )
-STRATEGIES = ("none", "mirrored", "multiworker")  # keras_dmr.tuning.STRATEGIES (not imported)
 
 
 class _Parser(argparse.ArgumentParser):

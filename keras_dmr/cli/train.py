@@ -13,7 +13,6 @@ from keras_dmr import data
 from keras_dmr.cli.common import (
     MODELS,
     RESUME_KEYS,
-    STRATEGIES,
     TRAIN_DEPTHS,
     _add_model_arguments,
     _make_strategy,
@@ -26,6 +25,7 @@ from keras_dmr.cli.common import (
 from keras_dmr.errors import UsageError
 from keras_dmr.recipe import compile_with_recipe
 from keras_dmr.training.checkpoints import EpochCheckpoint, read_state
+from keras_dmr.training.distribute import STRATEGIES
 from keras_dmr.utils.arguments import output_path
 
 # --------------------------------------------------------------------------------------------

@@ -36,11 +36,16 @@ DEFAULT_TOLERANCE = DEFAULT_TOLERANCES["float32"]
 
 @dataclasses.dataclass
 class PlainContext:
-    """What a layer needs to know to rewrite itself: its input and the conversion options."""
+    """What a layer needs to know to rewrite itself (the walker protocol): its input's height and
+    width and sign, the conversion options, whether global pooling came before, and the plain
+    chain built so far (``chain``: a layer may rewrite its last op in place, as
+    ``TileBranches`` does). ``plain_ops(ctx)`` returns the ops to append."""
 
     input_hw: tuple | None
     input_nonnegative: bool
     downsample: str = "dirac"
+    pooled: bool = False
+    chain: list = dataclasses.field(default_factory=list)
 
 
 def _describe(layer) -> str:
@@ -70,6 +75,9 @@ def _activation_of(layer) -> Callable[[int], Act] | None:
         if name == "relu6":
             return lambda c: Act.relu(c, 6.0)
         return None
+    if isinstance(layer, ChannelwiseReLU):  # what the emitter writes: a plain model reconverts
+        slope, cap = np.asarray(layer.negative_slope), np.asarray(layer.max_value)
+        return lambda c: Act(slope.astype(np.float64), cap.astype(np.float64))
     if isinstance(layer, keras.layers.PReLU):
         alpha = np.asarray(layer.get_weights()[0], np.float64)
         return lambda c: Act(np.broadcast_to(alpha.reshape(-1), (c,)).copy(), np.full(c, np.inf))
@@ -86,7 +94,6 @@ class _Walker:
         self.hw = (shape[1], shape[2])
         self.nonnegative = False
         self.pending_padding = None
-        self.pending_mean = 1
         self.pooled = False
 
     def last_conv(self, layer, what: str) -> ConvOp:
@@ -118,11 +125,11 @@ class _Walker:
         ):
             raise ConversionError(f"{_describe(layer)}: ZeroPadding2D must precede a conv or pool")
         if hasattr(layer, "plain_ops"):
-            if self.pooled:
-                raise ConversionError(f"{_describe(layer)}: a block after global pooling")
-            ctx = PlainContext(self.hw, self.nonnegative, self.downsample)
+            ctx = PlainContext(self.hw, self.nonnegative, self.downsample, self.pooled, self.ops)
             ops = layer.plain_ops(ctx)
-            signed = [op for op in ops if op.act is not None and not op.act.nonnegative]
+            if self.pooled and any(isinstance(op, ConvOp | PoolOp) for op in ops):
+                raise ConversionError(f"{_describe(layer)}: a block after global pooling")
+            signed = [op for op in ops if getattr(op, "act", None) and not op.act.nonnegative]
             if self.relu_only and signed:
                 raise ConversionError(
                     f"{_describe(layer)}: the input it reserves may be negative (the layer before "
@@ -130,6 +137,8 @@ class _Walker:
                     "it; convert with relu_only=False to carry it through slope-1 PReLU"
                 )
             for op in ops:
+                if isinstance(op, DenseOp) and not self.pooled:
+                    raise ConversionError(f"{_describe(layer)} must follow global pooling")
                 self.add(op)
             return
         if isinstance(layer, keras.layers.DepthwiseConv2D):
@@ -195,26 +204,14 @@ class _Walker:
             w = layer.get_weights()
             kernel = np.asarray(w[0], np.float64)
             bias = np.asarray(w[1], np.float64) if layer.use_bias else np.zeros(kernel.shape[1])
-            if self.pending_mean > 1:  # BranchMean: the mean of K stacked states, folded in
-                kernel = np.tile(kernel, (self.pending_mean, 1)) / self.pending_mean
-                self.pending_mean = 1
             activation = keras.activations.serialize(layer.activation)
             activation = None if activation == "linear" else activation
-            self.ops.append(DenseOp(kernel, bias, activation, layer.name))
-        elif type(layer).__name__ == "TileBranches":
-            op = self.last_conv(layer, "TileBranches")
-            k = layer.branches
-            self.ops[-1] = dataclasses.replace(
-                op,
-                kernel=np.concatenate([op.kernel] * k, axis=-1),
-                bias=np.tile(op.bias, k),
-                act=op.act and Act(np.tile(op.act.slope, k), np.tile(op.act.cap, k)),
-                bn=np.tile(op.bn, (1, k)),
-            )
-        elif type(layer).__name__ == "BranchMean":
-            if not self.pooled:
-                raise ConversionError(f"{_describe(layer)}: BranchMean must follow global pooling")
-            self.pending_mean = layer.branches
+            op = DenseOp(kernel, bias, activation, layer.name)
+            last = self.ops[-1] if self.ops else None
+            if isinstance(last, DenseOp) and last.activation is None:  # two linear maps: one
+                op = DenseOp(last.kernel @ kernel, last.bias @ kernel + bias, activation, op.name)
+                self.ops.pop()
+            self.ops.append(op)
         else:
             raise ConversionError(
                 f"{_describe(layer)} cannot be converted: it is not a convolution, BatchNorm, "

@@ -598,6 +598,17 @@ class BranchMean(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], input_shape[-1] // self.branches)
 
+    def plain_ops(self, ctx):
+        """The mean as a linear map of the pooled features (the walker folds it into the
+        classifier that follows); refused before global pooling, where it would be a 1×1
+        convolution the RM chain does not need."""
+        if not ctx.pooled:
+            raise rm.ConversionError(f"layer {self.name!r} (BranchMean) must follow global pooling")
+        convs = [op for op in ctx.chain if isinstance(op, rm.ConvOp)]
+        channels = convs[-1].c_out // self.branches
+        mean = np.tile(np.eye(channels), (self.branches, 1)) / self.branches
+        return [rm.DenseOp(mean, np.zeros(channels), None, self.name)]
+
     def get_config(self):
         return {**super().get_config(), "branches": self.branches}
 
@@ -615,6 +626,25 @@ class TileBranches(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], input_shape[-1] * self.branches)
+
+    def plain_ops(self, ctx):
+        """Rewrites the convolution before it (the shared conv0) to write its output K times:
+        the tile commutes with its per-channel activation and BN record. Adds no op."""
+        previous = ctx.chain[-1] if ctx.chain else None
+        if not isinstance(previous, rm.ConvOp):
+            raise rm.ConversionError(
+                f"layer {self.name!r} (TileBranches) must follow a convolution"
+            )
+        k = self.branches
+        ctx.chain[-1] = dataclasses.replace(
+            previous,
+            kernel=np.concatenate([previous.kernel] * k, axis=-1),
+            bias=np.tile(previous.bias, k),
+            act=previous.act
+            and rm.Act(np.tile(previous.act.slope, k), np.tile(previous.act.cap, k)),
+            bn=np.tile(previous.bn, (1, k)),
+        )
+        return []
 
     def get_config(self):
         return {**super().get_config(), "branches": self.branches}

@@ -121,6 +121,41 @@ def check_common(
         )
 
 
+def resolve_head(
+    variant: str,
+    input_shape,
+    classes,
+    *,
+    pooling,
+    classifier_activation,
+    weights,
+    branches: int = 1,
+    width: float = 1,
+    branch: str | None = None,
+    family: str = "the",
+    downsamples: int | None = None,
+) -> tuple[tuple, int]:
+    """Every builder's first step: the variant checked, ``input_shape`` and ``classes``
+    defaulted from it, then :func:`check_common`. Returns ``(input_shape, classes)``."""
+    check_choice("variant", variant, DEFAULT_SHAPES)
+    input_shape = tuple(input_shape or DEFAULT_SHAPES[variant])
+    classes = DEFAULT_CLASSES[variant] if classes is None else classes
+    check_common(
+        variant=variant,
+        branches=branches,
+        width=width,
+        classes=classes,
+        input_shape=input_shape,
+        pooling=pooling,
+        branch=branch,
+        classifier_activation=classifier_activation,
+        weights=weights,
+        family=family,
+        downsamples=downsamples,
+    )
+    return input_shape, classes
+
+
 def check_head_and_weights(classifier_activation, weights) -> None:
     if classifier_activation is not None:
         try:

@@ -33,10 +33,9 @@ from keras_dmr.layers.conv import BN_EPSILON, conv2d
 from keras_dmr.layers.inverted import ACTIVATIONS, InvertedResidualBlock, keras_pads
 from keras_dmr.models.base import (
     DEFAULT_CLASSES,
-    DEFAULT_SHAPES,
     ResidualClassifier,
-    check_common,
     classifier_head,
+    resolve_head,
 )
 
 # (expansion t, output channels c, repeats n, stride of the first s); block 0 is the first row.
@@ -139,7 +138,16 @@ class MobileNetV2(ResidualClassifier):
         name: str | None = None,
         **kwargs,
     ):
-        check_choice("variant", variant, DEFAULT_SHAPES)
+        input_shape, classes = resolve_head(
+            variant,
+            input_shape,
+            classes,
+            pooling=pooling,
+            classifier_activation=classifier_activation,
+            weights=weights,
+            family="MobileNetV2's",
+            downsamples=STRIDE_TWO_OPS[variant],
+        )
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
             raise ValueError(f"`alpha` must be a number > 0; got {alpha!r}")
         alpha = float(alpha)
@@ -148,21 +156,6 @@ class MobileNetV2(ResidualClassifier):
             raise ValueError(f"`bottleneck_factor` must be an integer >= 1; got {f!r}")
         activation = activation or DEFAULT_ACTIVATION[variant]
         check_choice("activation", activation, ACTIVATIONS)
-        input_shape = tuple(input_shape or DEFAULT_SHAPES[variant])
-        classes = DEFAULT_CLASSES[variant] if classes is None else classes
-        check_common(
-            variant=variant,
-            branches=1,
-            width=1,
-            classes=classes,
-            input_shape=input_shape,
-            pooling=pooling,
-            branch=None,
-            classifier_activation=classifier_activation,
-            weights=weights,
-            family="MobileNetV2's",
-            downsamples=STRIDE_TWO_OPS[variant],
-        )
 
         epsilon, momentum = BN_SETTINGS[variant]
 

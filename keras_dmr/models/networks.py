@@ -13,7 +13,6 @@ import keras
 
 from keras_dmr.layers.blocks import check_choice
 from keras_dmr.models.base import (
-    DEFAULT_CLASSES,
     DEFAULT_SHAPES,
     ResidualClassifier,
     Stage,
@@ -21,6 +20,7 @@ from keras_dmr.models.base import (
     check_common,
     cifar_blocks_per_stage,
     imagenet_plan,
+    resolve_head,
     resolve_implementation,
     scaled,
 )
@@ -81,19 +81,16 @@ class _AssemblyNet(ResidualClassifier):
         name: str | None = None,
         **kwargs,
     ):
-        check_choice("variant", variant, DEFAULT_SHAPES)
-        input_shape = tuple(input_shape or DEFAULT_SHAPES[variant])
-        classes = DEFAULT_CLASSES[variant] if classes is None else classes
-        check_common(
-            variant=variant,
-            branches=branches,
-            width=width,
-            classes=classes,
-            input_shape=input_shape,
+        input_shape, classes = resolve_head(
+            variant,
+            input_shape,
+            classes,
             pooling=pooling,
-            branch=branch,
             classifier_activation=classifier_activation,
             weights=weights,
+            branches=branches,
+            width=width,
+            branch=branch,
         )
         check_choice("mapping", mapping, ("merge_and_run", "identity", "vanilla"))
         implementation = resolve_implementation(implementation)

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import keras
 
-from keras_dmr.layers.blocks import check_choice
 from keras_dmr.layers.repvgg import RepVGGBlock, check_reserve_ratio
 from keras_dmr.models.base import (
-    DEFAULT_CLASSES,
-    DEFAULT_SHAPES,
     ResidualClassifier,
-    check_common,
     classifier_head,
+    resolve_head,
 )
 
 REPVGG_STAGES = {
@@ -110,26 +107,20 @@ class RepVGG(ResidualClassifier):
         name: str | None = None,
         **kwargs,
     ):
-        check_choice("variant", variant, DEFAULT_SHAPES)
-        input_shape = tuple(input_shape or DEFAULT_SHAPES[variant])
-        classes = DEFAULT_CLASSES[variant] if classes is None else classes
-        depth, blocks = repvgg_plan(depth, blocks_per_stage)
-        reserve_ratio = check_reserve_ratio(reserve_ratio)
-        if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 1:
-            raise ValueError(f"`base_width` must be an integer >= 1; got {base_width!r}")
-        check_common(
-            variant=variant,
-            branches=1,
-            width=1,
-            classes=classes,
-            input_shape=input_shape,
+        input_shape, classes = resolve_head(
+            variant,
+            input_shape,
+            classes,
             pooling=pooling,
-            branch=None,
             classifier_activation=classifier_activation,
             weights=weights,
             family="RepVGG's",
             downsamples=STRIDE_TWO_BLOCKS[variant],
         )
+        depth, blocks = repvgg_plan(depth, blocks_per_stage)
+        reserve_ratio = check_reserve_ratio(reserve_ratio)
+        if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 1:
+            raise ValueError(f"`base_width` must be an integer >= 1; got {base_width!r}")
 
         inputs = keras.Input(shape=input_shape, name="images")
         x = inputs

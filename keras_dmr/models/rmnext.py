@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import keras
 
-from keras_dmr.layers.blocks import ParallelBranchBlock, check_choice
+from keras_dmr.layers.blocks import ParallelBranchBlock
 from keras_dmr.layers.conv import batch_norm, conv2d
 from keras_dmr.models.base import (
-    DEFAULT_CLASSES,
-    DEFAULT_SHAPES,
     ResidualClassifier,
-    check_common,
     classifier_head,
+    resolve_head,
     resolve_implementation,
 )
 
@@ -150,19 +148,14 @@ class RMNeXt(ResidualClassifier):
         name: str | None = None,
         **kwargs,
     ):
-        check_choice("variant", variant, DEFAULT_SHAPES)
-        input_shape = tuple(input_shape or DEFAULT_SHAPES[variant])
-        classes = DEFAULT_CLASSES[variant] if classes is None else classes
-        check_common(
-            variant=variant,
-            branches=1,
-            width=1,
-            classes=classes,
-            input_shape=input_shape,
+        input_shape, classes = resolve_head(
+            variant,
+            input_shape,
+            classes,
             pooling=pooling,
-            branch="resnext",
             classifier_activation=classifier_activation,
             weights=weights,
+            branch="resnext",
             family="RMNeXt's",
             downsamples=_STRIDE_TWO_OPS[variant],
         )

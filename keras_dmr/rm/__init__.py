@@ -4,6 +4,7 @@ geometry (:mod:`keras_dmr.rm.kernels`), and the plain network as data -- activat
 pooling and dense ops, reserve-and-merge, fusing and channel ordering (:mod:`keras_dmr.rm.ops`).
 Blocks rewrite themselves with it; nothing here imports Keras layers or the converter."""
 
+from keras_dmr.errors import ConversionError
 from keras_dmr.rm.kernels import (
     fold_bn,
     identity_bn,
@@ -28,6 +29,7 @@ from keras_dmr.rm.ops import (
 
 __all__ = [
     "Act",
+    "ConversionError",
     "ConvOp",
     "DenseOp",
     "GlobalPoolOp",

@@ -121,21 +121,6 @@ def to_dense(kernel: np.ndarray, groups: int) -> np.ndarray:
     return dense
 
 
-def block_diagonal_groups(dense: np.ndarray) -> int:
-    """The largest number of equal groups a dense kernel is block-diagonal in (exact zeros)."""
-    c_in, c_out = dense.shape[2], dense.shape[3]
-    nonzero = np.any(dense != 0, axis=(0, 1))
-    for groups in sorted(
-        (g for g in range(1, min(c_in, c_out) + 1) if c_in % g == 0 and c_out % g == 0),
-        reverse=True,
-    ):
-        per_in, per_out = c_in // groups, c_out // groups
-        mask = np.kron(np.eye(groups, dtype=bool), np.ones((per_in, per_out), dtype=bool))
-        if not np.any(nonzero & ~mask):
-            return groups
-    return 1
-
-
 def to_grouped(dense: np.ndarray, groups: int) -> np.ndarray:
     """Inverse of :func:`to_dense`: keep the diagonal blocks of a block-diagonal dense kernel."""
     if groups == 1:

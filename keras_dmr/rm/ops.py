@@ -53,6 +53,10 @@ class Act:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return np.where(x < 0, self.slope * x, np.minimum(x, self.cap))
 
+    def tile(self, times: int) -> Act:
+        """The same activation for the channels repeated ``times`` times."""
+        return Act(np.tile(self.slope, times), np.tile(self.cap, times))
+
     def concat(self, other: Act) -> Act:
         return Act(np.concatenate([self.slope, other.slope]), np.concatenate([self.cap, other.cap]))
 

@@ -10,11 +10,11 @@ from keras_dmr.training.distribute import (
 )
 from keras_dmr.tuning.hypermodels import (
     BRANCHES,
-    MAPPINGS,
+    DMRNET_MAPPINGS,
     PAPER_RESERVE_RATIOS,
     REPVGG_DEPTHS,
     RMNEXT_CHANNELS_PER_GROUP,
-    RMNEXT_DEPTHS,
+    RMNEXT_DEPTH_CHOICES,
     RMNEXT_EXPANSIONS,
     RULES,
     HyperDMRNet,
@@ -32,11 +32,11 @@ from keras_dmr.tuning.search import (
 
 __all__ = [
     "BRANCHES",
-    "MAPPINGS",
+    "DMRNET_MAPPINGS",
     "PAPER_RESERVE_RATIOS",
     "REPVGG_DEPTHS",
     "RMNEXT_CHANNELS_PER_GROUP",
-    "RMNEXT_DEPTHS",
+    "RMNEXT_DEPTH_CHOICES",
     "RMNEXT_EXPANSIONS",
     "RULES",
     "STRATEGIES",

@@ -29,7 +29,7 @@ from keras_dmr.recipe import compile_with_recipe
 from keras_dmr.tuning.latency import PlainLatencyObjective
 
 BRANCHES = (1, 2, 4, 8)
-MAPPINGS = ("merge_and_run", "identity")
+DMRNET_MAPPINGS = ("merge_and_run", "identity")
 # DMRNet paper Sec. 5: (depth, per-branch stage widths) for each number of branches K.
 RULES = {
     # About the same parameters as DMRNet-50 (K = 2) at depth 50: narrower branches for larger K.
@@ -57,7 +57,7 @@ PAPER_RESERVE_RATIOS = (0.0, 0.25, 0.5, 0.75)
 # A continuous ratio of exactly 1 (Bayesian optimisation can reach the boundary) is built as
 # this, all channels but one reserved, so every trial converts to the same plain network.
 MAX_RESERVE_RATIO = 1.0 - 1e-6
-RMNEXT_DEPTHS = (26, 41, 50, 101, 152)
+RMNEXT_DEPTH_CHOICES = (26, 41, 50, 101, 152)
 RMNEXT_EXPANSIONS = (3, 4, 5, 6)  # E of the RMNet paper's Table 3 rows
 RMNEXT_CHANNELS_PER_GROUP = (8, 16, 32)  # C of Table 3 (first stage; doubles per stage)
 RMNEXT_BASE_WIDTH = 64  # stage widths 64/128/256/512
@@ -215,7 +215,7 @@ class HyperDMRNet(_RecipeHyperModel):
         if branches is not None:
             check_choice("branches", branches, BRANCHES)
         if mapping is not None:
-            check_choice("mapping", mapping, MAPPINGS)
+            check_choice("mapping", mapping, DMRNET_MAPPINGS)
         if depth is not None and (
             isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6
         ):
@@ -233,7 +233,7 @@ class HyperDMRNet(_RecipeHyperModel):
             else hp.Choice("branches", list(BRANCHES), default=2),
             "mapping": self.mapping
             if self.mapping is not None
-            else hp.Choice("mapping", list(MAPPINGS), default="merge_and_run"),
+            else hp.Choice("mapping", list(DMRNET_MAPPINGS), default="merge_and_run"),
         }
         values.update(self._declare_recipe(hp))
         return values
@@ -330,7 +330,7 @@ class HyperRMNet(_RecipeHyperModel):
         self.family = family
         self.scale = _positive_number("scale", scale, optional=False)
         self.base_width = max(1, round(RMNEXT_BASE_WIDTH * self.scale))
-        depths = REPVGG_DEPTHS if family == "repvgg" else RMNEXT_DEPTHS
+        depths = REPVGG_DEPTHS if family == "repvgg" else RMNEXT_DEPTH_CHOICES
         if depth is not None:
             check_choice("depth", depth, depths)
         if blocks_per_stage is not None:
@@ -398,7 +398,7 @@ class HyperRMNet(_RecipeHyperModel):
     def _declare(self, hp: kt.HyperParameters) -> dict:
         values = {}
         if self.blocks_per_stage is None:
-            depths = REPVGG_DEPTHS if self.family == "repvgg" else RMNEXT_DEPTHS
+            depths = REPVGG_DEPTHS if self.family == "repvgg" else RMNEXT_DEPTH_CHOICES
             values["depth"] = (
                 self.depth
                 if self.depth is not None
