@@ -60,6 +60,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from keras_dmr import data, export
     from keras_dmr.analysis import count_flops
     from keras_dmr.cli import common as cli
+    from keras_dmr.cli import main as keras_dmr_command
     from keras_dmr.convert import to_plain
 
     checkpoints = {}
@@ -70,7 +71,7 @@ def run_demo(args: argparse.Namespace) -> int:
         argv += ["--data-dir", args.data_dir] if args.data_dir else []
         argv += ["--fresh"] if args.fresh else []
         print(f"\n== {model_name}-{depth} on {args.dataset}", flush=True)
-        if cli.main(argv) != 0:
+        if keras_dmr_command(argv) != 0:
             return 2
         checkpoints[model_name] = path
 
