@@ -16,6 +16,7 @@ import pytest
 
 import keras_dmr
 from keras_dmr.bench import command, report, suite, zoo
+from keras_dmr.bench import targets as bench_targets
 from keras_dmr.bench.engines import ENGINES, runner
 
 TINY_ARGS = [
@@ -193,7 +194,9 @@ def test_targets_from_a_synthetic_result():
             }
         ],
     }
-    targets = {t["target"].split(":")[0].split(" (")[0]: t for t in suite.evaluate_targets(result)}
+    targets = {
+        t["target"].split(":")[0].split(" (")[0]: t for t in bench_targets.evaluate_targets(result)
+    }
     repvgg = {v["what"]: v for v in targets["RepVGG-21"]["values"]}
     assert repvgg["keras"]["value"] == pytest.approx(2.5) and repvgg["keras"]["met"]
     assert repvgg["onnx"]["value"] == pytest.approx(1.5) and not repvgg["onnx"]["met"]
@@ -455,12 +458,12 @@ def test_merge_joins_runs_of_one_machine_and_refuses_two():
     gpu = json.loads((DOCS / "data" / "benchmarks_gpu.json").read_text())
     first = dict(gpu, training=[], parts=None)
     second = dict(gpu, inference=[])
-    merged = suite.merge([first, second])
+    merged = bench_targets.merge([first, second])
     assert merged["inference"] == gpu["inference"] and merged["training"] == gpu["training"]
     assert len(merged["parts"]) == 2
     assert [t["target"] for t in merged["targets"]] == [t["target"] for t in gpu["targets"]]
     other = dict(second, machine=dict(second["machine"], cpu="Another CPU"))
     with pytest.raises(ValueError, match="cpu"):
-        suite.merge([first, other])
+        bench_targets.merge([first, other])
     with pytest.raises(ValueError, match="parts"):
-        suite.merge([])
+        bench_targets.merge([])

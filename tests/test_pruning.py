@@ -19,7 +19,7 @@ from keras_dmr import prune as kp
 from keras_dmr.analysis.flops import count_flops
 from keras_dmr.cli.prune import prune_command
 from keras_dmr.convert import to_plain
-from keras_dmr.layers.blocks import ChannelScale
+from keras_dmr.layers.streams import ChannelScale
 
 TYPICAL = 1e-5
 

@@ -430,7 +430,7 @@ def main(argv=None) -> int:
     parser.add_argument("--docs", default="docs", help="directory of benchmarks.md")
     args = parser.parse_args(argv)
     if args.merge:
-        from keras_dmr.bench.suite import merge
+        from keras_dmr.bench.targets import merge
 
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         Path(args.json).write_text(json.dumps(merge(parts), indent=1) + "\n")

@@ -5,15 +5,13 @@ from keras_dmr.layers.blocks import (
     BRANCH_KINDS,
     IMPLEMENTATIONS,
     MAPPINGS,
-    BranchMean,
-    ChannelScale,
     ParallelBranchBlock,
-    TileBranches,
     branch_units,
 )
 from keras_dmr.layers.conv import GroupedConv2D
 from keras_dmr.layers.inverted import InvertedResidualBlock
 from keras_dmr.layers.repvgg import RepVGGBlock
+from keras_dmr.layers.streams import BranchMean, ChannelScale, TileBranches
 from keras_dmr.rm.kernels import merge_and_run_matrix, stack_branches, unstack_branches
 
 __all__ = [

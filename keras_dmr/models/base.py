@@ -11,12 +11,11 @@ from keras_dmr.layers.blocks import (
     BRANCH_KINDS,
     IMPLEMENTATIONS,
     LAYERS_PER_BRANCH,
-    BranchMean,
     ParallelBranchBlock,
-    TileBranches,
     check_choice,
 )
 from keras_dmr.layers.conv import batch_norm, conv2d
+from keras_dmr.layers.streams import BranchMean, TileBranches
 from keras_dmr.recipe import compile_with_recipe, with_recipe_callbacks
 
 VARIANTS = ("cifar", "imagenet")

@@ -5,7 +5,7 @@ folding (:mod:`~keras_dmr.prune.residual`), reports (:mod:`~keras_dmr.prune.repo
 ``docs/pruning.md``.
 """
 
-from keras_dmr.layers.blocks import ChannelScale
+from keras_dmr.layers.streams import ChannelScale
 from keras_dmr.prune.report import accuracy, describe, format_table, throughput
 from keras_dmr.prune.residual import fold_batchnorm, slim_residual
 from keras_dmr.prune.slim import channel_importances, slim, threshold_for_ratio

@@ -8,7 +8,8 @@ import dataclasses
 import keras
 import numpy as np
 
-from keras_dmr.layers.blocks import ChannelScale, ParallelBranchBlock
+from keras_dmr.layers.blocks import ParallelBranchBlock
+from keras_dmr.layers.streams import ChannelScale
 from keras_dmr.prune.slim import (
     _balance,
     _build_unit_layers,

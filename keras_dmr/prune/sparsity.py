@@ -9,7 +9,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_dmr.layers.blocks import ChannelScale, ParallelBranchBlock
+from keras_dmr.layers.blocks import ParallelBranchBlock
+from keras_dmr.layers.streams import ChannelScale
 from keras_dmr.prune.units import (
     SPARSITY_METHODS,
     clone_layer,

@@ -1,0 +1,168 @@
+"""The benchmark's targets checked on a run's results (:func:`evaluate_targets`), and runs split
+by ``--sections`` merged into one (:func:`merge`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from keras_dmr.bench.engines import ENGINES
+
+
+def _find(result: dict, label: str, engine: str) -> dict | None:
+    for group in result.get("inference", []):
+        for r in group["results"]:
+            if r["label"] == label and r["engine"] == engine and "images_per_s" in r:
+                return r
+    return None
+
+
+def _engines_of(result: dict) -> list[str]:
+    seen = []
+    for group in result.get("inference", []):
+        for r in group["results"]:
+            if r["engine"] not in seen:
+                seen.append(r["engine"])
+    return [e for e in ENGINES if e in seen]
+
+
+def _ratio_target(result, name, fast, slow, threshold, paper, engines=None) -> dict | None:
+    values = []
+    for engine in engines or _engines_of(result):
+        a, b = _find(result, fast, engine), _find(result, slow, engine)
+        if a and b:
+            ratio = a["images_per_s"] / b["images_per_s"]
+            values.append({"what": engine, "value": ratio, "met": ratio >= threshold})
+    if not values:
+        return None
+    return {"target": name, "rule": f"≥ {threshold:g}×", "values": values, "paper": paper}
+
+
+def evaluate_targets(result: dict) -> list[dict]:
+    """The issue's targets, from whatever the run measured (missing groups are skipped)."""
+    targets = []
+    add = targets.append
+    for base in ("RepVGG-21", "RM+RepVGG-21 (r=0.25)"):
+        t = _ratio_target(
+            result,
+            f"{base}: deploy form against training form (throughput)",
+            f"{base} deploy",
+            base,
+            2.0,
+            "RepVGG's motivation; no figure in the RMNet paper",
+        )
+        t and add(t)
+    t = _ratio_target(
+        result,
+        "RMNetV1 against MobileNetV2 (CIFAR, its training form; throughput)",
+        "RMNetV1",
+        "MobileNetV2 (CIFAR, f=8)",
+        1.3,
+        "1.45× (RMNet paper Table 2, V100)",
+    )
+    t and add(t)
+    t = _ratio_target(
+        result,
+        "RMNet 26×3_32 plain against CIFAR ResNet-34, exported (throughput)",
+        "RMNet 26×3_32 plain",
+        "CIFAR ResNet-34",
+        1.5,
+        "1.23× (RMNet paper Table 3, V100)",
+    )
+    t and add(t)
+    values = []
+    for label in ("RMNet 26×3_32 plain", "CIFAR ResNet-34"):
+        a, b = _find(result, label, "keras"), _find(result, label, "saved_model")
+        if a and b:
+            ratio = a["images_per_s"] / b["images_per_s"]
+            values.append({"what": label, "value": ratio, "met": abs(ratio - 1) <= 0.1})
+    if values:
+        add(
+            {
+                "target": "In-process Keras model (TF graph) against its exported SavedModel",
+                "rule": "within ±10% (ratio 0.9–1.1)",
+                "values": values,
+                "paper": "–",
+            }
+        )
+    for group in result.get("training", []):
+        train_values, infer_values = [], []
+        for p in group["pairs"]:
+            if not (p["model"].startswith("DMRNet") and p["baseline"].startswith("ResNet")):
+                continue
+            what = f"{p['model']} / {p['baseline']}"
+            r = p["train_step_ratio"]
+            train_values.append({"what": what, "value": r, "met": r <= 0.6})
+            r = p["inference_time_ratio"]
+            infer_values.append({"what": what, "value": r, "met": r <= 1.0})
+        if train_values:
+            add(
+                {
+                    "target": "DMRNet training step against its Table 2 ResNet (time)",
+                    "rule": "≤ 0.6×",
+                    "values": train_values,
+                    "paper": "DMRNet paper: faster convergence, no timing",
+                }
+            )
+            add(
+                {
+                    "target": "DMRNet inference against its Table 2 ResNet (time, compiled graph)",
+                    "rule": "≤ 1.0×",
+                    "values": infer_values,
+                    "paper": "DMRNet paper: same time complexity",
+                }
+            )
+    values = []
+    for group in result.get("inference", []):
+        if group["batch_size"] != 128:
+            continue
+        for r in group["results"]:
+            if r["form"] == "plain" and r["dense"] and "peak_fraction" in r:
+                what = f"{r['label']} ({r['engine']})"
+                values.append({"what": what, "value": r["peak_fraction"], "met": None})
+    if values:
+        best = {}
+        for v in values:
+            model = v["what"].rsplit(" (", 1)[0]
+            if model not in best or v["value"] > best[model]["value"]:
+                best[model] = v
+        values = [dict(v, met=v["value"] >= 0.8) for v in best.values()]
+        add(
+            {
+                "target": "Plain dense-conv models at batch 128 (best engine): fraction of the "
+                "matrix-product peak",
+                "rule": "≥ 80%",
+                "values": values,
+                "paper": "",
+                "percent": True,
+            }
+        )
+    return targets
+
+
+def merge(parts: Sequence[dict]) -> dict:
+    """One result from runs of the same machine split by ``sections`` (say, where one command
+    may run only so long): their groups side by side, every part's settings kept under
+    ``parts``, the targets evaluated again. Ratios stay within a group, so within one run."""
+    if not parts:
+        raise ValueError("`parts` must hold at least one benchmark result")
+    keys = ("cpu", "gpus", "backend", "keras")
+    first = parts[0]["machine"]
+    for part in parts[1:]:
+        if any(part["machine"].get(k) != first.get(k) for k in keys):
+            raise ValueError(
+                "`parts` must come from one machine and software: they differ in "
+                + ", ".join(k for k in keys if part["machine"].get(k) != first.get(k))
+            )
+    merged = dict(parts[0])
+    merged["inference"] = [g for p in parts for g in p.get("inference", [])]
+    merged["training"] = [g for p in parts for g in p.get("training", [])]
+    merged["parts"] = [
+        {"settings": p["settings"], "duration_s": p.get("duration_s"), "peak": p.get("peak")}
+        for p in parts
+    ]
+    merged["duration_s"] = sum(p.get("duration_s") or 0 for p in parts)
+    merged["machine"] = dict(
+        first, load_average_after=parts[-1]["machine"].get("load_average_after")
+    )
+    merged["targets"] = evaluate_targets(merged)
+    return merged
