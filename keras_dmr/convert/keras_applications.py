@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from keras_dmr.errors import ConversionError
+from keras_dmr.rm.kernels import max_relative_error
 
 SUPPORTED = ("ResNet50", "ResNet101", "ResNet152", "MobileNetV2")
 RESNET_V1_STAGES = {
@@ -98,7 +99,7 @@ def from_keras_application(
             rng = np.random.default_rng(0)
             shape = [VERIFY_SIZE if s is None else s for s in model.inputs[0].shape[1:]]
             verify_inputs = [rng.normal(size=(2, *shape)).astype("float32") for _ in range(2)]
-        error = _max_relative_error(model, mapped, verify_inputs)
+        error = max_relative_error(model, mapped, verify_inputs)
         if not error <= tolerance:
             raise ConversionError(
                 f"{_describe(model)}: the mapped model differs from it by a maximum relative "
@@ -112,17 +113,6 @@ def from_keras_application(
         "tolerance": tolerance,
     }
     return mapped
-
-
-def _max_relative_error(source: keras.Model, mapped: keras.Model, inputs) -> float:
-    """``max|a-b| / max|b|`` of ``mapped`` against ``source`` over ``inputs``, inference mode."""
-    worst = 0.0
-    for batch in inputs:
-        expected = np.asarray(source(batch, training=False), np.float64)
-        got = np.asarray(mapped(batch, training=False), np.float64)
-        scale = max(float(np.max(np.abs(expected))), 1e-12)
-        worst = max(worst, float(np.max(np.abs(got - expected))) / scale)
-    return worst
 
 
 # ---------------------------------------------------------------------------------- ResNet v1

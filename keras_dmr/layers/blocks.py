@@ -273,8 +273,7 @@ class ParallelBranchBlock(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         h, w = input_shape[1:3]
         if self.strides != 1:
-            h = None if h is None else -(-h // self.strides)
-            w = None if w is None else -(-w // self.strides)
+            h, w = (rm.same_output_size(n, self.strides) for n in (h, w))
         channels = self.filters * (self.branches if self.stacked_input else 1)
         return (input_shape[0], h, w, channels)
 

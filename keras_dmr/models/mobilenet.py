@@ -37,6 +37,7 @@ from keras_dmr.models.base import (
     classifier_head,
     resolve_head,
 )
+from keras_dmr.rm.kernels import max_relative_error, same_output_size
 
 # (expansion t, output channels c, repeats n, stride of the first s); block 0 is the first row.
 CIFAR_SETTINGS = (
@@ -389,12 +390,12 @@ def from_keras_mobilenet_v2(
         raise _fail(model, conv1, "is not 'same' padded")
 
     input_shape = tuple(model.inputs[0].shape[1:])
-    hw = tuple(None if n is None else -(-n // 2) for n in input_shape[:2])
+    hw = tuple(same_output_size(n, 2) for n in input_shape[:2])
     specs = []
     for index, (_, stride) in enumerate(block_plan("imagenet")):
         specs.append(_keras_block_spec(model, index, blocks[index], stride, hw))
         if stride == 2:
-            hw = tuple(None if n is None else -(-n // 2) for n in hw)
+            hw = tuple(same_output_size(n, 2) for n in hw)
     widths = (conv1.filters, [s["filters"] for s in specs], last["Conv_1"].filters)
     alpha = _keras_alpha(*widths)
     if alpha is None:
@@ -450,12 +451,7 @@ def from_keras_mobilenet_v2(
             rng = np.random.default_rng(0)
             shape = [64 if s is None else s for s in input_shape]
             verify_inputs = [rng.normal(size=(2, *shape)).astype("float32") for _ in range(2)]
-        error = 0.0
-        for batch in verify_inputs:
-            expected = np.asarray(model(batch, training=False), np.float64)
-            got = np.asarray(mapped(batch, training=False), np.float64)
-            scale = max(float(np.max(np.abs(expected))), 1e-12)
-            error = max(error, float(np.max(np.abs(got - expected))) / scale)
+        error = max_relative_error(model, mapped, verify_inputs)
         if not error <= tolerance:
             raise ConversionError(
                 f"model {model.name!r}: the mapped MobileNetV2 differs from it by a maximum "

@@ -8,7 +8,9 @@ from keras_dmr.errors import ConversionError
 from keras_dmr.rm.kernels import (
     fold_bn,
     identity_bn,
+    max_relative_error,
     merge_and_run_matrix,
+    same_output_size,
     stack_branches,
     unstack_branches,
 )
@@ -40,7 +42,9 @@ __all__ = [
     "fold_bn",
     "fuse_linear_pairs",
     "identity_bn",
+    "max_relative_error",
     "merge_and_run_matrix",
+    "same_output_size",
     "order_channels",
     "passthrough",
     "reserve_and_merge",

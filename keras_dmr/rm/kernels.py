@@ -67,6 +67,19 @@ def identity_bn(bias, epsilon, mean=None, variance=None) -> list[np.ndarray]:
     return [np.sqrt(variance + float(epsilon)), mean + bias, mean, variance]
 
 
+def max_relative_error(reference, candidate, inputs) -> float:
+    """``max|b - a| / max|a|`` over ``inputs`` (float64), ``a`` the outputs of ``reference`` and
+    ``b`` those of ``candidate``, both called in inference mode: the one error measure every
+    verification of the package reports."""
+    worst = 0.0
+    for batch in inputs:
+        expected = np.asarray(reference(batch, training=False), np.float64)
+        got = np.asarray(candidate(batch, training=False), np.float64)
+        scale = max(float(np.max(np.abs(expected))), 1e-12)
+        worst = max(worst, float(np.max(np.abs(got - expected))) / scale)
+    return worst
+
+
 def identity_bn_channels(gamma, variance, epsilon, rtol: float = 1e-6) -> np.ndarray:
     """Channels whose BN is the identity plus a constant (Eq. 3, ``|gamma| = sqrt(var + eps)``):
     the form :func:`identity_bn` writes, so their statistics carry no learned scale."""
@@ -74,9 +87,15 @@ def identity_bn_channels(gamma, variance, epsilon, rtol: float = 1e-6) -> np.nda
     return np.isclose(np.abs(gamma), np.sqrt(variance + float(epsilon)), rtol=rtol, atol=0)
 
 
+def same_output_size(size: int | None, strides: int) -> int | None:
+    """Output rows (or columns) of a 'same'-padded layer: ``ceil(size / strides)``; None stays
+    None (an unknown size)."""
+    return None if size is None else -(-int(size) // int(strides))
+
+
 def same_padding_before(kernel_size: int, strides: int, size: int) -> int:
     """Rows (or columns) TensorFlow's ``padding='same'`` adds before the input."""
-    out = -(-size // strides)
+    out = same_output_size(size, strides)
     return max((out - 1) * strides + kernel_size - size, 0) // 2
 
 

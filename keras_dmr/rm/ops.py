@@ -224,7 +224,7 @@ def _out_hw(op: ConvOp, hw):
     if hw is None or hw[0] is None:
         return hw
     if op.padding == "same":
-        return tuple(-(-n // op.strides) for n in hw)
+        return tuple(kernels.same_output_size(n, op.strides) for n in hw)
     (t, b), (left, r) = op.padding
     kh, kw = op.kernel_size
     return ((hw[0] + t + b - kh) // op.strides + 1, (hw[1] + left + r - kw) // op.strides + 1)
