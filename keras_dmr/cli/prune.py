@@ -9,6 +9,7 @@ from pathlib import Path
 
 import keras
 
+from keras_dmr.layers import RESIDUAL_BLOCKS
 from keras_dmr.prune import (
     accuracy,
     describe,
@@ -140,7 +141,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if output.exists() and not args.overwrite:
         raise UsageError(f"argument --output: {output} exists; pass --overwrite to replace it")
     model = load_checkpoint(args.checkpoint)
-    residual = any(hasattr(layer, "plain_ops") for layer in model.layers)
+    residual = any(isinstance(layer, RESIDUAL_BLOCKS) for layer in model.layers)
     if args.residual and not residual:
         raise UsageError(f"argument --residual: {args.checkpoint} holds no residual blocks")
     info = data.dataset_info(args.dataset)

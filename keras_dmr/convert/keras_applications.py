@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from keras_dmr.errors import ConversionError
+from keras_dmr.layers import RESIDUAL_BLOCKS
 from keras_dmr.rm.kernels import max_relative_error
 
 SUPPORTED = ("ResNet50", "ResNet101", "ResNet152", "MobileNetV2")
@@ -108,7 +109,7 @@ def from_keras_application(
     mapped.mapping_report = {
         "source": model.name,
         "architecture": architecture,
-        "blocks": sum(1 for layer in mapped.layers if hasattr(layer, "plain_ops")),
+        "blocks": sum(1 for layer in mapped.layers if isinstance(layer, RESIDUAL_BLOCKS)),
         "max_relative_error": error,
         "tolerance": tolerance,
     }

@@ -14,7 +14,12 @@ from keras_dmr.layers.repvgg import RepVGGBlock
 from keras_dmr.layers.streams import BranchMean, ChannelScale, TileBranches
 from keras_dmr.rm.kernels import merge_and_run_matrix, stack_branches, unstack_branches
 
+# The blocks that rewrite themselves by RM (every layer answering ``plain_ops`` but the stream
+# layers TileBranches and BranchMean).
+RESIDUAL_BLOCKS = (ParallelBranchBlock, RepVGGBlock, InvertedResidualBlock)
+
 __all__ = [
+    "RESIDUAL_BLOCKS",
     "BRANCH_KINDS",
     "IMPLEMENTATIONS",
     "MAPPINGS",

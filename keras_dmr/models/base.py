@@ -7,6 +7,7 @@ import os
 
 import keras
 
+from keras_dmr.layers import RESIDUAL_BLOCKS
 from keras_dmr.layers.blocks import (
     BRANCH_KINDS,
     IMPLEMENTATIONS,
@@ -132,10 +133,11 @@ def resolve_head(
     width: float = 1,
     branch: str | None = None,
     family: str = "the",
-    downsamples: int | None = None,
+    downsamples: dict[str, int] | None = None,
 ) -> tuple[tuple, int]:
     """Every builder's first step: the variant checked, ``input_shape`` and ``classes``
-    defaulted from it, then :func:`check_common`. Returns ``(input_shape, classes)``."""
+    defaulted from it, then :func:`check_common` (``downsamples``: the family's stride-2
+    operations per variant). Returns ``(input_shape, classes)``."""
     check_choice("variant", variant, DEFAULT_SHAPES)
     input_shape = tuple(input_shape or DEFAULT_SHAPES[variant])
     classes = DEFAULT_CLASSES[variant] if classes is None else classes
@@ -150,7 +152,7 @@ def resolve_head(
         classifier_activation=classifier_activation,
         weights=weights,
         family=family,
-        downsamples=downsamples,
+        downsamples=None if downsamples is None else downsamples[variant],
     )
     return input_shape, classes
 
@@ -285,4 +287,4 @@ class ResidualClassifier(keras.Model):
     @property
     def blocks(self) -> list[keras.layers.Layer]:
         """The residual blocks, in order: the layers that rewrite themselves (``plain_ops``)."""
-        return [layer for layer in self.layers if hasattr(layer, "plain_ops")]
+        return [layer for layer in self.layers if isinstance(layer, RESIDUAL_BLOCKS)]

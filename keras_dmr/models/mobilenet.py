@@ -147,7 +147,7 @@ class MobileNetV2(ResidualClassifier):
             classifier_activation=classifier_activation,
             weights=weights,
             family="MobileNetV2's",
-            downsamples=STRIDE_TWO_OPS[variant],
+            downsamples=STRIDE_TWO_OPS,
         )
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
             raise ValueError(f"`alpha` must be a number > 0; got {alpha!r}")

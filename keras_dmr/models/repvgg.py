@@ -115,7 +115,7 @@ class RepVGG(ResidualClassifier):
             classifier_activation=classifier_activation,
             weights=weights,
             family="RepVGG's",
-            downsamples=STRIDE_TWO_BLOCKS[variant],
+            downsamples=STRIDE_TWO_BLOCKS,
         )
         depth, blocks = repvgg_plan(depth, blocks_per_stage)
         reserve_ratio = check_reserve_ratio(reserve_ratio)

@@ -157,7 +157,7 @@ class RMNeXt(ResidualClassifier):
             weights=weights,
             branch="resnext",
             family="RMNeXt's",
-            downsamples=_STRIDE_TWO_OPS[variant],
+            downsamples=_STRIDE_TWO_OPS,
         )
         if blocks_per_stage is None:
             if not isinstance(depth, int) or depth not in RMNEXT_DEPTHS:

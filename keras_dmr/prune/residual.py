@@ -25,6 +25,7 @@ from keras_dmr.prune.units import (
     clone_layer,
     describe_layer,
     input_like,
+    is_residual_block,
     layer_chain,
     make_unit,
 )
@@ -69,10 +70,10 @@ class _Block:
 def _parse_residual(model):
     layers = layer_chain(model, "model")
     for layer in layers:
-        if hasattr(layer, "plain_ops"):
+        if is_residual_block(layer):
             _check_block(layer)
     stem, blocks, head, i = [], [], [], 0
-    while i < len(layers) and not hasattr(layers[i], "plain_ops"):
+    while i < len(layers) and not is_residual_block(layers[i]):
         layer = layers[i]
         if isinstance(layer, keras.layers.Conv2D) and not isinstance(
             layer, keras.layers.SeparableConv2D
@@ -92,7 +93,7 @@ def _parse_residual(model):
         else:
             raise ValueError(f"{describe_layer(layer)} is not supported in a ResNet's stem")
         i += 1
-    while i < len(layers) and hasattr(layers[i], "plain_ops"):
+    while i < len(layers) and is_residual_block(layers[i]):
         block = layers[i]
         _check_block(block)
         units = _block_units(block)

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from keras_dmr.analysis.flops import count_flops
+from keras_dmr.layers import RESIDUAL_BLOCKS
 from keras_dmr.layers.activations import ChannelwiseReLU
 from keras_dmr.rm import kernels
 
@@ -187,3 +188,9 @@ def macs_or_none(model: keras.Model) -> int | None:
         return count_flops(model)
     except ValueError:
         return None
+
+
+def is_residual_block(layer) -> bool:
+    """A block that rewrites itself by RM (it answers ``plain_ops``), not one of the stream
+    layers around the blocks (``TileBranches``, ``BranchMean``) that answer it too."""
+    return isinstance(layer, RESIDUAL_BLOCKS)
