@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: venv demo test notebooks lint docs format
+.PHONY: venv demo test slow notebooks lint docs format
 
 venv: $(STAMP)
 
@@ -25,9 +25,14 @@ demo: venv
 	$(BIN)/keras-dmr demo $(DEMO_ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q -m "not notebook"
+	$(BIN)/python -m pytest -q -m "not notebook and not slow"
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory docs
+
+# The tests that train for real (the demo end to end, distributed training, Keras Tuner searches,
+# the benchmark run): tens of minutes on 2 cores, so outside `make test`; CI runs them too.
+slow: venv
+	$(BIN)/python -m pytest -q -m "slow and not notebook"
 
 # Every notebook, executed top to bottom in a scratch copy (a few minutes; CI runs it too).
 notebooks: venv
