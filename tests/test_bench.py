@@ -218,6 +218,7 @@ def test_targets_from_a_synthetic_result():
 
 
 # ------------------------------------------------------------------------- end to end (tiny)
+@pytest.mark.slow
 def test_run_bench_records_every_candidate_and_writes_the_report(tmp_path, capsys):
     families = [
         zoo.InferenceGroup(
@@ -402,6 +403,7 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_on_the_jax_backend(tmp_path):
     """What a GPU machine without TensorFlow runs: models, conversion and timing on JAX, with
     TensorFlow made unimportable."""
@@ -467,3 +469,24 @@ def test_merge_joins_runs_of_one_machine_and_refuses_two():
         bench_targets.merge([first, other])
     with pytest.raises(ValueError, match="parts"):
         bench_targets.merge([])
+
+
+def test_conversion_rows_render_and_meet_or_miss_the_target():
+    from keras_dmr.bench import conversion
+
+    row = {
+        "source": conversion.TARGET["source"],
+        "seconds": 8.0,
+        "peak_gb": 3.5,
+        "rss_before_gb": 1.0,
+        "max_relative_error": 2e-6,
+        "params_before": 25_636_712,
+        "params_after": 94_996_456,
+    }
+    table = conversion.table([row, {"source": "other", "error": "boom"}])
+    assert "| 8.0 | 3.50 | 1.00 | 25.6M | 95.0M | 2.0e-06 |" in table and "failed" in table
+    target = conversion.target([row])
+    assert [v["met"] for v in target["values"]] == [True, False]  # fast enough, too much memory
+    assert conversion.target([]) is None and "not measured" in conversion.table([])
+    rendered = report.targets_table({"targets": [target]})
+    assert "time: 8.0 s; peak memory: 3.5 GB ✗" in rendered and "partly (1/2)" in rendered

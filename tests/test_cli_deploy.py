@@ -40,6 +40,29 @@ def test_convert_prints_the_report_and_saves_a_plain_model(checkpoint, tmp_path,
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_convert_reads_any_keras_file_and_lists_the_blocks(tmp_path, capsys):
+    """A hand-written Keras-3 ResNet (``x + y``, ``keras.ops.relu``, a projection) saved by
+    Keras: ``keras-dmr convert`` converts it and prints each block it found."""
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    x = keras.ops.relu(keras.layers.BatchNormalization()(x))
+    y = keras.layers.Conv2D(16, 3, strides=2, padding="same", name="b1_conv1")(x)
+    y = keras.layers.Conv2D(16, 3, padding="same", name="b1_conv2")(keras.ops.relu(y))
+    shortcut = keras.layers.Conv2D(16, 1, strides=2, name="b1_projection")(x)
+    x = keras.ops.relu(y + shortcut)
+    outputs = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(x))
+    model = randomize(keras.Model(inputs, outputs, name="hand_written"))
+    source, out = tmp_path / "hand.keras", tmp_path / "plain.keras"
+    model.save(source)
+    assert cli.main(["convert", str(source), str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "residual blocks: 1" in text
+    assert "branch b1_conv1, relu" in text and "shortcut 1×1 conv/2" in text
+    plain = keras.saving.load_model(out, safe_mode=True)
+    x = np.random.default_rng(1).normal(size=(3, 16, 16, 3)).astype("float32")
+    assert max_rel_error(plain(x), model(x, training=False)) <= 1e-5
+
+
 def test_export_versions_saved_models_and_writes_onnx(checkpoint, tmp_path, capsys):
     path, model = checkpoint
     base = tmp_path / "savedmodels"
@@ -95,11 +118,12 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(checkpoint, tmp_path, cap
     assert "is not a file" in _error(
         capsys, ["convert", str(tmp_path / "no.keras"), str(tmp_path / "o.keras")]
     )
-    foreign = tmp_path / "foreign.keras"
+    foreign = tmp_path / "foreign.keras"  # any Keras model is read; a gate is refused by name
     inputs = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(3, 3, padding="same")(inputs)
-    keras.Model(inputs, keras.layers.Add()([x, inputs])).save(foreign)
-    assert "not a keras_dmr model" in _error(capsys, ["export", str(foreign), "--name", "x"])
+    x = keras.layers.Conv2D(3, 3, padding="same", activation="sigmoid")(inputs)
+    keras.Model(inputs, keras.layers.Multiply(name="gate")([x, inputs])).save(foreign)
+    argv = ["export", str(foreign), "--name", "x", "--preprocessing", "none"]
+    assert "'gate'" in _error(capsys, [*argv, "--base-dir", str(tmp_path / "f")])
     headless = tmp_path / "headless.keras"  # plain Keras, but no classifier to export
     keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs)).save(headless)
     argv = ["export", str(headless), "--name", "x", "--base-dir", str(tmp_path / "h")]
@@ -193,6 +217,7 @@ def test_check_keras_archive_detects_a_flipped_byte(checkpoint, tmp_path):
 
 
 # --------------------------------------------------------------------------------- quiet start
+@pytest.mark.slow
 def test_console_script_hides_tensorflow_startup_logging_unless_verbose(tmp_path):
     """The installed ``keras-dmr`` script, as a user runs it: TensorFlow's C++ start-up lines
     (CUDA probing on a machine without a GPU, CPU features) are dropped; --verbose keeps them;
@@ -231,3 +256,16 @@ def test_console_script_hides_tensorflow_startup_logging_unless_verbose(tmp_path
     if not noise:
         pytest.skip("TensorFlow printed no start-up lines on this machine")
     assert any("absl::InitializeLog" in line or "cuda" in line for line in noise)
+
+
+def test_one_flag_name_for_fusing_bn_and_the_former_ones_still_parse():
+    parser = cli.make_parser()
+    convert = ["convert", "in.keras", "out.keras"]
+    assert parser.parse_args(convert).fuse_bn is True
+    assert parser.parse_args([*convert, "--no-fuse-bn"]).fuse_bn is False
+    assert parser.parse_args([*convert, "--keep-bn"]).fuse_bn is False  # former name
+    if any(c.name == "prune" for c in cli.COMMANDS):
+        prune = ["prune", "in.keras", "--threshold", "0.1"]
+        assert parser.parse_args(prune).fuse_bn is False
+        assert parser.parse_args([*prune, "--fuse-bn"]).fuse_bn is True
+        assert parser.parse_args([*prune, "--fold-bn"]).fuse_bn is True  # former name

@@ -47,7 +47,7 @@ def _pattern(seed: int = 0) -> np.ndarray:
 
 
 def test_supported_names():
-    assert SUPPORTED == ("digits", "cifar10", "cifar100", "svhn_cropped")
+    assert SUPPORTED == ("digits", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
 
 
 @pytest.mark.parametrize("name", SUPPORTED)

@@ -22,7 +22,15 @@ def blocks(page: Path):
     return [(m.group("code"), m.group("why")) for m in BLOCK.finditer(page.read_text())]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+# The pages whose examples train or search (tens of seconds each) run with the slow tests.
+SLOW_PAGES = ("index.md", "tuning.md", "pruning.md")
+
+
+@pytest.mark.parametrize(
+    "page",
+    [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_PAGES else p for p in PAGES],
+    ids=lambda p: p.name,
+)
 def test_python_blocks_run(page, tmp_path, monkeypatch):
     found = blocks(page)
     runnable = [code for code, why in found if why is None]

@@ -254,3 +254,18 @@ def test_builders_refuse_arguments_they_cannot_honour(builder, kwargs, argument)
         builder(depth=8, compile=False, **kwargs)
     model = builder(depth=8, compile=False)
     assert type(model).from_config(model.get_config()).count_params() == model.count_params()
+
+
+@pytest.mark.parametrize(
+    "builder,kwargs",
+    [
+        (lambda **kw: keras_dmr.DMRNeXt(11, compile=False, **kw), {"width": 2}),
+        (lambda **kw: keras_dmr.DMRNeXt(11, compile=False, **kw), {"mapping": "identity"}),
+        (lambda **kw: keras_dmr.ResNet(20, compile=False, **kw), {"bogus": 1}),
+        (lambda **kw: keras_dmr.RepVGG(21, compile=False, **kw), {"branches": 2}),
+    ],
+)
+def test_builders_refuse_arguments_they_do_not_take(builder, kwargs):
+    """No argument is silently dropped (keras.Model would ignore unknown keywords)."""
+    with pytest.raises(ValueError, match=f"does not take '{next(iter(kwargs))}'"):
+        builder(**kwargs)

@@ -214,7 +214,7 @@ def test_parameter_and_flop_counts_fall_as_computed_by_hand():
     report = slimmed.pruning_report
     assert (report["params_before"], report["params_after"]) == (306, 190)
     assert (report["channels_before"], report["channels_after"]) == (12, 8)
-    folded = kp.slim(model, threshold=1e-3, fold_bn=True)
+    folded = kp.slim(model, threshold=1e-3, fuse_bn=True)
     assert not any(isinstance(lyr, keras.layers.BatchNormalization) for lyr in folded.layers)
     assert folded.count_params() == 135 + 5 + 15 + 3 + 8
     x = batch((6, 6, 3))
@@ -242,7 +242,7 @@ def test_ratio_drops_the_lowest_fraction_globally():
         ({"ratio": -0.2}, "`ratio`"),
         ({}, "exactly one of `threshold`"),
         ({"threshold": 0.1, "ratio": 0.1}, "exactly one of `threshold`"),
-        ({"threshold": 0.1, "fold_bn": 1}, "`fold_bn`"),
+        ({"threshold": 0.1, "fuse_bn": 1}, "`fuse_bn`"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs, match):
@@ -250,6 +250,20 @@ def test_invalid_arguments_name_the_argument(kwargs, match):
         kp.slim(tiny_plain(), **kwargs)
     with pytest.raises(ValueError, match=match):
         kp.slim_residual(resnet(skip_bn=False), **kwargs)
+
+
+def test_former_names_of_fuse_bn_still_work_with_a_warning():
+    """One name for folding BN into the convolutions (``fuse_bn``, as ``to_plain``); the former
+    ``fold_bn=`` and ``fold_batchnorm`` still work and say so."""
+    model = tiny_plain()
+    with pytest.warns(DeprecationWarning, match="use `fuse_bn`"):
+        old = kp.slim(model, threshold=0, fold_bn=True)
+    new = kp.slim(model, threshold=0, fuse_bn=True)
+    assert [w.shape for w in old.weights] == [w.shape for w in new.weights]
+    with pytest.warns(DeprecationWarning, match="fuse_batchnorm"):
+        kp.fold_batchnorm(new)
+    with pytest.raises(TypeError, match="'fuse'"):
+        kp.slim(model, threshold=0, fuse=True)
 
 
 def test_models_without_bn_or_not_plain_get_clear_errors():
@@ -308,9 +322,9 @@ def test_residual_threshold_zero_is_a_no_op_and_folds():
     slimmed = kp.slim_residual(model, threshold=0)
     x = batch((8, 8, 3))
     assert max_rel_error(slimmed(x), model(x)) <= TYPICAL
-    folded = kp.slim_residual(model, threshold=0, fold_bn=True)
+    folded = kp.slim_residual(model, threshold=0, fuse_bn=True)
     assert max_rel_error(folded(x), model(x)) <= TYPICAL
-    refolded = kp.fold_batchnorm(slimmed)  # the generic fold, on the functional ResNet
+    refolded = kp.fuse_batchnorm(slimmed)  # the generic fold, on the functional ResNet
     assert not any(isinstance(lyr, keras.layers.BatchNormalization) for lyr in refolded.layers)
     assert refolded.count_params() == folded.count_params()
     assert max_rel_error(refolded(x), model(x)) <= TYPICAL
@@ -377,13 +391,14 @@ def with_prune(monkeypatch):
         monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, prune_command()])
 
 
+@pytest.mark.slow
 def test_cli_prune_end_to_end(tmp_path, with_prune, capsys):
     model = randomize(keras_dmr.ResNet(depth=8, widths=(4, 4, 4), compile=False), 0)
     checkpoint = tmp_path / "tiny.keras"
     model.save(checkpoint)
     output = tmp_path / "out" / "tiny_pruned.keras"
     argv = ["prune", str(checkpoint), "--ratio", "0.3", "--finetune-epochs", "1"]
-    argv += ["--batch-size", "256", "--output", str(output), "--fold-bn"]
+    argv += ["--batch-size", "256", "--output", str(output), "--fuse-bn"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "images/s" in printed and "pruned" in printed and "wrote" in printed
@@ -392,7 +407,7 @@ def test_cli_prune_end_to_end(tmp_path, with_prune, capsys):
     # The residual baseline: random BN scales are U(0.5, 1.5), so a threshold of 0.9 prunes some
     # channels; the result keeps its residual blocks and computes with fewer parameters.
     res_path = tmp_path / "res.keras"
-    argv = ["prune", str(checkpoint), "--threshold", "0.9", "--residual", "--fold-bn", "--output"]
+    argv = ["prune", str(checkpoint), "--threshold", "0.9", "--residual", "--fuse-bn", "--output"]
     argv += [str(res_path), "--finetune-epochs", "0", "--batch-size", "256"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out

@@ -112,24 +112,42 @@ def _mobilenet_cifar():
     return _random(keras_dmr.MobileNetV2(variant="cifar", compile=False))
 
 
-@family("keras.applications.ResNet50 (224²)", "via from_keras_application")
+@family("keras.applications.ResNet50 (224²)", "read from its graph")
 def _keras_resnet50():
     import keras
 
-    from keras_dmr.convert import from_keras_application
-
-    model = _random(keras.applications.ResNet50(weights=None))
-    return from_keras_application(model)
+    return _random(keras.applications.ResNet50(weights=None))
 
 
-@family("keras.applications.MobileNetV2 (224², ReLU6)", "via from_keras_application")
+@family("keras.applications.ResNet50V2 (224², pre-activation)", "read from its graph")
+def _keras_resnet50_v2():
+    import keras
+
+    return _random(keras.applications.ResNet50V2(weights=None))
+
+
+@family("KerasHub ResNet-50 v2 classifier (224², pre-activation)", "read from its graph")
+def _keras_hub_resnet50_v2():
+    import keras_hub
+
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64],
+        input_conv_kernel_sizes=[7],
+        stackwise_num_filters=[64, 128, 256, 512],
+        stackwise_num_blocks=[3, 4, 6, 3],
+        stackwise_num_strides=[1, 2, 2, 2],
+        block_type="bottleneck_block",
+        use_pre_activation=True,
+        image_shape=(224, 224, 3),
+    )
+    return _random(keras_hub.models.ResNetImageClassifier(backbone=backbone, num_classes=1000))
+
+
+@family("keras.applications.MobileNetV2 (224², ReLU6)", "read from its graph")
 def _keras_mobilenet_v2():
     import keras
 
-    from keras_dmr.convert import from_keras_application
-
-    model = _random(keras.applications.MobileNetV2(weights=None))
-    return from_keras_application(model)
+    return _random(keras.applications.MobileNetV2(weights=None))
 
 
 def measure(name: str) -> dict:

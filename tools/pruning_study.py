@@ -103,8 +103,8 @@ def run(cfg: dict = CONFIG) -> dict:
     _log(f"  accuracy {trained['accuracy']:.4f}; {trained['scales_zero']} of {scales.size} zero")
 
     deploy = {
-        "ResNet": kp.slim_residual(resnet, threshold=0.0, fold_bn=True),
-        "RMNet": kp.slim(plain, threshold=0.0, fold_bn=True),
+        "ResNet": kp.slim_residual(resnet, threshold=0.0, fuse_bn=True),
+        "RMNet": kp.slim(plain, threshold=0.0, fuse_bn=True),
     }
     base_params = deploy["ResNet"].count_params()
     points = []
@@ -115,7 +115,7 @@ def run(cfg: dict = CONFIG) -> dict:
             pruned_accuracy = kp.accuracy(pruned, test)
             _finetune(pruned, cfg, train, test)
             name = f"{kind} t={t:g}"
-            deploy[name] = kp.fold_batchnorm(pruned)
+            deploy[name] = kp.fuse_batchnorm(pruned)
             params = deploy[name].count_params()
             points.append(
                 {

@@ -12,10 +12,20 @@ import argparse
 import json
 from pathlib import Path
 
+from keras_dmr.bench.conversion import table as conversion_table
 from keras_dmr.bench.engines import ENGINES, engine_label
 
 CHARTS = {"speedup": "benchmarks_speedup.png", "accuracy": "benchmarks_accuracy.png"}
-SECTIONS = ("machine", "targets", "families", "speedup", "efficiency", "peers", "training")
+SECTIONS = (
+    "machine",
+    "targets",
+    "families",
+    "speedup",
+    "efficiency",
+    "peers",
+    "training",
+    "conversion",
+)
 
 
 def _backend(groups_or_data) -> str:
@@ -263,7 +273,12 @@ def targets_table(data: dict) -> str:
         parts = []
         for v in t["values"]:
             what = engine_label(v["what"], _backend(data)) if v["what"] in ENGINES else v["what"]
-            value = f"{100 * v['value']:.0f}%" if t.get("percent") else f"{v['value']:.2f}×"
+            if t.get("percent"):
+                value = f"{100 * v['value']:.0f}%"
+            elif v.get("unit"):
+                value = f"{v['value']:.1f} {v['unit']}"
+            else:
+                value = f"{v['value']:.2f}×"
             parts.append(f"{what}: {value}{'' if v['met'] else ' ✗'}")
         met = sum(bool(v["met"]) for v in t["values"])
         verdict = "yes" if met == len(t["values"]) else ("no" if met == 0 else "partly")
@@ -285,6 +300,7 @@ def sections(data: dict) -> dict[str, str]:
         "efficiency": efficiency_table(families + peers),
         "peers": throughput_table(peers),
         "training": training_table(data),
+        "conversion": conversion_table(data.get("conversion", [])),
     }
 
 
@@ -298,6 +314,7 @@ def markdown(data: dict) -> str:
         "efficiency": "Achieved GFLOP/s (share of the matrix-product peak)",
         "peers": "ImageNet peers (images/s)",
         "training": "Training step: Table 2 pairs",
+        "conversion": "Conversion cost (to_plain, verified)",
     }
     parts = ["# keras_dmr benchmark", ""]
     for name, text in sections(data).items():

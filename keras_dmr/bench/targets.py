@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from keras_dmr.bench.conversion import target as conversion_target
 from keras_dmr.bench.engines import ENGINES
 
 
@@ -136,6 +137,8 @@ def evaluate_targets(result: dict) -> list[dict]:
                 "percent": True,
             }
         )
+    t = conversion_target(result.get("conversion", []))
+    t and add(t)
     return targets
 
 
@@ -156,6 +159,9 @@ def merge(parts: Sequence[dict]) -> dict:
     merged = dict(parts[0])
     merged["inference"] = [g for p in parts for g in p.get("inference", [])]
     merged["training"] = [g for p in parts for g in p.get("training", [])]
+    conversion = [r for p in parts for r in p.get("conversion", [])]
+    if conversion:
+        merged["conversion"] = conversion
     merged["parts"] = [
         {"settings": p["settings"], "duration_s": p.get("duration_s"), "peak": p.get("peak")}
         for p in parts

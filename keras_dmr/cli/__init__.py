@@ -29,6 +29,7 @@ from keras_dmr.cli.deploy import (
 from keras_dmr.cli.paths import add_paths_arguments, run_paths
 from keras_dmr.cli.train import add_train_arguments, run_train
 from keras_dmr.cli.tune import add_tune_arguments, run_tune
+from keras_dmr.data import DatasetUnavailableError, IDXError
 from keras_dmr.errors import UsageError
 
 __all__ = ["COMMANDS", "PROG", "Command", "load_checkpoint", "main", "make_parser"]
@@ -177,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         if e.usage:
             sys.stderr.write(e.usage)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except (DatasetUnavailableError, IDXError) as e:  # data that is missing or damaged
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
 

@@ -27,9 +27,8 @@ TRAIN_DEPTHS = {"dmrnet": 14, "dvanet": 14, "resnet": 26, "dmrnext": 11}
 # `paths` defaults: the networks of the paper's Fig. 3 (and DMRNeXt-29 of Table 5).
 FIG3 = (("resnet", 38), ("dvanet", 20), ("dmrnet", 20))
 PATHS_DEPTHS = {"dmrnet": 20, "dvanet": 20, "resnet": 38, "dmrnext": 29}
-# Builder options, and the models that do not take them (the builders would ignore or reject them).
+# Builder options (a builder that does not take one says so: none is silently ignored).
 MODEL_OPTIONS = ("branches", "width", "branch", "mapping")
-NOT_FOR = {"dvanet": ("mapping",), "resnet": ("branches", "mapping"), "dmrnext": MODEL_OPTIONS[1:]}
 # Arguments that must match for `train` to resume a checkpoint (`--epochs` may grow).
 RESUME_KEYS = (
     "model",
@@ -110,16 +109,16 @@ def build_model(
 ) -> keras.Model:
     """Build a ``--model`` with the options given (``None``: the builder's default).
 
-    Options a model does not take and the builders' ``ValueError`` become :class:`UsageError`.
+    The builders' ``ValueError`` (an option the model does not take included) becomes
+    :class:`UsageError`.
     """
     options = {k: v for k, v in options.items() if v is not None}
-    for name in options:
-        if name in NOT_FOR.get(model, ()):
-            raise UsageError(f"argument --{name}: does not apply to --model {model}")
     try:
         return MODELS[model](depth, classes=classes, compile=compile, **options)
     except ValueError as e:
-        raise UsageError(f"--model {model}: {e}") from None
+        named = [n for n in options if f"`{n}`" in str(e) or f"'{n}'" in str(e)]
+        where = f"argument --{named[0]}" if named else f"--model {model}"
+        raise UsageError(f"{where}: {e}") from None
 
 
 def _model_options(args: argparse.Namespace) -> dict:
@@ -127,7 +126,8 @@ def _model_options(args: argparse.Namespace) -> dict:
 
 
 def load_checkpoint(path: Path) -> keras.Model:
-    """A keras_dmr model from a ``.keras`` file (safe mode), or a :class:`UsageError`."""
+    """A model from a ``.keras`` file (safe mode: any Keras model, keras_dmr's or not), or a
+    :class:`UsageError`."""
     if path.suffix != ".keras":
         raise UsageError(f"argument CHECKPOINT: must be a .keras file; got {str(path)!r}")
     if not path.is_file():
@@ -142,17 +142,6 @@ def load_checkpoint(path: Path) -> keras.Model:
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # any unreadable or foreign file
         raise UsageError(f"cannot load {path}: {e}") from None
-    from keras_dmr.export.serving import is_plain
-
-    ours = any(
-        type(layer).__module__.startswith("keras_dmr")
-        for layer in model._flatten_layers(include_self=True, recursive=True)
-    )
-    if not ours and not is_plain(model):  # a plain model (one we converted) is plain Keras
-        raise UsageError(
-            f"{path} is not a keras_dmr model (none of its layers is keras_dmr's) nor a plain "
-            "one; its residual connections are not keras_dmr blocks"
-        )
     return model
 
 
@@ -163,18 +152,24 @@ def describe_report(report: dict) -> str:
         return f"{before:,}{unit} → {after:,}{unit} ({after / before:.2f}×)"
 
     error = report["max_relative_error"]
-    return "\n".join(
-        [
-            f"parameters:      {count(report['params_before'], report['params_after'])}",
-            f"MACs per image:  {count(report['flops_before'], report['flops_after'])}",
-            "max rel. error:  "
-            + (
-                "not verified"
-                if error is None
-                else f"{error:.2e} (tolerance {report['tolerance']:g})"
-            ),
-        ]
-    )
+    lines = [
+        f"parameters:      {count(report['params_before'], report['params_after'])}",
+        f"MACs per image:  {count(report['flops_before'], report['flops_after'])}",
+        "max rel. error:  "
+        + ("not verified" if error is None else f"{error:.2e} (tolerance {report['tolerance']:g})"),
+    ]
+    blocks = report.get("blocks", [])
+    if blocks:
+        lines.append(f"residual blocks: {len(blocks)}")
+        for b in blocks:
+            if b["kind"] == "residual":
+                branch = ", ".join(b["branch"]) or "(linear)"
+                lines.append(f"  {b['node']}: branch {branch}; shortcut {b['shortcut']}")
+            else:
+                lines.append(f"  {b['node']}: {b['kind']} (rewrites itself)")
+    if report.get("passed_through"):
+        lines.append("passed through:  " + ", ".join(report["passed_through"]))
+    return "\n".join(lines)
 
 
 def _make_strategy(name: str):

@@ -33,9 +33,14 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         help="downsample blocks by Fig. 9b (dirac, default) or Fig. 9a (prelu)",
     )
     parser.add_argument(
-        "--keep-bn",
-        action="store_true",
-        help="keep a BatchNormalization after every conv, for fine-tuning (Appendix A.2)",
+        "--fuse-bn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fuse BN into the convolutions (default); --no-fuse-bn keeps a BatchNormalization "
+        "after every conv, for fine-tuning (Appendix A.2)",
+    )
+    parser.add_argument(  # the former name of --no-fuse-bn
+        "--keep-bn", dest="fuse_bn", action="store_false", help=argparse.SUPPRESS
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)"
@@ -51,7 +56,7 @@ def run_convert(args: argparse.Namespace) -> int:
         raise UsageError(f"argument OUT: {args.output} exists; pass --overwrite to replace it")
     model = load_checkpoint(args.checkpoint)
     try:
-        plain = to_plain(model, fuse_bn=not args.keep_bn, downsample=args.downsample)
+        plain = to_plain(model, fuse_bn=args.fuse_bn, downsample=args.downsample)
     except ConversionError as e:
         raise UsageError(f"cannot convert {args.checkpoint}: {e}") from None
     with atomic_output(args.output, suffix=".keras") as tmp:

@@ -13,8 +13,8 @@ from keras_dmr.layers import RESIDUAL_BLOCKS
 from keras_dmr.prune import (
     accuracy,
     describe,
-    fold_batchnorm,
     format_table,
+    fuse_batchnorm,
     slim,
     slim_residual,
     throughput,
@@ -116,7 +116,13 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         help="RM of downsampling blocks (default: dirac)",
     )
     parser.add_argument(
-        "--fold-bn", action="store_true", help="save with BN folded into the convolutions"
+        "--fuse-bn",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="save with BN fused into the convolutions (deployment; default: kept, to fine-tune)",
+    )
+    parser.add_argument(  # the former name
+        "--fold-bn", dest="fuse_bn", action="store_true", help=argparse.SUPPRESS
     )
     parser.add_argument(
         "--output",
@@ -193,10 +199,10 @@ def run_prune(args: argparse.Namespace) -> int:
             verbose=1 if sys.stdout.isatty() else 2,
             callbacks=[StepDecay()],
         )
-    final = fold_batchnorm(pruned) if args.fold_bn else pruned
+    final = fuse_batchnorm(pruned) if args.fuse_bn else pruned
     models = {f"{model.name} (checkpoint)": model}
     if source is not model:  # the plain form before pruning, in the form saved
-        models["plain, before pruning"] = fold_batchnorm(source) if args.fold_bn else source
+        models["plain, before pruning"] = fuse_batchnorm(source) if args.fuse_bn else source
     models["pruned" + (" (fine-tuned)" if args.finetune_epochs else "")] = final
     speed = throughput(models, batch_size=args.batch_size)
     rows = describe(models, data=test, speed=speed)

@@ -1,4 +1,5 @@
-"""Input pipelines: CIFAR-10/100 and SVHN through TensorFlow Datasets, plus the bundled digits.
+"""Input pipelines: CIFAR-10/100 and SVHN through TensorFlow Datasets, Fashion-MNIST from its IDX
+files (Debian's ``dataset-fashion-mnist``; TFDS where they are absent), and the bundled digits.
 
 Conventions shared by every dataset (and by the exporter, which bakes the same normalisation into
 its serving graph):
@@ -9,7 +10,13 @@ its serving graph):
   ``"train+extra"`` (604,388 images) as in the DMRNet paper;
 * training augmentation is the standard ResNet/DMRNet one: zero-pad 4 pixels per side, random
   32x32 crop, random horizontal flip -- without the flip for digits and SVHN, whose classes
-  (digits) are not mirror-symmetric.
+  (digits) are not mirror-symmetric;
+* Fashion-MNIST's 28x28 grayscale images are zero-padded to 32x32 and repeated over three
+  channels, so every builder's CIFAR variant applies; its constants are those of the padded
+  training images.
+
+A dataset that is neither on disk nor downloadable raises :class:`DatasetUnavailableError`,
+which says how to get it.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ import os
 
 import tensorflow as tf
 
+from keras_dmr.data import fashion_mnist
 from keras_dmr.data.digits import digits_mean_std, load_digits_arrays
 
-SUPPORTED = ("digits", "cifar10", "cifar100", "svhn_cropped")
+SUPPORTED = ("digits", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
 SPLITS = ("train", "test")
 PAD = 4  # pixels of zero padding per side before the random crop
 _TFDS_SHUFFLE_BUFFER = 10_000
@@ -93,6 +101,18 @@ _TFDS_INFOS = {
         train_split="train",
         test_split="test",
     ),
+    # Computed from the 60,000 training images padded to 32x32 (72.94 / 90.02 over the 28x28
+    # pixels); tests/test_data.py recomputes them from the files where they are installed.
+    "fashion_mnist": DatasetInfo(
+        name="fashion_mnist",
+        num_classes=10,
+        image_shape=(32, 32, 3),
+        mean=(55.845, 55.845, 55.845),
+        std=(84.612, 84.612, 84.612),
+        class_names=fashion_mnist.CLASS_NAMES,
+        train_split="train",
+        test_split="test",
+    ),
     "svhn_cropped": DatasetInfo(
         name="svhn_cropped",
         num_classes=10,
@@ -107,7 +127,17 @@ _TFDS_INFOS = {
 
 # Horizontal flips turn digits into non-digits ("2" -> mirrored "2"), so they are off for both
 # digit datasets; pad + crop (small translations) stays.
-_FLIP = {"digits": False, "cifar10": True, "cifar100": True, "svhn_cropped": False}
+_FLIP = {
+    "digits": False,
+    "fashion_mnist": True,
+    "cifar10": True,
+    "cifar100": True,
+    "svhn_cropped": False,
+}
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A dataset that is not on this machine and could not be downloaded."""
 
 
 def _check_name(name: str) -> None:
@@ -159,17 +189,45 @@ def _source(
     if name == "digits":
         images, labels = load_digits_arrays(tfds_split)
         return tf.data.Dataset.from_tensor_slices((images, labels)), len(labels)
-    # Imported lazily: TFDS is slow to import and not needed for the bundled digits.
+    if name == "fashion_mnist" and fashion_mnist.find_files(data_dir) is not None:
+        images, labels = fashion_mnist.load_fashion_mnist_arrays(tfds_split, data_dir)
+        return tf.data.Dataset.from_tensor_slices((images, labels)), len(labels)
+    return _tfds_source(name, tfds_split, shuffle=shuffle, data_dir=data_dir, seed=seed)
+
+
+def _tfds_source(name, tfds_split, *, shuffle, data_dir, seed):
+    # Imported lazily: TFDS is slow to import and not needed for local data.
     import tensorflow_datasets as tfds
 
-    ds = tfds.load(
-        name,
-        split=tfds_split,
-        data_dir=data_dir,
-        as_supervised=True,
-        shuffle_files=shuffle,
-        read_config=tfds.ReadConfig(shuffle_seed=seed),
-    )
+    try:
+        ds = tfds.load(
+            name,
+            split=tfds_split,
+            data_dir=data_dir,
+            as_supervised=True,
+            shuffle_files=shuffle,
+            read_config=tfds.ReadConfig(shuffle_seed=seed),
+        )
+    except Exception as err:  # TFDS raises many kinds (download, missing files, DNS)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        hint = (
+            fashion_mnist.INSTALL_HINT
+            if name == "fashion_mnist"
+            else "TensorFlow Datasets downloads it on first use: run once with network access, or "
+            "copy a prepared TFDS directory here and pass `data_dir`"
+        )
+        where = data_dir or "TFDS' default directory (~/tensorflow_datasets)"
+        raise DatasetUnavailableError(
+            f"dataset {name!r} is not in {where} and could not be downloaded "
+            f"({type(err).__name__}: {reason}); {hint}"
+        ) from None
+    if name == "fashion_mnist":  # 28×28×1 → the 32×32×3 of the local files
+        ds = ds.map(
+            lambda image, label: (
+                tf.tile(tf.pad(image, [[2, 2], [2, 2], [0, 0]]), [1, 1, 3]),
+                label,
+            )
+        )
     return ds, _TFDS_SHUFFLE_BUFFER
 
 
@@ -193,14 +251,16 @@ def load(
     """Batched, prefetched ``(images float32 [B, 32, 32, 3], labels int32 [B])`` pipeline.
 
     Args:
-        name: one of :data:`SUPPORTED`; ``"digits"`` is bundled, the others come from TFDS
-            (downloaded into ``data_dir`` on first use).
+        name: one of :data:`SUPPORTED`; ``"digits"`` is bundled, ``"fashion_mnist"`` is read
+            from its IDX files (``data_dir``, else Debian's location, else TFDS), the others
+            come from TFDS (downloaded into ``data_dir`` on first use).
         split: ``"train"`` (reads ``DatasetInfo.train_split``, i.e. train+extra for SVHN) or
             ``"test"``.
         batch_size: images per batch (>= 1).
         augment: pad-4/crop/flip augmentation (see module docstring); default: on for train only.
         shuffle: shuffle (reshuffled every epoch); default: on for train only.
-        data_dir: TFDS data directory (``None``: TFDS default); ignored for digits.
+        data_dir: TFDS data directory, or Fashion-MNIST's IDX files (``None``: the default
+            places); ignored for digits.
         seed: seeds shuffling and augmentation so that a pipeline built twice yields the same
             epochs; ``None`` for a fresh random stream.
         drop_remainder: drop the last, smaller batch.

@@ -15,7 +15,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_dmr.errors import ExportError
+from keras_dmr.convert import to_plain
+from keras_dmr.convert.graph import read_graph
+from keras_dmr.errors import ConversionError, ExportError
 from keras_dmr.utils.arguments import directory_problem
 from keras_dmr.utils.files import umask
 
@@ -51,11 +53,13 @@ def resolve_preprocessing(preprocessing) -> tuple[np.ndarray, np.ndarray] | None
 
 
 def is_plain(model: keras.Model) -> bool:
-    """No layer with residual structure (nothing that rewrites itself, no merge layers)."""
-    merges = (keras.layers.Add, keras.layers.Concatenate, keras.layers.Average)
-    return not any(
-        hasattr(layer, "plain_ops") or isinstance(layer, merges) for layer in model.layers
-    )
+    """Single-path by its graph (nested models and operations such as ``x + y`` included):
+    no tensor used twice, no merge, no layer that rewrites itself. A model whose graph cannot
+    be read is not known to be plain."""
+    try:
+        return read_graph(model).is_chain()
+    except ConversionError:
+        return False
 
 
 def prepare(model, *, plain: bool, tolerance: float):
@@ -72,8 +76,6 @@ def prepare(model, *, plain: bool, tolerance: float):
     conversion = None
     source = model
     if plain and not is_plain(model):
-        from keras_dmr.convert import to_plain
-
         model = to_plain(model, tolerance=tolerance)
         conversion = dict(model.conversion_report)
     return source, model, _logits_model(model), conversion

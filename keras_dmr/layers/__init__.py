@@ -10,6 +10,7 @@ from keras_dmr.layers.blocks import (
 )
 from keras_dmr.layers.conv import GroupedConv2D
 from keras_dmr.layers.inverted import InvertedResidualBlock
+from keras_dmr.layers.padding import ConstantPadding2D
 from keras_dmr.layers.repvgg import RepVGGBlock
 from keras_dmr.layers.streams import BranchMean, ChannelScale, TileBranches
 from keras_dmr.rm.kernels import merge_and_run_matrix, stack_branches, unstack_branches
@@ -26,6 +27,7 @@ __all__ = [
     "BranchMean",
     "ChannelScale",
     "ChannelwiseReLU",
+    "ConstantPadding2D",
     "GroupedConv2D",
     "InvertedResidualBlock",
     "ParallelBranchBlock",

@@ -172,7 +172,7 @@ def check_head_and_weights(classifier_activation, weights) -> None:
         raise ValueError(
             "`weights` must be None or the path of a weights file (`model.save_weights`): "
             "keras_dmr ships no pretrained weights; keras.applications' ImageNet ResNet50/101/152 "
-            "and MobileNetV2 convert with keras_dmr.convert.from_keras_application"
+            "and MobileNetV2 (and any residual Keras model) convert with keras_dmr.to_plain"
         )
     if not isinstance(weights, str | os.PathLike) or not os.path.isfile(weights):
         raise ValueError(f"`weights` must be None or the path of a weights file; got {weights!r}")
@@ -255,6 +255,20 @@ def classifier_head(x, *, include_top, pooling, classes, classifier_activation, 
     if pooling == "max":
         return keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
     return x
+
+
+MODEL_KWARGS = ("trainable", "dtype")  # what the builders pass on to keras.Model
+
+
+def check_model_kwargs(builder: str, kwargs: dict) -> None:
+    """Refuse keyword arguments a builder would otherwise hand to ``keras.Model``, which drops
+    unknown ones silently (``DMRNeXt(width=2)`` used to build a DMRNeXt of width 1)."""
+    unknown = sorted(set(kwargs) - set(MODEL_KWARGS))
+    if unknown:
+        raise ValueError(
+            f"{builder}() does not take {', '.join(repr(k) for k in unknown)}; see its docstring "
+            "for the arguments it has"
+        )
 
 
 class ResidualClassifier(keras.Model):

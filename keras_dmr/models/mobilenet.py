@@ -34,6 +34,7 @@ from keras_dmr.layers.inverted import ACTIVATIONS, InvertedResidualBlock, keras_
 from keras_dmr.models.base import (
     DEFAULT_CLASSES,
     ResidualClassifier,
+    check_model_kwargs,
     classifier_head,
     resolve_head,
 )
@@ -192,6 +193,7 @@ class MobileNetV2(ResidualClassifier):
             classifier_activation=classifier_activation,
         )
         default = f"mobilenetv2_cifar_f{f}" if variant == "cifar" else f"mobilenetv2_{alpha:0.2f}"
+        check_model_kwargs(type(self).__name__, kwargs)
         super().__init__(inputs=inputs, outputs=x, name=name or default, **kwargs)
         self._finish(
             dict(

@@ -18,6 +18,7 @@ from keras_dmr.models.base import (
     Stage,
     build_graph,
     check_common,
+    check_model_kwargs,
     cifar_blocks_per_stage,
     imagenet_plan,
     resolve_head,
@@ -110,6 +111,7 @@ class _AssemblyNet(ResidualClassifier):
             pooling=pooling,
             classifier_activation=classifier_activation,
         )
+        check_model_kwargs(type(self).__name__, kwargs)
         super().__init__(
             inputs=inputs, outputs=outputs, name=name or self.default_name(depth), **kwargs
         )
@@ -284,6 +286,7 @@ class DMRNeXt(ResidualClassifier):
             pooling=pooling,
             classifier_activation=classifier_activation,
         )
+        check_model_kwargs(type(self).__name__, kwargs)
         super().__init__(inputs=inputs, outputs=outputs, name=name or f"dmrnext{depth}", **kwargs)
         self._finish(
             dict(

@@ -26,6 +26,7 @@ import keras
 from keras_dmr.layers.repvgg import RepVGGBlock, check_reserve_ratio
 from keras_dmr.models.base import (
     ResidualClassifier,
+    check_model_kwargs,
     classifier_head,
     resolve_head,
 )
@@ -145,6 +146,7 @@ class RepVGG(ResidualClassifier):
         )
         percent = round(100 * reserve_ratio)
         default = f"rm_repvgg{depth}_r{percent}" if reserve_ratio else f"repvgg{depth}"
+        check_model_kwargs(type(self).__name__, kwargs)
         super().__init__(inputs=inputs, outputs=x, name=name or default, **kwargs)
         self.depth = depth
         self._finish(

@@ -22,6 +22,7 @@ from keras_dmr.layers.blocks import ParallelBranchBlock
 from keras_dmr.layers.conv import batch_norm, conv2d
 from keras_dmr.models.base import (
     ResidualClassifier,
+    check_model_kwargs,
     classifier_head,
     resolve_head,
     resolve_implementation,
@@ -210,6 +211,7 @@ class RMNeXt(ResidualClassifier):
             classifier_activation=classifier_activation,
         )
         default_name = f"rmnext{depth}x{expansion}_{channels_per_group}"
+        check_model_kwargs(type(self).__name__, kwargs)
         super().__init__(inputs=inputs, outputs=x, name=name or default_name, **kwargs)
         self._finish(
             dict(

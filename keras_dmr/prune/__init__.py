@@ -7,7 +7,7 @@ folding (:mod:`~keras_dmr.prune.residual`), reports (:mod:`~keras_dmr.prune.repo
 
 from keras_dmr.layers.streams import ChannelScale
 from keras_dmr.prune.report import accuracy, describe, format_table, throughput
-from keras_dmr.prune.residual import fold_batchnorm, slim_residual
+from keras_dmr.prune.residual import fold_batchnorm, fuse_batchnorm, slim_residual
 from keras_dmr.prune.slim import channel_importances, slim, threshold_for_ratio
 from keras_dmr.prune.sparsity import BNSparsity, bn_scales, scale_variables, with_skip_bn
 
@@ -19,6 +19,7 @@ __all__ = [
     "channel_importances",
     "describe",
     "fold_batchnorm",
+    "fuse_batchnorm",
     "format_table",
     "scale_variables",
     "slim",

@@ -4,6 +4,7 @@ shortcut adds together can only go together; and BN folding of a pruned model.""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import keras
 import numpy as np
@@ -30,6 +31,7 @@ from keras_dmr.prune.units import (
     make_unit,
 )
 from keras_dmr.rm import kernels
+from keras_dmr.utils.arguments import renamed_keyword
 
 
 # ----------------------------------------------------------------- the residual baseline
@@ -164,7 +166,8 @@ def slim_residual(
     model: keras.Model,
     threshold: float | None = None,
     ratio: float | None = None,
-    fold_bn: bool = False,
+    fuse_bn: bool = False,
+    **deprecated,
 ) -> keras.Model:
     """Network slimming of the residual network itself: the baseline of RMNet's Fig. 7.
 
@@ -178,14 +181,15 @@ def slim_residual(
     threshold from the branch channels' and streams' importances.
 
     The result is a functional ResNet of Conv2D, BatchNormalization (folded with
-    ``fold_bn=True``), ReLU and Add layers (a skip scale as :class:`ChannelScale` where the
-    block had ``skip_bn``, a fixed ``Rescaling`` with ``fold_bn=True``, folded into the
+    ``fuse_bn=True``), ReLU and Add layers (a skip scale as :class:`ChannelScale` where the
+    block had ``skip_bn``, a fixed ``Rescaling`` with ``fuse_bn=True``, folded into the
     projection where there is one), with
     ``pruning_report`` as :func:`slim`'s.
     """
+    fuse_bn = renamed_keyword(deprecated, "fold_bn", "fuse_bn", fuse_bn, "slim_residual")
     _validate(threshold, ratio)
-    if not isinstance(fold_bn, bool):
-        raise ValueError(f"`fold_bn` must be True or False; got {fold_bn!r}")
+    if not isinstance(fuse_bn, bool):
+        raise ValueError(f"`fuse_bn` must be True or False; got {fuse_bn!r}")
     stem, blocks, head = _parse_residual(model)
     streams, hidden = _residual_decisions(stem, blocks)
     if ratio is not None:
@@ -240,7 +244,7 @@ def slim_residual(
     for item in stem:
         if isinstance(item, Unit):
             count(item)
-            x = _build_unit_layers(item, x, fold_bn)
+            x = _build_unit_layers(item, x, fuse_bn)
         else:
             new = clone_layer(item[1])
             x = new(x)
@@ -250,13 +254,13 @@ def slim_residual(
         h = x
         for unit in block.units:
             count(unit)
-            h = _build_residual_unit(unit, h, fold_bn, name)
+            h = _build_residual_unit(unit, h, fuse_bn, name)
         if block.projection is not None:
             unit = block.projection
             count(unit)
             unit.kernel = unit.kernel * block.scale[:, None][None, None]  # s folded in
-            skip = _build_residual_unit(unit, x, fold_bn, name)
-        elif block.scale_stats is not None and fold_bn:  # deployment: a fixed scale
+            skip = _build_residual_unit(unit, x, fuse_bn, name)
+        elif block.scale_stats is not None and fuse_bn:  # deployment: a fixed scale
             scale = [float(v) for v in block.scale[keep_x]]
             skip = keras.layers.Rescaling(scale, name=f"{name}_skip_scale")(x)
         elif block.scale_stats is not None:
@@ -286,16 +290,16 @@ def slim_residual(
     return pruned
 
 
-def _build_residual_unit(unit: Unit, x, fold_bn: bool, block_name: str):
+def _build_residual_unit(unit: Unit, x, fuse_bn: bool, block_name: str):
     conv, bn = unit.conv, unit.bn
     scale, shift = unit.folded_bn()
     keep_in, keep_out = unit.keep_in, unit.keep_out
     kernel = unit.kernel[:, :, keep_in][..., keep_out]
     bias = unit.bias[keep_out]
-    if fold_bn:
+    if fuse_bn:
         kernel = kernel * scale[keep_out]
         bias = bias * scale[keep_out] + shift[keep_out]
-    use_bias = fold_bn or conv.use_bias
+    use_bias = fuse_bn or conv.use_bias
     layer = keras.layers.Conv2D(
         int(keep_out.sum()),
         conv.kernel_size,
@@ -306,7 +310,7 @@ def _build_residual_unit(unit: Unit, x, fold_bn: bool, block_name: str):
     )
     x = layer(x)
     layer.set_weights([np.asarray(w, "float32") for w in [kernel] + ([bias] if use_bias else [])])
-    if not fold_bn:
+    if not fuse_bn:
         new_bn = keras.layers.BatchNormalization(
             momentum=bn.momentum, epsilon=bn.epsilon, name=f"{block_name}_{bn.name}"
         )
@@ -323,6 +327,16 @@ def _build_residual_unit(unit: Unit, x, fold_bn: bool, block_name: str):
 
 
 def fold_batchnorm(model: keras.Model) -> keras.Model:
+    """Deprecated name of :func:`fuse_batchnorm`."""
+    warnings.warn(
+        "keras_dmr.prune.fold_batchnorm is deprecated, use fuse_batchnorm (same function)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return fuse_batchnorm(model)
+
+
+def fuse_batchnorm(model: keras.Model) -> keras.Model:
     """A copy of a functional ``model`` with every convolution whose only reader is a
     BatchNormalization folded with it into one convolution with bias, and every
     :class:`ChannelScale` a fixed ``Rescaling`` (deployment; inference outputs unchanged to

@@ -45,6 +45,7 @@ from keras_dmr.prune.units import (
     make_unit,
 )
 from keras_dmr.rm import kernels
+from keras_dmr.utils.arguments import renamed_keyword
 
 
 def _parse_plain(model: keras.Model) -> list:
@@ -286,32 +287,32 @@ def _plan_plain(items, threshold: float) -> dict:
     return dense_folds
 
 
-def _build_unit_layers(unit: Unit, x, fold_bn: bool):
+def _build_unit_layers(unit: Unit, x, fuse_bn: bool):
     keep_in, keep_out = unit.keep_in, unit.keep_out
     scale, shift = unit.folded_bn()
     if unit.depthwise:
         kernel = unit.kernel[:, :, keep_out]
         bias = unit.bias[keep_out]
-        if fold_bn:
+        if fuse_bn:
             kernel = kernel * scale[keep_out]
             bias = bias * scale[keep_out] + shift[keep_out]
-        conv = clone_layer(unit.conv, use_bias=fold_bn or unit.conv.use_bias)
+        conv = clone_layer(unit.conv, use_bias=fuse_bn or unit.conv.use_bias)
         weights = [kernel[..., None]]
     else:
         dense = unit.kernel[:, :, keep_in][..., keep_out]
         bias = unit.bias[keep_out]
-        if fold_bn:
+        if fuse_bn:
             dense = dense * scale[keep_out]
             bias = (bias - unit.mean[keep_out]) * scale[keep_out] + unit.beta[keep_out]
         conv = clone_layer(
-            unit.conv, filters=int(keep_out.sum()), use_bias=fold_bn or unit.conv.use_bias
+            unit.conv, filters=int(keep_out.sum()), use_bias=fuse_bn or unit.conv.use_bias
         )
         weights = [kernels.to_grouped(dense, unit.groups)]
-    if fold_bn or unit.conv.use_bias:
+    if fuse_bn or unit.conv.use_bias:
         weights.append(bias)
     x = conv(x)
     conv.set_weights([np.asarray(w, "float32") for w in weights])
-    if not fold_bn:
+    if not fuse_bn:
         bn = clone_layer(unit.bn)
         x = bn(x)
         arrays = []
@@ -360,7 +361,8 @@ def slim(
     plain_model: keras.Model,
     threshold: float | None = None,
     ratio: float | None = None,
-    fold_bn: bool = False,
+    fuse_bn: bool = False,
+    **deprecated,
 ) -> keras.Model:
     """Network slimming of a plain model: drop every channel whose BN importance is below
     ``threshold`` (or the lowest ``ratio`` of them, globally), with the next layer's inputs.
@@ -380,14 +382,15 @@ def slim(
     of its channels when it is the model's output. Channels whose BN records no scale of theirs
     -- merged channels of a block converted without ``skip_bn`` -- are never dropped by scale.
 
-    ``threshold=0`` drops nothing. ``fold_bn=True`` folds the BNs into the convolutions of the
+    ``threshold=0`` drops nothing. ``fuse_bn=True`` folds the BNs into the convolutions of the
     result (deployment); otherwise they stay, for fine-tuning. The result carries
     ``pruning_report``: the threshold used, channels, parameters and multiply-accumulates before
     and after.
     """
+    fuse_bn = renamed_keyword(deprecated, "fold_bn", "fuse_bn", fuse_bn, "slim")
     _validate(threshold, ratio)
-    if not isinstance(fold_bn, bool):
-        raise ValueError(f"`fold_bn` must be True or False; got {fold_bn!r}")
+    if not isinstance(fuse_bn, bool):
+        raise ValueError(f"`fuse_bn` must be True or False; got {fuse_bn!r}")
     items = _parse_plain(plain_model)
     if ratio is not None:
         threshold = threshold_for_ratio(
@@ -406,7 +409,7 @@ def slim(
                     item.keep_in = item.keep_out
             channels_before += item.c_out
             channels_after += int(item.keep_out.sum())
-            x = _build_unit_layers(item, x, fold_bn)
+            x = _build_unit_layers(item, x, fuse_bn)
             continue
         kind, layer = item
         if kind == "dense" and layer.name in dense_folds:

@@ -127,11 +127,15 @@ class ConvOp:
 
 @dataclasses.dataclass
 class PoolOp:
+    """A pooling layer; explicit ``padding`` pads with ``pad_value`` first (0, or -inf before a
+    max pool), 'same' is Keras' own."""
+
     kind: str  # "max" | "avg"
     pool_size: int
     strides: int
     padding: str | tuple = "same"
     name: str = "pool"
+    pad_value: float = 0.0
 
 
 @dataclasses.dataclass
@@ -195,19 +199,51 @@ def depthwise_kernel(kernel) -> np.ndarray:
     return np.transpose(kernel, (0, 1, 3, 2))
 
 
-def _place(kernel_size, taps, matrix: np.ndarray) -> np.ndarray:
-    """A ``(kh, kw, c_in, c_out)`` kernel with ``matrix`` at one tap and zeros elsewhere."""
-    out = np.zeros((*kernel_size, *matrix.shape))
-    out[taps[0], taps[1]] = matrix
-    return out
+def _add_at(target: np.ndarray, taps, matrix, window: int = 1, name: str = "") -> np.ndarray:
+    """Add ``matrix`` (``(c_in, c_out)``, or the identity when ``matrix`` is None) into the
+    ``(kh, kw, c_in, c_out)`` kernel ``target`` at one tap, in place; with ``window`` > 1,
+    ``matrix / window²`` at each tap of the ``window × window`` square from that tap on (an
+    average pool at the layer's stride, as a "vd" shortcut averages). Returns ``target``."""
+    kh, kw = target.shape[:2]
+    if taps[0] + window > kh or taps[1] + window > kw:
+        raise ConversionError(
+            f"{name}: its {kh}×{kw} window does not cover the {window}×{window} average the "
+            "shortcut takes, so the input cannot be carried through it"
+        )
+    diagonal = np.arange(target.shape[2])
+    for a in range(window):
+        for b in range(window):
+            if matrix is None:
+                target[taps[0] + a, taps[1] + b, diagonal, diagonal] += 1.0 / window**2
+            else:
+                target[taps[0] + a, taps[1] + b] += matrix / window**2
+    return target
+
+
+def _extended(op: ConvOp, extra_in: int, extra_out: int) -> np.ndarray:
+    """``op``'s kernel in a zero kernel with ``extra_in`` more inputs and ``extra_out`` more
+    outputs (one allocation: RM's kernels are large and mostly zeros)."""
+    kh, kw, c_in, c_out = op.kernel.shape
+    kernel = np.zeros((kh, kw, c_in + extra_in, c_out + extra_out))
+    kernel[:, :, :c_in, :c_out] = op.kernel
+    return kernel
 
 
 def _taps(op: ConvOp, hw) -> tuple[int, int]:
-    if op.padding != "same":
-        raise ConversionError(
-            f"{op.name}: a reserved channel cannot pass a convolution with explicit padding"
-        )
     kh, kw = op.kernel_size
+    if op.padding != "same":
+        # Explicit padding: output i reads padded rows i·s .. i·s+kh-1, so the tap at the top
+        # pad reads input row i·s, where a strided 1×1 shortcut reads, if the sizes agree.
+        (top, bottom), (left, right) = op.padding
+        expected = output_hw(dataclasses.replace(op, padding="same"), hw)
+        if not (0 <= top < kh and 0 <= left < kw) or (
+            hw is not None and hw[0] is not None and output_hw(op, hw) != expected
+        ):
+            raise ConversionError(
+                f"{op.name}: its padding {op.padding} does not keep the pixel a shortcut reads "
+                "in its window, so the input cannot be reserved through it"
+            )
+        return top, left
     try:
         return (
             kernels.dirac_tap(kh, op.strides, hw[0]),
@@ -220,13 +256,14 @@ def _taps(op: ConvOp, hw) -> tuple[int, int]:
         ) from err
 
 
-def _out_hw(op: ConvOp, hw):
+def output_hw(op: ConvOp | PoolOp, hw):
+    """Height and width after a convolution or pool (``hw`` unknown or None stays so)."""
     if hw is None or hw[0] is None:
         return hw
     if op.padding == "same":
         return tuple(kernels.same_output_size(n, op.strides) for n in hw)
     (t, b), (left, r) = op.padding
-    kh, kw = op.kernel_size
+    kh, kw = op.kernel_size if isinstance(op, ConvOp) else (op.pool_size, op.pool_size)
     return ((hw[0] + t + b - kh) // op.strides + 1, (hw[1] + left + r - kw) // op.strides + 1)
 
 
@@ -239,6 +276,7 @@ def reserve_and_merge(
     input_hw,
     method: str = "dirac",
     skip_scale: ConvOp | None = None,
+    skip_window: int = 1,
 ) -> list[ConvOp]:
     """The RM operation: ``post(branch(x) + skip(x))`` as a chain of plain convolutions.
 
@@ -258,6 +296,10 @@ def reserve_and_merge(
     skip: a 1×1 op with a diagonal kernel and a BN record (the extra BN on the residual path of
     Sec. 4.2). Reserved copies of the input then carry its output and its BN record, so that a
     ``fuse_bn=False`` plain model has that BN on the reserved channels.
+
+    ``skip_window`` > 1: the shortcut first averages ``skip_window``² windows at stride
+    ``skip_window`` (ResNet-vd's average-pool shortcut); the reserved channels take that average
+    in the branch's strided convolution, which must have the window in its taps.
     """
     if method not in ("dirac", "prelu"):
         raise ValueError(f"`downsample` must be 'dirac' or 'prelu'; got {method!r}")
@@ -270,6 +312,11 @@ def reserve_and_merge(
     if skip.strides != total_stride:
         raise ConversionError(
             f"{skip.name}: shortcut stride {skip.strides} differs from the branch's {total_stride}"
+        )
+    if skip_window > 1 and [op.strides for op in branch if op.strides > 1] != [skip_window]:
+        raise ConversionError(
+            f"{skip.name}: an average-pool shortcut needs exactly one convolution of stride "
+            f"{skip_window} in the branch"
         )
     skip_matrix = skip.kernel[0, 0]  # (c_in, c_out)
     pre_scale, pre_bias, pre_bn = np.ones(skip.c_in), np.zeros(skip.c_in), None
@@ -290,9 +337,10 @@ def reserve_and_merge(
     scaled_bias = skip.bias + pre_bias @ skip_matrix
     if len(branch) == 1:  # re-parameterisation: the skip lands in the one convolution
         tap = _taps(last, input_hw)
+        window = skip_window if last.strides > 1 else 1
         merged = dataclasses.replace(
             last,
-            kernel=last.kernel + _place(last.kernel_size, tap, scaled_matrix),
+            kernel=_add_at(last.kernel.copy(), tap, scaled_matrix, window, last.name),
             bias=last.bias + scaled_bias,
             act=post,
         )
@@ -308,6 +356,7 @@ def reserve_and_merge(
     carried = None  # BN record of the reserved channels after their first layer (skip_scale)
     for j, op in enumerate(branch[:-1]):
         tap = _taps(op, hw)
+        window = skip_window if op.strides > 1 else 1
         if j == 0:
             # Reserve only the input channels the shortcut reads (a partial identity, as in a
             # MobileNetV2 with a wide bottleneck, reserves fewer than it receives).
@@ -326,14 +375,12 @@ def reserve_and_merge(
                 reserved_nonneg = reserved_nonneg and bool(
                     np.all(pre_scale[used] >= 0) and np.all(res_bias >= 0)
                 )
-            res_kernel = _place(op.kernel_size, tap, extra)
-            kernel = np.concatenate([op.kernel, res_kernel], axis=-1)
+            kernel = _extended(op, 0, n_res)
+            _add_at(kernel[..., op.c_out :], tap, extra, window, op.name)
         else:
             n_res = ops[-1].c_out - n_hidden
-            top = np.concatenate([op.kernel, np.zeros((*op.kernel_size, n_hidden, n_res))], -1)
-            dirac = kernels.dirac_kernel(op.kernel_size, n_res, taps=tap)
-            bottom = np.concatenate([np.zeros((*op.kernel_size, n_res, op.c_out)), dirac], -1)
-            kernel = np.concatenate([top, bottom], axis=2)
+            kernel = _extended(op, n_res, n_res)
+            _add_at(kernel[:, :, n_hidden:, op.c_out :], tap, None, window, op.name)
             res_bias, res_bn = np.zeros(n_res), carried
         # A linear layer inside a branch (a separable conv's depthwise half) passes reserved
         # channels linearly too.
@@ -346,15 +393,17 @@ def reserve_and_merge(
             )
         )
         n_hidden = op.c_out
-        hw = _out_hw(op, hw)
+        hw = output_hw(op, hw)
 
     n_res = ops[-1].c_out - n_hidden
     tap = _taps(last, hw)
     if apply_early:
-        merge, merge_bias = np.eye(n_res), np.zeros(last.c_out)
+        merge, merge_bias = None, np.zeros(last.c_out)
     else:
         merge, merge_bias = skip_matrix[used], skip.bias
-    kernel = np.concatenate([last.kernel, _place(last.kernel_size, tap, merge)], axis=2)
+    window = skip_window if last.strides > 1 else 1
+    kernel = _extended(last, n_res, 0)
+    _add_at(kernel[:, :, last.c_in :, :], tap, merge, window, last.name)
     merged = dataclasses.replace(last, kernel=kernel, bias=last.bias + merge_bias, act=post)
     ops.append(merged)
     return ops

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,3 +54,19 @@ def output_path(kind: str) -> Callable[[str], Path]:
         return path
 
     return parse
+
+
+def renamed_keyword(kwargs: dict, old: str, new: str, value, where: str):
+    """``value`` of the keyword ``new``, or of its deprecated spelling ``old`` when ``kwargs``
+    (the function's ``**kwargs``) has it, with a ``DeprecationWarning``; any other key in
+    ``kwargs`` is a ``TypeError`` as Python would raise."""
+    if old in kwargs:
+        warnings.warn(
+            f"{where}: `{old}` is deprecated, use `{new}` (same meaning)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        value = kwargs.pop(old)
+    if kwargs:
+        raise TypeError(f"{where}() got an unexpected keyword argument {sorted(kwargs)[0]!r}")
+    return value

@@ -1,0 +1,522 @@
+"""The converter's walk over a model's graph: a chain of plain ops, residual blocks found where
+the graph forks and joins again.
+
+From the input, a tensor used once by a one-input node extends the chain (a convolution, a BN
+folded into it, an activation, padding, pooling, a dense head, or a layer that rewrites itself
+through ``plain_ops``). A tensor used more than once opens a residual block: every use is
+followed along one-input nodes until all meet at one addition. Paths that are linear 1×1 maps (the
+identity, a projection convolution with its BN, a strided 1×1 max pool) are summed into the
+shortcut; at most one path may be anything else (the branch), and :func:`reserve_and_merge`
+rewrites the pair. Anything else raises :class:`ConversionError` naming the node.
+
+Cannot: a branch that forks again (a block inside a branch), two branches with convolutions
+(only the package's own blocks have those), concatenations, gating (squeeze-excitation),
+anything after the global pooling but a dense head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from keras_dmr.convert import elements as el
+from keras_dmr.convert.graph import Graph, Node, Value
+from keras_dmr.errors import ConversionError
+from keras_dmr.layers import RESIDUAL_BLOCKS
+from keras_dmr.rm.ops import (
+    Act,
+    ConvOp,
+    DenseOp,
+    GlobalPoolOp,
+    Op,
+    PoolOp,
+    identity_skip,
+    output_hw,
+    reserve_and_merge,
+)
+
+
+@dataclasses.dataclass
+class PlainContext:
+    """What a layer needs to know to rewrite itself (the walker protocol): its input's height and
+    width and sign, the conversion options, whether global pooling came before, and the plain
+    chain built so far (``chain``: a layer may rewrite its last op in place, as
+    ``TileBranches`` does). ``plain_ops(ctx)`` returns the ops to append."""
+
+    input_hw: tuple | None
+    input_nonnegative: bool
+    downsample: str = "dirac"
+    pooled: bool = False
+    chain: list = dataclasses.field(default_factory=list)
+
+
+def _compose_acts(first: Act, second: Act) -> Act | None:
+    """``second ∘ first`` as one Act where it is one (``first`` keeps signs: slopes ≥ 0)."""
+    if np.any(first.slope < 0) or np.any(first.cap < 0):
+        return None
+    return Act(first.slope * second.slope, np.minimum(first.cap, second.cap))
+
+
+class Chain:
+    """The plain ops along one path of the graph and the state of the tensor at its end."""
+
+    def __init__(self, hw, nonnegative: bool, options: dict, channels: int, pooled: bool = False):
+        self.ops: list[Op] = []
+        self.hw = hw
+        self.c = channels  # channels of the tensor at the end of the chain
+        self.nonnegative = nonnegative
+        self.pooled = pooled
+        self.options = options
+        self.pending: tuple[Node, el.Padding] | None = None
+
+    # -- helpers
+    def last(self):
+        return self.ops[-1] if self.ops else None
+
+    def append(self, op: Op) -> None:
+        if isinstance(op, ConvOp):
+            self.c = op.c_out
+            self.hw = output_hw(op, self.hw)
+            self.nonnegative = op.act is not None and op.act.nonnegative
+        elif isinstance(op, PoolOp):
+            self.hw = output_hw(op, self.hw)
+        self.ops.append(op)
+
+    def _take_padding(self, node: Node, layer_padding, what: str) -> tuple:
+        """``(padding, value)`` for a layer: 'same', or explicit pads (a 'valid' layer's zeros,
+        or the pads of the padding node just before it and the value it pads with)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return ("same" if layer_padding == "same" else ((0, 0), (0, 0))), 0.0
+        pad_node, padding = pending
+        if layer_padding == "same":
+            raise el.refuse(node, f"{what} with 'same' padding after {pad_node.describe()}")
+        return padding.pads, padding.value
+
+    def _no_pending(self, node: Node) -> None:
+        if self.pending is not None:
+            raise el.refuse(
+                self.pending[0],
+                f"padding must be followed by a convolution or a pool, not by {node.describe()}",
+            )
+
+    def _identity(self, name: str, channels: int) -> ConvOp:
+        return dataclasses.replace(identity_skip(channels), name=name)
+
+    # -- elements
+    def apply(self, node: Node, element, report) -> None:
+        if isinstance(element, el.Identity):
+            report.passed.append(node.name)
+            return
+        if isinstance(element, el.Padding):
+            if self.pooled:
+                raise el.refuse(node, "padding after global pooling")
+            if self.pending is not None:
+                raise el.refuse(node, "two paddings in a row are not supported")
+            self.pending = (node, element)
+            return
+        if isinstance(element, el.Linear):
+            return self._linear(node, element)
+        if isinstance(element, el.Pool):
+            return self._pool(node, element)
+        self._no_pending(node)
+        if isinstance(element, el.Affine):
+            return self._affine(node, element)
+        if isinstance(element, el.Activation):
+            return self._activation(node, element.make)
+        if isinstance(element, el.OutputActivation):
+            last = self.last()
+            if not isinstance(last, DenseOp) or last.activation is not None:
+                raise el.refuse(node, f"{element.name} must directly follow a linear Dense layer")
+            last.activation = element.name
+            return
+        if isinstance(element, el.GlobalPool):
+            if self.pooled:
+                raise el.refuse(node, "global pooling twice")
+            self.ops.append(GlobalPoolOp(element.kind, node.name))
+            self.pooled = True
+            return
+        if isinstance(element, el.Flatten):
+            if not self.pooled and self.hw == (1, 1):  # one pixel: the flattening is a pooling
+                self.ops.append(GlobalPoolOp("avg", node.name))
+                self.pooled = True
+                return
+            if not self.pooled:
+                raise el.refuse(
+                    node, "Flatten is only understood after global pooling (or of one pixel)"
+                )
+            report.passed.append(node.name)
+            return
+        if isinstance(element, el.Dense):
+            return self._dense(node, element)
+        if isinstance(element, el.Block):
+            return self._block(node, element.layer, report)
+        raise el.refuse(node, "an addition here does not close a residual block")  # el.Add
+
+    def _linear(self, node: Node, element: el.Linear) -> None:
+        if self.pooled:
+            raise el.refuse(node, "a convolution after global pooling")
+        padding, value = self._take_padding(node, element.op.padding, "a convolution")
+        if value != 0.0:
+            raise el.refuse(node, f"a convolution after padding with {value}")
+        op = dataclasses.replace(element.op, padding=padding)
+        if element.act is not None:
+            op.act = element.act(op.c_out)
+        self.append(op)
+
+    def _pool(self, node: Node, element: el.Pool) -> None:
+        if self.pooled:
+            raise el.refuse(node, "pooling after global pooling")
+        padding, value = self._take_padding(node, element.padding, "a pool")
+        if element.kind == "avg" and value != 0.0:
+            raise el.refuse(node, f"average pooling after padding with {value}")
+        self.append(PoolOp(element.kind, element.size, element.strides, padding, node.name, value))
+
+    def _affine(self, node: Node, element: el.Affine) -> None:
+        last = self.last()
+        if self.pooled:
+            raise el.refuse(node, "a BatchNormalization or rescaling after global pooling")
+        if isinstance(last, ConvOp) and last.act is None:
+            fresh = np.all(np.isnan(last.bn)) and element.bn is not None
+            last.kernel = last.kernel * element.scale
+            last.bias = last.bias * element.scale + element.shift
+            if fresh:
+                last.bn, last.epsilon = element.bn.copy(), element.epsilon
+            else:  # a second affine map: the record no longer describes the op
+                last.bn = np.full_like(last.bn, np.nan)
+            return
+        self.append(el.affine_op(element, node.name))
+
+    def _activation(self, node: Node, make) -> None:
+        last = self.last()
+        if isinstance(last, DenseOp):
+            if last.activation is not None:
+                raise el.refuse(node, "an activation after an activated Dense layer")
+            act = make(last.kernel.shape[1])
+            if not (np.all(act.slope == 0) and np.all(np.isinf(act.cap))):
+                raise el.refuse(node, "only ReLU is understood after a Dense layer")
+            last.activation = "relu"
+            return
+        if self.pooled:
+            raise el.refuse(node, "an activation after global pooling")
+        if isinstance(last, ConvOp) and last.act is None:
+            last.act = make(last.c_out)
+            self.nonnegative = last.act.nonnegative
+            return
+        if isinstance(last, ConvOp):
+            composed = _compose_acts(last.act, make(last.c_out))
+            if composed is not None:
+                last.act = composed
+                self.nonnegative = composed.nonnegative
+                return
+        op = self._identity(node.name, self.c)
+        op.act = make(self.c)
+        self.append(op)
+
+    def _dense(self, node: Node, element: el.Dense) -> None:
+        if not self.pooled:
+            raise el.refuse(node, "a Dense layer must follow global pooling (or Flatten after it)")
+        op = DenseOp(element.kernel, element.bias, element.activation, node.name)
+        last = self.last()
+        if isinstance(last, DenseOp) and last.activation is None:  # two linear maps: one
+            op = DenseOp(
+                last.kernel @ op.kernel, last.bias @ op.kernel + op.bias, op.activation, op.name
+            )
+            self.ops.pop()
+        self.ops.append(op)
+
+    def _block(self, node: Node, layer, report) -> None:
+        ctx = PlainContext(
+            self.hw, self.nonnegative, self.options["downsample"], self.pooled, self.ops
+        )
+        ops = layer.plain_ops(ctx)
+        if self.pooled and any(isinstance(op, ConvOp | PoolOp) for op in ops):
+            raise el.refuse(node, "a block after global pooling")
+        signed = [op for op in ops if getattr(op, "act", None) and not op.act.nonnegative]
+        if self.options["relu_only"] and signed:
+            raise el.refuse(
+                node,
+                "the input it reserves may be negative (the layer before it does not end in "
+                "ReLU, or a projection is reserved) and a ReLU would clip it",
+                "Convert with relu_only=False to carry it through slope-1 PReLU",
+            )
+        for op in ops:
+            if isinstance(op, DenseOp) and not self.pooled:
+                raise el.refuse(node, "a dense layer before global pooling")
+            self.append(op)
+        convs = [op for op in self.ops if isinstance(op, ConvOp)]
+        if convs:  # a layer may have rewritten the last op in place (TileBranches)
+            self.c = convs[-1].c_out
+        if isinstance(layer, RESIDUAL_BLOCKS):
+            report.blocks.append({"node": node.name, "kind": type(layer).__name__})
+
+    def finish(self, node: Node | None = None) -> None:
+        if self.pending is not None:
+            raise el.refuse(self.pending[0], "padding at the end of a path")
+
+
+@dataclasses.dataclass
+class Report:
+    blocks: list = dataclasses.field(default_factory=list)
+    passed: list = dataclasses.field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------- the walk
+class GraphWalker:
+    def __init__(self, graph: Graph, input_shape, downsample: str, relu_only: bool):
+        self.graph = graph
+        self.options = {
+            "downsample": downsample,
+            "relu_only": relu_only,
+            "input_channels": input_shape[-1],
+        }
+        self.hw = (input_shape[0], input_shape[1])
+        self.report = Report()
+        self._elements: dict[int, object] = {}
+
+    def element(self, node: Node):
+        if node.index not in self._elements:
+            self._elements[node.index] = el.element(node)
+        return self._elements[node.index]
+
+    def run(self) -> list[Op]:
+        chain = Chain(self.hw, False, self.options, self.options["input_channels"])
+        value = self.graph.input
+        while value is not self.graph.output:
+            uses = self.graph.uses(value)
+            if not uses:  # cannot happen for a value on the way to the output
+                raise ConversionError(f"model {self.graph.model_name!r}: a dangling tensor")
+            node = uses[0][0]
+            if len(uses) == 1 and len(node.inputs) == 1:
+                chain.apply(node, self.element(node), self.report)
+                value = node.output
+            else:
+                value = self.residual(chain, value, uses)
+        chain.finish()
+        return chain.ops
+
+    # -- residual blocks
+    def _follow(self, node: Node, fork: Node | None) -> tuple[list[Node], Node]:
+        """The one-input nodes from ``node`` on, up to the first node with several inputs."""
+        path = []
+        while len(node.inputs) == 1:
+            path.append(node)
+            if node.output is self.graph.output:
+                raise el.refuse(
+                    node,
+                    "a path from a fork reaches the output without meeting an addition",
+                    "Only residual blocks (a fork joined again by an addition) are understood",
+                )
+            uses = self.graph.uses(node.output)
+            if len(uses) != 1:
+                raise el.refuse(
+                    node,
+                    "its output is used again inside a residual branch (a block within a "
+                    "branch, or a gate); only chains of layers are understood inside a block",
+                )
+            node = uses[0][0]
+        return path, node
+
+    def residual(self, chain: Chain, fork: Value, uses) -> Value:
+        chain._no_pending(uses[0][0])
+        where = fork.producer.describe() if fork.producer else "the model input"
+        if chain.pooled:
+            raise ConversionError(f"the output of {where} forks after global pooling")
+        paths = [self._follow(node, None) for node, _ in uses]
+        joins = {id(end) for _, end in paths}
+        join = paths[0][1]
+        if len(joins) != 1 or len(join.inputs) != len(paths):
+            raise ConversionError(
+                f"the output of {where} is used by {len(uses)} paths that do not all end in one "
+                f"addition ({join.describe()} joins {len(join.inputs)} tensors); only residual "
+                "blocks (a fork joined by one addition) are understood"
+            )
+        if not isinstance(self.element(join), el.Add):
+            raise el.refuse(join, "joins a fork, and only additions are understood there")
+        built = []
+        for nodes, _ in paths:
+            sub = Chain(chain.hw, chain.nonnegative, self.options, chain.c)
+            for node in nodes:
+                element = self.element(node)
+                if isinstance(element, el.Block | el.GlobalPool | el.Dense | el.Flatten):
+                    raise el.refuse(node, "is not understood inside a residual branch")
+                sub.apply(node, element, self.report)
+            sub.finish()
+            built.append((nodes, sub))
+        ops, kinds = self._merge(join, built, chain)
+        for op in ops:
+            chain.append(op)
+        self.report.blocks.append(
+            {
+                "node": join.name,
+                "where": join.path,
+                "kind": "residual",
+                "branch": kinds["branch"],
+                "shortcut": kinds["shortcut"],
+            }
+        )
+        return join.output
+
+    def _merge(self, join: Node, built, chain: Chain):
+        channels = chain.c
+        skips, branches, kinds, windows = [], [], [], set()
+        for nodes, sub in built:
+            skip, window, kind = _as_skip(sub.ops, channels, chain.hw)
+            if skip is not None:
+                skips.append(skip)
+                kinds.append(kind)
+                windows.add(window)
+            else:
+                branches.append((nodes, sub))
+        branches = _sum_linear(branches)
+        if len(branches) > 1:
+            names = [[n.name for n in nodes] for nodes, _ in branches]
+            pooled = [sub for _, sub in branches if sub.ops and isinstance(sub.ops[0], PoolOp)]
+            why = ""
+            if pooled and pooled[0].ops[0].kind == "avg" and chain.hw is not None:
+                why = (
+                    f" (the average-pool shortcut's windows do not tile the {chain.hw[0]}×"
+                    f"{chain.hw[1]} input exactly, so no convolution can carry it: build the "
+                    "model with an input size its strides divide)"
+                )
+            raise el.refuse(
+                join,
+                f"adds {len(branches)} paths that are not linear 1×1 shortcuts ({names}){why}; "
+                "RM needs one branch beside linear shortcuts",
+            )
+        strides = {s.strides for s in skips}
+        if len(strides) > 1 or len(windows) > 1:
+            raise el.refuse(join, f"adds shortcuts with different strides {sorted(strides)}")
+        window = windows.pop() if windows else 1
+        if not branches and window > 1:
+            raise el.refuse(join, "adds an average-pooled shortcut to no convolution")
+        if not branches:  # every path is linear and 1×1: their sum is one convolution
+            total = skips[0]
+            for s in skips[1:]:
+                total = dataclasses.replace(
+                    total, kernel=total.kernel + s.kernel, bias=total.bias + s.bias
+                )
+            total.name = join.name
+            return [total], {"branch": [], "shortcut": " + ".join(kinds)}
+        nodes, sub = branches[0]
+        branch_ops = list(sub.ops)
+        for op in branch_ops:
+            if not isinstance(op, ConvOp):
+                raise el.refuse(
+                    join,
+                    f"its branch contains pooling ({op.name}); only convolutions, "
+                    "BatchNormalization and activations are understood in a branch",
+                )
+        if branch_ops[-1].act is not None:  # the branch ends in an activation: a linear 1×1
+            branch_ops.append(self._linear_end(branch_ops[-1], join))
+        skip = skips[0]
+        for s in skips[1:]:
+            skip = dataclasses.replace(skip, kernel=skip.kernel + s.kernel, bias=skip.bias + s.bias)
+        if skip.c_in != branch_ops[0].c_in or skip.c_out != branch_ops[-1].c_out:
+            raise el.refuse(join, "its branch and shortcut do not have the same channels")
+        if self.options["relu_only"] and not chain.nonnegative and len(branch_ops) > 1:
+            raise el.refuse(
+                join,
+                "the input its branch must reserve may be negative and a ReLU would clip it",
+                "Convert with relu_only=False to carry it through slope-1 PReLU",
+            )
+        try:
+            ops = reserve_and_merge(
+                branch_ops,
+                skip,
+                post=None,
+                input_nonnegative=chain.nonnegative,
+                input_hw=chain.hw,
+                method=self.options["downsample"],
+                skip_window=window,
+            )
+        except ConversionError as err:
+            raise el.refuse(join, str(err)) from None
+        return ops, {"branch": [n.name for n in nodes], "shortcut": " + ".join(kinds)}
+
+    def _linear_end(self, op: ConvOp, join: Node) -> ConvOp:
+        return dataclasses.replace(identity_skip(op.c_out), name=f"{join.name}_linear")
+
+
+def _as_skip(ops: list, channels: int, hw) -> tuple[ConvOp | None, int, str]:
+    """A path as one linear 1×1 convolution (the shortcut) and the average-pool window it
+    starts with (1: none), or None if it is not one."""
+    op = identity_skip(channels)
+    kinds, window = [], 1
+    for i, step in enumerate(ops):
+        if (
+            i == 0
+            and isinstance(step, PoolOp)
+            and step.kind == "avg"
+            and step.pool_size == step.strides > 1
+            and step.padding in ("same", ((0, 0), (0, 0)))
+            and hw is not None
+            and hw[0] is not None
+            and hw[0] % step.strides == 0
+            and hw[1] % step.strides == 0
+        ):  # ResNet-vd: an average over windows that tile the input exactly
+            window = step.strides
+            op = dataclasses.replace(op, strides=window)
+            kinds.append(f"avg pool {window}×{window}")
+            continue
+        if isinstance(step, PoolOp):
+            if step.pool_size != 1 or step.padding not in ("same", ((0, 0), (0, 0))):
+                return None, 1, ""
+            step = dataclasses.replace(identity_skip(op.c_out), strides=step.strides)
+            kinds.append(f"subsample/{step.strides}")
+        elif not (
+            isinstance(step, ConvOp)
+            and step.act is None
+            and step.kernel_size == (1, 1)
+            and step.padding in ("same", ((0, 0), (0, 0)))
+        ):
+            return None, 1, ""
+        else:
+            stride = f"/{step.strides}" if step.strides > 1 else ""
+            kinds.append(("1×1 conv" if not _diagonal(step) else "scale") + stride)
+        if step.c_in != op.c_out:
+            return None, 1, ""
+        matrix = step.kernel[0, 0]
+        op = ConvOp(
+            (op.kernel[0, 0] @ matrix)[None, None],
+            op.bias @ matrix + step.bias,
+            strides=op.strides * step.strides,
+            name=step.name,
+        )
+    return op, window, " → ".join(kinds) if kinds else "identity"
+
+
+def _sum_linear(branches: list) -> list:
+    """Paths that are each one linear convolution of the same geometry (RepVGG's 3×3 beside
+    another 3×3) are one convolution: their sum, kept as one path."""
+    single = [
+        (nodes, sub)
+        for nodes, sub in branches
+        if len(sub.ops) == 1 and isinstance(sub.ops[0], ConvOp) and sub.ops[0].act is None
+    ]
+    if len(single) < 2:
+        return branches
+    first = single[0][1].ops[0]
+    geometry = (first.kernel_size, first.strides, first.padding, first.c_in, first.c_out)
+    if any(
+        (op.kernel_size, op.strides, op.padding, op.c_in, op.c_out) != geometry
+        for op in (sub.ops[0] for _, sub in single)
+    ):
+        return branches
+    total = dataclasses.replace(
+        first,
+        kernel=sum(sub.ops[0].kernel for _, sub in single),
+        bias=sum(sub.ops[0].bias for _, sub in single),
+        bn=np.full_like(first.bn, np.nan),
+    )
+    merged = single[0][1]
+    merged.ops = [total]
+    nodes = [n for group, _ in single for n in group]
+    rest = [b for b in branches if all(b is not s for s in single)]
+    return [(nodes, merged), *rest]
+
+
+def _diagonal(op: ConvOp) -> bool:
+    m = op.kernel[0, 0]
+    return m.shape[0] == m.shape[1] and np.array_equal(m, np.diag(np.diagonal(m)))
