@@ -99,11 +99,16 @@ def _conv_layer(op: ConvOp, groups: int, use_bias: bool, dtype):
     # Zeros, not random, initial values: every weight is set right after (a random initializer
     # costs seconds for the ~100M parameters of a plain ResNet-50).
     common = {"strides": op.strides, "padding": padding, "use_bias": use_bias, "name": op.name}
-    if groups > 1 and groups == op.c_in == op.c_out:
+    if groups > 1 and groups == op.c_in and op.c_out % groups == 0:  # one input per group
+        multiplier = op.c_out // groups
         layer = keras.layers.DepthwiseConv2D(
-            (kh, kw), depthwise_initializer="zeros", dtype=dtype, **common
+            (kh, kw),
+            depth_multiplier=multiplier,
+            depthwise_initializer="zeros",
+            dtype=dtype,
+            **common,
         )
-        return layer, lambda k: np.transpose(kernels.to_grouped(k, groups), (0, 1, 3, 2))
+        return layer, lambda k: kernels.to_grouped(k, groups).reshape(kh, kw, groups, multiplier)
     if groups == 1:
         layer = keras.layers.Conv2D(
             op.c_out, (kh, kw), kernel_initializer="zeros", dtype=dtype, **common

@@ -160,6 +160,8 @@ class Chain:
         padding, value = self._take_padding(node, element.op.padding, "a convolution")
         if value != 0.0:
             raise el.refuse(node, f"a convolution after padding with {value}")
+        if padding == ((0, 0), (0, 0)) and element.op.kernel_size == (1, 1):
+            padding = "same"  # a 1×1 convolution pads nothing either way
         op = dataclasses.replace(element.op, padding=padding)
         if element.act is not None:
             op.act = element.act(op.c_out)

@@ -190,13 +190,11 @@ def conv_bn_op(
 
 
 def depthwise_kernel(kernel) -> np.ndarray:
-    """Keras depthwise kernel ``(kh, kw, c, 1)`` → the grouped-conv layout ``(kh, kw, 1, c)``."""
+    """Keras depthwise kernel ``(kh, kw, c, m)`` → the grouped-conv layout ``(kh, kw, 1, c·m)``
+    (``c`` groups; output ``c·m + j`` is channel ``c``'s ``j``-th filter, as Keras orders them)."""
     kernel = np.asarray(kernel, np.float64)
-    if kernel.shape[-1] != 1:
-        raise ConversionError(
-            f"depthwise multiplier {kernel.shape[-1]} is not supported; only multiplier 1"
-        )
-    return np.transpose(kernel, (0, 1, 3, 2))
+    kh, kw, c, m = kernel.shape
+    return kernel.reshape(kh, kw, 1, c * m)
 
 
 def _add_at(target: np.ndarray, taps, matrix, window: int = 1, name: str = "") -> np.ndarray:
@@ -435,26 +433,36 @@ def compose_pointwise(first: ConvOp, second: ConvOp) -> ConvOp:
 
 
 def fuse_linear_pairs(ops: Sequence[Op]) -> list[Op]:
-    """Fuse adjacent pointwise convolutions with no activation between them (Eq. 5): after RM,
-    a MobileNetV2 block's projection and the next block's expansion become one (Sec. 4.4).
+    """Fuse a linear convolution and the pointwise convolution after it (Eq. 5): after RM, a
+    MobileNetV2 block's projection and the next block's expansion become one (Sec. 4.4), and a
+    pre-activation block's BN (a per-channel 1×1 map) joins the convolution that ends the block
+    before it.
 
-    Only where the fused ``c_in × c_out`` product costs no more multiply-accumulates than the
-    pair through its middle width (``mid·(c_in + c_out)``): true for Sec. 5.3's wide-bottleneck
-    MobileNetV2 (whose plain form is then MobileNetV1), false for the standard MobileNetV2, whose
-    narrow bottleneck is cheaper to keep.
+    Only where the fused convolution costs no more multiply-accumulates than the pair, each of
+    the pair counted with the groups its kernel has and the fused one as dense. For two dense
+    pointwise convolutions that is ``c_in·c_out ≤ mid·(c_in + c_out)``: true for Sec. 5.3's
+    wide-bottleneck MobileNetV2 (whose plain form is then MobileNetV1), false for the standard
+    MobileNetV2, whose narrow bottleneck is cheaper to keep; false for a BN's per-channel map
+    (with its reserved copies, a depthwise 1×1), which costs next to nothing on its own.
     """
     out: list[Op] = []
     for op in ops:
         prev = out[-1] if out else None
+        fused = None
         if (
             isinstance(op, ConvOp)
             and isinstance(prev, ConvOp)
             and prev.act is None
             and op.pointwise
-            and prev.pointwise
-            and prev.c_in * op.c_out <= prev.c_out * (prev.c_in + op.c_out)
         ):
-            out[-1] = compose_pointwise(prev, op)
+            # The fused kernel counted dense: fuse only where that surely pays.
+            taps = prev.kernel_size[0] * prev.kernel_size[1]
+            pair = taps * prev.c_in * prev.c_out / group_layout(prev.kernel)[0]
+            pair += prev.c_out * op.c_out / group_layout(op.kernel)[0]
+            if taps * prev.c_in * op.c_out <= pair:
+                fused = compose_pointwise(prev, op)
+        if fused is not None:
+            out[-1] = fused
         else:
             out.append(op)
     return out
