@@ -20,6 +20,25 @@ def _macs(layer, output_shape) -> int:
     return 0
 
 
+def count_flops_of_layers(model: keras.Model) -> int | None:
+    """:func:`count_flops` read from the output shapes a functional model's layers already have
+    (no forward pass), or None when a counted layer is nested in another or its shape is not
+    fully known. What a converted plain model is: a flat graph of Keras layers."""
+    total = 0
+    counted = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+    top = set(map(id, model.layers))
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if not isinstance(layer, counted):
+            continue
+        if id(layer) not in top or len(layer._inbound_nodes) != 1:
+            return None
+        shape = tuple(layer.output.shape)
+        if any(s is None for s in shape[1:]):
+            return None
+        total += _macs(layer, shape)
+    return total
+
+
 def count_flops(model: keras.Model, input_shape: tuple | None = None) -> int:
     """Multiply-accumulates of one image's forward pass through every Conv2D (grouped: per
     group), DepthwiseConv2D and Dense layer, nested blocks included.

@@ -3,7 +3,7 @@
 Each source is converted in a fresh process (``python -m keras_dmr.bench.conversion NAME``), so
 that the peak resident memory it reports (``ru_maxrss``) is the conversion's and not what an
 earlier one left behind. Timed: ``to_plain(model)`` with its default verification (two random
-batches of two images through both models), after the source model is built and randomized.
+single-image batches through both models), after the source model is built and randomized.
 The process's memory before the conversion (Python, TensorFlow, the source model) is reported
 beside the peak.
 """
