@@ -304,9 +304,9 @@ def to_plain(
     policy), so a model trained with ``mixed_float16`` converts like any other.
 
     With ``verify=True`` both models run on two random single-image batches (or
-    ``verify_inputs``, a list of arrays) and :class:`ConversionError` is raised if the maximum relative error exceeds
-    ``tolerance`` (default by ``dtype``: 1e-4 for float32, 5e-3 for mixed_float16, 5e-2 for
-    mixed_bfloat16). The result carries ``conversion_report``: the error, parameter and
+    ``verify_inputs``, a list of arrays) and :class:`ConversionError` is raised if the maximum
+    relative error exceeds ``tolerance`` (default by ``dtype``: 1e-4 for float32, 5e-3 for
+    mixed_float16, 5e-2 for mixed_bfloat16). The result carries ``conversion_report``: the error, parameter and
     multiply-accumulate counts before and after, and the options used.
     """
     from keras_dmr.analysis.flops import count_flops, count_flops_of_layers
