@@ -306,8 +306,9 @@ def to_plain(
     With ``verify=True`` both models run on two random single-image batches (or
     ``verify_inputs``, a list of arrays) and :class:`ConversionError` is raised if the maximum
     relative error exceeds ``tolerance`` (default by ``dtype``: 1e-4 for float32, 5e-3 for
-    mixed_float16, 5e-2 for mixed_bfloat16). The result carries ``conversion_report``: the error, parameter and
-    multiply-accumulate counts before and after, and the options used.
+    mixed_float16, 5e-2 for mixed_bfloat16). The result carries ``conversion_report``: the
+    error, parameter and multiply-accumulate counts before and after, the options used, each
+    residual block found (its addition, branch and shortcut) and what passed through unchanged.
     """
     from keras_dmr.analysis.flops import count_flops, count_flops_of_layers
 
