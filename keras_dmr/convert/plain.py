@@ -347,7 +347,9 @@ def to_plain(
         "dtype": dtype,
         "params_before": int(model.count_params()),
         "params_after": int(plain.count_params()),
-        "flops_before": count_flops(model) if known_size else None,
+        "flops_before": (count_flops_of_layers(model) or count_flops(model))
+        if known_size
+        else None,
         "flops_after": (count_flops_of_layers(plain) or count_flops(plain)) if known_size else None,
         "blocks": walk.blocks,
         "passed_through": walk.passed,

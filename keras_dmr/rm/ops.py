@@ -197,6 +197,14 @@ def depthwise_kernel(kernel) -> np.ndarray:
     return kernel.reshape(kh, kw, 1, c * m)
 
 
+def _diagonal_of(matrix: np.ndarray):
+    """The diagonal of a square diagonal matrix (None for the identity too), else False."""
+    if matrix.shape[0] != matrix.shape[1]:
+        return False
+    diagonal = np.diagonal(matrix)
+    return diagonal.copy() if np.count_nonzero(matrix) == np.count_nonzero(diagonal) else False
+
+
 def _add_at(target: np.ndarray, taps, matrix, window: int = 1, name: str = "") -> np.ndarray:
     """Add ``matrix`` (``(c_in, c_out)``, or the identity when ``matrix`` is None) into the
     ``(kh, kw, c_in, c_out)`` kernel ``target`` at one tap, in place; with ``window`` > 1,
@@ -209,10 +217,11 @@ def _add_at(target: np.ndarray, taps, matrix, window: int = 1, name: str = "") -
             "shortcut takes, so the input cannot be carried through it"
         )
     diagonal = np.arange(target.shape[2])
+    values = 1.0 if matrix is None else _diagonal_of(matrix)  # the usual case: no dense add
     for a in range(window):
         for b in range(window):
-            if matrix is None:
-                target[taps[0] + a, taps[1] + b, diagonal, diagonal] += 1.0 / window**2
+            if values is not False:
+                target[taps[0] + a, taps[1] + b, diagonal, diagonal] += values / window**2
             else:
                 target[taps[0] + a, taps[1] + b] += matrix / window**2
     return target
