@@ -32,11 +32,9 @@ def _keras_mobilenet_v2():
 
 
 def _rmnext152():
-    import keras_dmr
+    from keras_dmr.models import RMNeXt
 
-    return keras_dmr.RMNeXt(
-        depth=152, expansion=6, channels_per_group=32, variant="imagenet", compile=False
-    )
+    return RMNeXt(depth=152, expansion=6, channels_per_group=32, variant="imagenet", compile=False)
 
 
 # name → builder; the quick run converts the first only.

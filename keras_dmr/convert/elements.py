@@ -351,6 +351,22 @@ def _operation(operation, node) -> Element:
     )
 
 
+class _Bare:
+    """A layer outside any graph, for :func:`of_layer`'s messages."""
+
+    def __init__(self, layer):
+        self.operation, self.name = layer, layer.name
+
+    def describe(self) -> str:
+        return f"layer {self.name!r} ({type(self.operation).__name__})"
+
+
+def of_layer(layer) -> Element:
+    """What a Keras layer computes, outside any graph (pruning reads layers with it): the one
+    vocabulary of layer kinds the converter and the pruner share."""
+    return _layer(layer, _Bare(layer))
+
+
 def element(node) -> Element:
     """What ``node`` computes (see the module docstring)."""
     if node.is_layer:

@@ -19,13 +19,14 @@ from keras_dmr.prune.slim import (
     threshold_for_ratio,
 )
 from keras_dmr.prune.units import (
-    ACTIVATIONS,
-    GLOBAL_POOLS,
     Unit,
     bn_arrays,
     clone_layer,
     describe_layer,
     input_like,
+    is_activation,
+    is_global_pool,
+    is_passthrough,
     is_residual_block,
     layer_chain,
     make_unit,
@@ -86,7 +87,7 @@ def _parse_residual(model):
                 )
             bn = layers[i + 1] if i + 1 < len(layers) else None
             act = layers[i + 2] if i + 2 < len(layers) else None
-            act = act if isinstance(act, ACTIVATIONS) else None
+            act = act if is_activation(act) else None
             stem.append(make_unit(layer, bn, act))
             i += 2 if act is None else 3
             continue
@@ -114,7 +115,11 @@ def _parse_residual(model):
     for layer in layers[i:]:
         if isinstance(layer, keras.layers.Dense):
             head.append(("dense", layer))
-        elif isinstance(layer, (*GLOBAL_POOLS, keras.layers.Flatten, keras.layers.Dropout)):
+        elif (
+            is_global_pool(layer)
+            or is_passthrough(layer)
+            or isinstance(layer, keras.layers.Flatten)
+        ):
             head.append(("layer", layer))
         else:
             raise ValueError(f"{describe_layer(layer)} is not supported in a ResNet's head")

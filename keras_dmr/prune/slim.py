@@ -33,13 +33,13 @@ import numpy as np
 
 from keras_dmr.layers.activations import ChannelwiseReLU
 from keras_dmr.prune.units import (
-    ACTIVATIONS,
-    GLOBAL_POOLS,
-    SPATIAL_PASSTHROUGH,
     Unit,
     clone_layer,
     describe_layer,
     input_like,
+    is_activation,
+    is_global_pool,
+    is_passthrough,
     layer_chain,
     macs_or_none,
     make_unit,
@@ -68,13 +68,13 @@ def _parse_plain(model: keras.Model) -> list:
                 raise ValueError(f"{describe_layer(layer)}: a convolution after global pooling")
             bn = layers[i + 1] if i + 1 < len(layers) else None
             act = layers[i + 2] if i + 2 < len(layers) else None
-            act = act if isinstance(act, ACTIVATIONS) else None
+            act = act if is_activation(act) else None
             items.append(make_unit(layer, bn, act))
             i += 2 if act is None else 3
             continue
         elif isinstance(layer, keras.layers.BatchNormalization):
             raise ValueError(f"{describe_layer(layer)} does not follow a convolution")
-        elif isinstance(layer, ACTIVATIONS):
+        elif is_activation(layer):
             raise ValueError(
                 f"{describe_layer(layer)}: an activation must follow a convolution's BN"
             )
@@ -85,14 +85,12 @@ def _parse_plain(model: keras.Model) -> list:
                 )
             items.append(("dense", layer))
             dense_seen = True
-        elif isinstance(layer, GLOBAL_POOLS):
+        elif is_global_pool(layer):
             if getattr(layer, "keepdims", False):
                 raise ValueError(f"{describe_layer(layer)}: keepdims=True is not supported")
             items.append(("layer", layer))
             pooled = True
-        elif isinstance(layer, SPATIAL_PASSTHROUGH) or (
-            isinstance(layer, keras.layers.Flatten) and pooled
-        ):
+        elif is_passthrough(layer) or (isinstance(layer, keras.layers.Flatten) and pooled):
             items.append(("layer", layer))
         else:
             raise ValueError(

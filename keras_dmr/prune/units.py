@@ -1,5 +1,6 @@
-"""What every pruning step shares: the layer kinds it passes through, a chain of layers, and a
-convolution with its BN and activation as float64 arrays (:class:`Unit`)."""
+"""What every pruning step shares: the layer kinds (the converter's own reading of a layer,
+:mod:`keras_dmr.convert.elements`), a chain of layers, and a convolution with its BN and
+activation as float64 arrays (:class:`Unit`)."""
 
 from __future__ import annotations
 
@@ -9,25 +10,39 @@ import keras
 import numpy as np
 
 from keras_dmr.analysis.flops import count_flops
+from keras_dmr.convert import elements
+from keras_dmr.errors import ConversionError
 from keras_dmr.layers import RESIDUAL_BLOCKS
-from keras_dmr.layers.activations import ChannelwiseReLU
 from keras_dmr.rm import kernels
 
 SPARSITY_METHODS = ("proximal", "subgradient")
-ACTIVATIONS = (
-    keras.layers.ReLU,
-    keras.layers.PReLU,
-    keras.layers.LeakyReLU,
-    keras.layers.Activation,
-    ChannelwiseReLU,
-)
-SPATIAL_PASSTHROUGH = (
-    keras.layers.ZeroPadding2D,
-    keras.layers.MaxPooling2D,
-    keras.layers.AveragePooling2D,
-    keras.layers.Dropout,
-)
-GLOBAL_POOLS = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+_WEIGHTED = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+
+
+def layer_kind(layer):
+    """The converter's reading of ``layer`` (:func:`keras_dmr.convert.elements.of_layer`), or
+    None for a convolution or dense layer (read by :func:`make_unit` instead) and for a layer the
+    converter does not understand."""
+    if isinstance(layer, _WEIGHTED):
+        return None
+    try:
+        return elements.of_layer(layer)
+    except ConversionError:
+        return None
+
+
+def is_activation(layer) -> bool:
+    """A ReLU-family activation (ReLU, ReLU6, LeakyReLU, PReLU, ChannelwiseReLU)."""
+    return isinstance(layer_kind(layer), elements.Activation)
+
+
+def is_global_pool(layer) -> bool:
+    return isinstance(layer_kind(layer), elements.GlobalPool)
+
+
+def is_passthrough(layer) -> bool:
+    """Padding, pooling and inference identities (Dropout): copied, channels unchanged."""
+    return isinstance(layer_kind(layer), elements.Padding | elements.Pool | elements.Identity)
 
 
 def describe_layer(layer) -> str:
