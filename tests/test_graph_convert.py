@@ -389,3 +389,15 @@ def test_a_branch_starting_with_an_activation_deep_in_the_network():
     y = keras.layers.Conv2D(6, 3, padding="same")(keras.layers.ReLU(max_value=6.0)(y))
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x + y))
     assert_converts(model)
+
+
+def test_rescaling_in_the_model_converts():
+    """A model that rescales its uint8-range input itself (a scalar Rescaling) and a
+    per-channel one inside: both are per-channel affine maps the plain model keeps exactly."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(x)
+    y = keras.layers.Rescaling([0.5, 2.0, 1.0, 3.0])(x)
+    y = keras.layers.Conv2D(4, 3, padding="same")(keras.layers.ReLU()(y))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x + y))
+    assert_converts(model)

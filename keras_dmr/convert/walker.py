@@ -176,6 +176,15 @@ class Chain:
         self.append(PoolOp(element.kind, element.size, element.strides, padding, node.name, value))
 
     def _affine(self, node: Node, element: el.Affine) -> None:
+        for values in (element.scale, element.shift):
+            if len(values) not in (1, self.c):
+                raise el.refuse(node, f"{len(values)} scales or offsets for {self.c} channels")
+        # A scalar scale or offset (Rescaling's usual form) is the same on every channel.
+        element = dataclasses.replace(
+            element,
+            scale=np.broadcast_to(element.scale, (self.c,)).copy(),
+            shift=np.broadcast_to(element.shift, (self.c,)).copy(),
+        )
         last = self.last()
         if self.pooled:
             raise el.refuse(node, "a BatchNormalization or rescaling after global pooling")
