@@ -401,3 +401,18 @@ def test_rescaling_in_the_model_converts():
     y = keras.layers.Conv2D(4, 3, padding="same")(keras.layers.ReLU()(y))
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x + y))
     assert_converts(model)
+
+
+def test_a_convolution_that_computes_something_else_is_refused():
+    """A Conv2D subclass that standardises its kernel is not the convolution its weights say:
+    refused by name rather than read as a plain Conv2D."""
+
+    class StandardizedConv2D(keras.layers.Conv2D):
+        def convolution_op(self, inputs, kernel):
+            mean = keras.ops.mean(kernel, axis=(0, 1, 2), keepdims=True)
+            return super().convolution_op(inputs, kernel - mean)
+
+    inputs = keras.Input((8, 8, 3))
+    x = StandardizedConv2D(4, 3, padding="same", name="ws")(inputs)
+    with pytest.raises(ConversionError, match=r"'ws' \(StandardizedConv2D\).*convolution_op"):
+        to_plain(keras.Model(inputs, x), verify=False)

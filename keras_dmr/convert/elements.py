@@ -19,6 +19,7 @@ from keras.src.ops import numpy as ops_numpy
 
 from keras_dmr.errors import ConversionError
 from keras_dmr.layers.activations import ChannelwiseReLU
+from keras_dmr.layers.conv import GroupedConv2D
 from keras_dmr.layers.padding import ConstantPadding2D
 from keras_dmr.rm.kernels import fold_bn
 from keras_dmr.rm.ops import Act, ConvOp, conv_bn_op, depthwise_kernel
@@ -274,10 +275,21 @@ def _layer(layer, node) -> Element:
     if isinstance(layer, IDENTITIES):
         return Identity()
     if isinstance(layer, keras.layers.DepthwiseConv2D | keras.layers.Conv2D):
-        if type(layer).call is not keras.layers.Conv2D.call and not isinstance(
-            layer, keras.layers.DepthwiseConv2D
-        ):
-            raise refuse(node, "a Conv2D subclass with its own `call`", "give it `plain_ops`")
+        base = (
+            keras.layers.DepthwiseConv2D
+            if isinstance(layer, keras.layers.DepthwiseConv2D)
+            else keras.layers.Conv2D
+        )
+        own = type(layer).call is not base.call or (
+            getattr(type(layer), "convolution_op", None)
+            not in (getattr(base, "convolution_op", None), GroupedConv2D.convolution_op)
+        )
+        if own:  # weight standardisation and the like: not the convolution its weights say
+            raise refuse(
+                node,
+                f"a {base.__name__} subclass with its own `call` or `convolution_op`",
+                "Give it a `plain_ops(ctx)` method that says what it computes",
+            )
         return _conv(layer, node)
     if isinstance(layer, keras.layers.BatchNormalization):
         return _batch_norm(layer, node)
