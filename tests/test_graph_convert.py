@@ -416,3 +416,13 @@ def test_a_convolution_that_computes_something_else_is_refused():
     x = StandardizedConv2D(4, 3, padding="same", name="ws")(inputs)
     with pytest.raises(ConversionError, match=r"'ws' \(StandardizedConv2D\).*convolution_op"):
         to_plain(keras.Model(inputs, x), verify=False)
+
+
+def test_lora_layers_are_refused():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))
+    dense = keras.layers.Dense(2, name="head")
+    model = keras.Model(inputs, dense(x))
+    dense.enable_lora(2)
+    with pytest.raises(ConversionError, match=r"'head' \(Dense\).*LoRA"):
+        to_plain(model, verify=False)

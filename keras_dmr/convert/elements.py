@@ -272,6 +272,12 @@ def _keras_activation(layer, node) -> Element:
 def _layer(layer, node) -> Element:
     if hasattr(layer, "plain_ops"):
         return Block(layer)
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+        raise refuse(
+            node,
+            "has LoRA weights or is quantized, so its weights are not its kernel",
+            "Convert the float model (merge LoRA into the kernel, or convert before quantizing)",
+        )
     if isinstance(layer, IDENTITIES):
         return Identity()
     if isinstance(layer, keras.layers.DepthwiseConv2D | keras.layers.Conv2D):
