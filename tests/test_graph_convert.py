@@ -426,3 +426,13 @@ def test_lora_layers_are_refused():
     dense.enable_lora(2)
     with pytest.raises(ConversionError, match=r"'head' \(Dense\).*LoRA"):
         to_plain(model, verify=False)
+
+
+def test_a_backbone_called_in_training_mode_is_refused():
+    base = keras.applications.MobileNetV2(
+        weights=None, include_top=False, alpha=0.35, input_shape=(32, 32, 3)
+    )
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(base(inputs, training=True))
+    with pytest.raises(ConversionError, match="training=True"):
+        to_plain(keras.Model(inputs, x), verify=False)

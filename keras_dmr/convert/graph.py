@@ -136,6 +136,13 @@ class _Recorder:
         """Record one call; nested Functional and Sequential models are walked, not recorded."""
         if isinstance(operation, keras.layers.InputLayer):
             return args[0] if args else None
+        if kwargs.get("training") is True:
+            raise self._refuse(
+                operation,
+                path,
+                "is called with training=True, so its BatchNormalization and Dropout run in "
+                "training mode even at inference; call it with training=False (or without)",
+            )
         tensors = [a for a in keras.tree.flatten(args) if isinstance(a, Value)]
         if isinstance(operation, keras.Sequential):
             if len(tensors) != 1:
