@@ -101,9 +101,6 @@ class Chain:
                 f"padding must be followed by a convolution or a pool, not by {node.describe()}",
             )
 
-    def _identity(self, name: str, channels: int) -> ConvOp:
-        return dataclasses.replace(identity_skip(channels), name=name)
-
     # -- elements
     def apply(self, node: Node, element, report) -> None:
         if isinstance(element, el.Identity):
@@ -221,7 +218,7 @@ class Chain:
                 last.act = composed
                 self.nonnegative = composed.nonnegative
                 return
-        op = self._identity(node.name, self.c)
+        op = identity_skip(self.c, node.name)
         op.act = make(self.c)
         self.append(op)
 
@@ -262,7 +259,7 @@ class Chain:
         if isinstance(layer, RESIDUAL_BLOCKS):
             report.blocks.append({"node": node.name, "kind": type(layer).__name__})
 
-    def finish(self, node: Node | None = None) -> None:
+    def finish(self) -> None:
         if self.pending is not None:
             raise el.refuse(self.pending[0], "padding at the end of a path")
 
@@ -308,7 +305,7 @@ class GraphWalker:
         return chain.ops
 
     # -- residual blocks
-    def _follow(self, node: Node, fork: Node | None) -> tuple[list[Node], Node]:
+    def _follow(self, node: Node) -> tuple[list[Node], Node]:
         """The one-input nodes from ``node`` on, up to the first node with several inputs."""
         path = []
         while len(node.inputs) == 1:
@@ -334,7 +331,7 @@ class GraphWalker:
         where = fork.producer.describe() if fork.producer else "the model input"
         if chain.pooled:
             raise ConversionError(f"the output of {where} forks after global pooling")
-        paths = [self._follow(node, None) for node, _ in uses]
+        paths = [self._follow(node) for node, _ in uses]
         joins = {id(end) for _, end in paths}
         join = paths[0][1]
         if len(joins) != 1 or len(join.inputs) != len(paths):
@@ -420,7 +417,7 @@ class GraphWalker:
                     "BatchNormalization and activations are understood in a branch",
                 )
         if branch_ops[-1].act is not None:  # the branch ends in an activation: a linear 1×1
-            branch_ops.append(self._linear_end(branch_ops[-1], join))
+            branch_ops.append(identity_skip(branch_ops[-1].c_out, f"{join.name}_linear"))
         skip = skips[0]
         for s in skips[1:]:
             skip = dataclasses.replace(skip, kernel=skip.kernel + s.kernel, bias=skip.bias + s.bias)
@@ -445,9 +442,6 @@ class GraphWalker:
         except ConversionError as err:
             raise el.refuse(join, str(err)) from None
         return ops, {"branch": [n.name for n in nodes], "shortcut": " + ".join(kinds)}
-
-    def _linear_end(self, op: ConvOp, join: Node) -> ConvOp:
-        return dataclasses.replace(identity_skip(op.c_out), name=f"{join.name}_linear")
 
 
 def _as_skip(ops: list, channels: int, hw) -> tuple[ConvOp | None, int, str]:
