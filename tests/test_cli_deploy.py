@@ -85,6 +85,42 @@ def test_export_versions_saved_models_and_writes_onnx(checkpoint, tmp_path, caps
     assert meta["format"] == "onnx" and meta["conversion"]["max_relative_error"] <= 1e-4
 
 
+def test_export_litert_int8_calibrated_and_evaluated(checkpoint, tmp_path, capsys):
+    """``--format litert --quantize int8 --calibration-dataset digits --evaluate``: a LiteRT
+    file whose metadata states the float and int8 accuracy on the 360 digits test images."""
+    from keras_dmr.export.litert import interpreter_predict
+
+    path, model = checkpoint
+    base = tmp_path / "lite"
+    argv = ["export", str(path), "--name", "m", "--base-dir", str(base), "--format", "litert"]
+    argv += ["--quantize", "int8", "--calibration-dataset", "digits", "--evaluate"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "accuracy on 360 test images: float32 " in out and ", int8 " in out
+    meta = keras_dmr.export.read_metadata(base / "m.tflite")
+    assert meta["format"] == "litert" and meta["plain"] is True
+    assert meta["quantization"]["calibration_images"] == 512
+    images = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    info = keras_dmr.data.dataset_info("digits")
+    want = model((images - np.float32(info.mean)) / np.float32(info.std), training=False)
+    got = interpreter_predict(base / "m.tflite")(images)
+    assert got.shape == (8, 10) and max_rel_error(got, want) <= 0.2  # int8 (random weights)
+
+
+def test_export_quantization_flags_are_checked_together(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    argv = ["export", str(path), "--name", "m", "--base-dir", str(tmp_path / "q")]
+    for extra, message in (
+        (["--quantize", "int8"], "only for --format onnx or litert"),
+        (["--format", "onnx", "--quantize", "int8"], "needs --calibration-dataset"),
+        (["--format", "onnx", "--quantize", "float16"], "float16 is for --format litert"),
+        (["--format", "litert", "--evaluate"], "needs --calibration-dataset"),
+        (["--format", "litert", "--calibration-dataset", "digits"], "only used with --quantize"),
+    ):
+        assert message in _error(capsys, [*argv, *extra])
+    assert not (tmp_path / "q").exists()
+
+
 def test_a_converted_plain_model_exports_through_the_cli(checkpoint, tmp_path, capsys):
     """``convert`` writes plain Keras (no keras_dmr layer); ``export`` takes that file."""
     path, model = checkpoint

@@ -65,6 +65,15 @@ def test_pipeline_on_the_fixture(idx_dir):
     assert train[0][0].shape == (5, 32, 32, 3)  # augmented (pad-4 crop, flip), same shape
 
 
+def test_take_is_the_same_stored_subset_every_epoch(idx_dir):
+    _, labels = load_fashion_mnist_arrays("train", idx_dir)
+    ds = load("fashion_mnist", "train", batch_size=8, data_dir=idx_dir, seed=3, take=3)
+    epochs = [sorted(np.concatenate([y.numpy() for _, y in ds]).tolist()) for _ in range(3)]
+    assert epochs == [sorted(labels[:3].tolist())] * 3  # shuffled within, never beyond
+    with pytest.raises(ValueError, match="take must be None or an integer >= 1; got 0"):
+        load("fashion_mnist", "train", data_dir=idx_dir, take=0)
+
+
 @pytest.mark.parametrize(
     "damage,match",
     [

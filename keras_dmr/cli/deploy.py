@@ -16,6 +16,9 @@ from keras_dmr.training.checkpoints import read_state
 from keras_dmr.utils.arguments import output_path
 from keras_dmr.utils.files import atomic_output
 
+FORMATS = ("saved_model", "onnx", "litert")
+QUANT = ("int8", "float16")
+
 # --------------------------------------------------------------------------------------------
 # convert and export
 # --------------------------------------------------------------------------------------------
@@ -72,9 +75,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", required=True, help="model name: the folder under --base-dir")
     parser.add_argument(
         "--format",
-        choices=("saved_model", "onnx"),
+        choices=FORMATS,
         default="saved_model",
-        help="saved_model (TF Serving layout NAME/<version>/, default) or onnx (NAME.onnx)",
+        help="saved_model (TF Serving layout NAME/<version>/, default), onnx (NAME.onnx) or "
+        "litert (NAME.tflite, builtin operators only)",
     )
     parser.add_argument(
         "--base-dir", type=output_path("dir"), default="savedmodels", help="(default: savedmodels)"
@@ -87,6 +91,29 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--version", type=_positive_int, help="saved_model version (default: the next one)"
+    )
+    group = parser.add_argument_group("quantization (onnx and litert)")
+    group.add_argument(
+        "--quantize",
+        choices=QUANT,
+        help="int8: post-training static quantization calibrated on --calibration-dataset "
+        "(onnx: ONNX Runtime QDQ; litert: TFLite converter); float16: float16 weights (litert)",
+    )
+    group.add_argument(
+        "--calibration-dataset",
+        choices=data.SUPPORTED,
+        metavar="NAME",
+        help="dataset whose training images calibrate int8 ranges (up to 512, unaugmented): "
+        + ", ".join(data.SUPPORTED),
+    )
+    group.add_argument(
+        "--data-dir", metavar="DIR", help="where --calibration-dataset is (as for train)"
+    )
+    group.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="measure the float32 and the quantized file's accuracy on the calibration "
+        "dataset's test split and store both in the export's metadata",
     )
 
 
@@ -116,6 +143,7 @@ def run_export(args: argparse.Namespace) -> int:
         names = data.dataset_info(preprocessing).class_names
         if len(names) != model.outputs[0].shape[-1]:
             names = None
+    quantization = _quantization_arguments(args)
     try:
         if args.format == "saved_model":
             path = export.saved_model(
@@ -128,17 +156,56 @@ def run_export(args: argparse.Namespace) -> int:
         else:
             if args.version is not None:
                 raise UsageError("argument --version: only for --format saved_model")
-            path = export.onnx(
+            exporter = export.onnx if args.format == "onnx" else export.litert
+            suffix = ".onnx" if args.format == "onnx" else ".tflite"
+            path = exporter(
                 model,
-                args.base_dir / f"{args.name}.onnx",
+                args.base_dir / f"{args.name}{suffix}",
                 preprocessing=preprocessing,
                 class_names=names,
+                **quantization,
             )
     except (export.ExportError, ConversionError) as e:
         raise UsageError(str(e)) from None
     kind = "float32" if preprocessing == "none" else f"uint8, normalised for {preprocessing}"
     print(f"exported {model.name} as {args.format} (input images: {kind}): {path}")
-    conversion = export.read_metadata(path)["conversion"]
-    if conversion is not None:
-        print(describe_report(conversion))
+    meta = export.read_metadata(path)
+    if meta["conversion"] is not None:
+        print(describe_report(meta["conversion"]))
+    accuracy = (meta.get("quantization") or {}).get("accuracy") or meta.get("accuracy")
+    if accuracy:
+        print(
+            f"accuracy on {accuracy['images']} test images: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items() if k in ("float32", *QUANT))
+        )
     return 0
+
+
+def _quantization_arguments(args: argparse.Namespace) -> dict:
+    """The exporter's quantize/calibration/evaluation keywords, the flags checked together."""
+    if args.format == "saved_model":
+        for flag, value in (
+            ("--quantize", args.quantize),
+            ("--calibration-dataset", args.calibration_dataset),
+            ("--evaluate", args.evaluate),
+        ):
+            if value:
+                raise UsageError(f"argument {flag}: only for --format onnx or litert")
+        return {}
+    if args.quantize == "float16" and args.format == "onnx":
+        raise UsageError("argument --quantize: float16 is for --format litert; onnx takes int8")
+    if args.quantize == "int8" and args.calibration_dataset is None:
+        raise UsageError("argument --quantize int8: needs --calibration-dataset NAME")
+    if args.calibration_dataset and args.quantize != "int8" and not args.evaluate:
+        raise UsageError("argument --calibration-dataset: only used with --quantize int8")
+    if args.evaluate and args.calibration_dataset is None:
+        raise UsageError("argument --evaluate: needs --calibration-dataset NAME (its test split)")
+    out: dict = {"quantize": args.quantize}
+    name, where = args.calibration_dataset, args.data_dir
+    if args.quantize == "int8":
+        out["calibration"] = data.load(
+            name, "train", batch_size=64, augment=False, normalize=False, data_dir=where, take=512
+        )
+    if args.evaluate:
+        out["evaluation"] = data.load(name, "test", batch_size=256, normalize=False, data_dir=where)
+    return out

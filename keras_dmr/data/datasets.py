@@ -247,6 +247,7 @@ def load(
     seed: int | None = 0,
     drop_remainder: bool = False,
     normalize: bool = True,
+    take: int | None = None,
 ) -> tf.data.Dataset:
     """Batched, prefetched ``(images float32 [B, 32, 32, 3], labels int32 [B])`` pipeline.
 
@@ -266,6 +267,11 @@ def load(
         drop_remainder: drop the last, smaller batch.
         normalize: ``(x - mean) / std`` with the :class:`DatasetInfo` constants; ``False`` gives
             raw 0..255 float32 pixels.
+        take: only the first ``take`` examples of the split, in the source's stored order (the
+            same subset every epoch and every seed; shuffling and augmentation apply within it),
+            for runs that must fit a small machine. Not class-balanced by construction: the
+            local sources (digits, Fashion-MNIST) are stored in a mixed class order. ``None``:
+            the whole split.
     """
     _check_name(name)
     if not isinstance(split, str) or split not in SPLITS:
@@ -276,6 +282,8 @@ def load(
         raise ValueError(f"seed must be None or an integer >= 0; got {seed!r}")
     _check_flag(augment, "augment")
     _check_flag(shuffle, "shuffle")
+    if take is not None and (isinstance(take, bool) or not isinstance(take, int) or take < 1):
+        raise ValueError(f"take must be None or an integer >= 1; got {take!r}")
     if data_dir is not None:
         if not isinstance(data_dir, str | os.PathLike):
             raise ValueError(f"data_dir must be None or a path; got {data_dir!r}")
@@ -287,7 +295,11 @@ def load(
     shuffle = training if shuffle is None else shuffle
     tfds_split = info.train_split if training else info.test_split
 
-    ds, buffer_size = _source(name, tfds_split, shuffle=shuffle, data_dir=data_dir, seed=seed)
+    # A subset is taken in stored order, so TFDS must not shuffle its files under it.
+    shuffle_files = shuffle and take is None
+    ds, buffer_size = _source(name, tfds_split, shuffle=shuffle_files, data_dir=data_dir, seed=seed)
+    if take is not None:
+        ds, buffer_size = ds.take(take), min(buffer_size, take)
     if shuffle:
         ds = ds.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)
     if augment:

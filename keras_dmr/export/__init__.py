@@ -1,7 +1,8 @@
-"""Deployment: TF Serving SavedModels and ONNX files of plain models."""
+"""Deployment: TF Serving SavedModels, ONNX and LiteRT files of plain models, float or int8."""
 
+from keras_dmr.export.litert import litert
 from keras_dmr.export.onnx import onnx
 from keras_dmr.export.saved_model import check_no_xla, saved_model
 from keras_dmr.export.serving import ExportError, read_metadata
 
-__all__ = ["ExportError", "check_no_xla", "onnx", "read_metadata", "saved_model"]
+__all__ = ["ExportError", "check_no_xla", "litert", "onnx", "read_metadata", "saved_model"]

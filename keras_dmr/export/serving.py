@@ -230,9 +230,13 @@ def publish_version(tmp: Path, base: Path, version: int | None, before_rename=No
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The metadata an export carries: a SavedModel version directory's ``assets/keras_dmr.json``
-    or an ONNX file's ``metadata_props["keras_dmr"]``."""
+    """The metadata an export carries: a SavedModel version directory's ``assets/keras_dmr.json``,
+    an ONNX file's ``metadata_props["keras_dmr"]`` or a LiteRT file's ``keras_dmr`` metadata."""
     path = Path(path)
+    if path.suffix == ".tflite":
+        from keras_dmr.export.litert import read_litert_metadata
+
+        return read_litert_metadata(path)
     if path.suffix == ".onnx":
         import onnx as onnx_lib
 

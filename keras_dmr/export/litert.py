@@ -1,0 +1,252 @@
+"""LiteRT (TFLite) export through TensorFlow's converter: builtin ops only, float32, float16
+or int8 (post-training, calibrated), with the exporters' input, outputs and metadata."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from keras_dmr.export.calibration import (
+    accuracy_record,
+    calibration_images,
+    in_batches,
+    labelled_batches,
+    quantization_metadata,
+)
+from keras_dmr.export.serving import (
+    INPUT_NAME,
+    ExportError,
+    check_class_names,
+    check_writable,
+    metadata,
+    prepare,
+    resolve_preprocessing,
+)
+from keras_dmr.layers.conv import split_grouped_convolutions
+from keras_dmr.utils.files import atomic_output
+
+QUANTIZE = (None, "float16", "int8")
+METADATA_NAME = "keras_dmr"
+
+
+def litert(
+    model: keras.Model,
+    path: str | Path,
+    *,
+    preprocessing,
+    quantize: str | None = None,
+    calibration=None,
+    evaluation=None,
+    plain: bool = True,
+    class_names: Sequence[str] | None = None,
+    tolerance: float = 1e-4,
+    overwrite: bool = False,
+) -> str:
+    """Export ``model`` as a LiteRT flatbuffer (``.tflite``) and return its path.
+
+    The signature ``serving_default`` takes ``images`` (uint8 0..255 with ``preprocessing``,
+    float32 as the model expects without) of any batch size and returns ``logits``,
+    ``probabilities`` and ``classes``, as the SavedModel does. Only builtin LiteRT operators are
+    emitted (no Flex/TensorFlow ops, so the plain ``ai-edge-litert`` runtime runs it): grouped
+    convolutions are written as one convolution per group. ``quantize``: ``None`` (float32),
+    ``"float16"`` (weights) or ``"int8"`` (weights and activations, ranges calibrated on
+    ``calibration``: up to 512 images in the export's input form, see
+    :mod:`keras_dmr.export.calibration`; operators without an int8 kernel stay float).
+    ``evaluation`` (``(images, labels)`` batches in the same form) measures the float32 and the
+    quantized file's accuracy with the LiteRT interpreter and stores both in the metadata, a
+    JSON entry ``keras_dmr`` of the flatbuffer's metadata (:func:`read_metadata`). Not possible:
+    ``-inf`` padding (a converted max pool's) under int8, which has no int8 value for it.
+    """
+    path = Path(path)
+    if path.suffix != ".tflite":
+        raise ExportError(f"`path` must end in .tflite; got {str(path)!r}")
+    if quantize not in QUANTIZE:
+        raise ExportError(f"`quantize` must be one of {QUANTIZE}; got {quantize!r}")
+    check_writable(path.parent)
+    if path.is_dir():
+        raise ExportError(f"`path` {path} is a directory; give a file path ending in .tflite")
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} exists; pass overwrite=True to replace it")
+    source, exported, logits_model, conversion = prepare(model, plain=plain, tolerance=tolerance)
+    check_class_names(class_names, logits_model.outputs[0].shape[-1])
+    norm = resolve_preprocessing(preprocessing)
+    shape = tuple(logits_model.inputs[0].shape[1:])
+    uint8 = norm is not None
+    images = None
+    if quantize == "int8":
+        images = calibration_images(calibration, shape, uint8=uint8)
+    elif calibration is not None:
+        raise ExportError("`calibration` is only used with quantize='int8'")
+    held_out = None if evaluation is None else labelled_batches(evaluation, shape, uint8=uint8)
+
+    name = logits_model.name
+    with _staged_saved_model(_serving_function(logits_model, norm), logits_model) as saved:
+        blob = _convert(saved, name, quantize, images)
+        compare = quantize is not None and held_out is not None
+        float_blob = _convert(saved, name, None, None) if compare else None
+    info = metadata(source, exported, conversion, norm, class_names, fmt="litert")
+    if quantize is not None:
+        float_run = quant_run = None
+        if compare:
+            float_run = accuracy_record(interpreter_predict(float_blob), held_out)
+            quant_run = accuracy_record(interpreter_predict(blob), held_out)
+        info["quantization"] = quantization_metadata(
+            mode=quantize,
+            engine="litert",
+            calibration=0 if images is None else len(images),
+            details={"converter": "tf.lite.TFLiteConverter", "supported_ops": "TFLITE_BUILTINS"},
+            float_run=float_run,
+            quant_run=quant_run,
+        )
+    elif held_out is not None:
+        acc, _ = accuracy_record(interpreter_predict(blob), held_out)
+        info["accuracy"] = {"float32": acc, "images": sum(len(y) for _, y in held_out)}
+    blob = _with_metadata(blob, info)
+    with atomic_output(path) as tmp:
+        Path(tmp).write_bytes(blob)
+    return str(path)
+
+
+def _serving_function(logits_model: keras.Model, norm):
+    """The serving function without the SavedModel's shape assertion (an ``Assert`` is a Flex
+    op; LiteRT checks input shapes itself)."""
+    import tensorflow as tf
+
+    h, w, c = logits_model.inputs[0].shape[1:]
+    dtype = tf.uint8 if norm is not None else tf.float32
+    spec = tf.TensorSpec([None, h, w, c], dtype, name=INPUT_NAME)
+
+    @tf.function(input_signature=[spec])
+    def serve(images):
+        x = tf.cast(images, tf.float32)
+        if norm is not None:
+            x = (x - tf.constant(norm[0])) / tf.constant(norm[1])
+        logits = logits_model(x, training=False)
+        return {
+            "logits": logits,
+            "probabilities": tf.nn.softmax(logits),
+            "classes": tf.argmax(logits, axis=-1, output_type=tf.int64),
+        }
+
+    return serve
+
+
+@contextlib.contextmanager
+def _staged_saved_model(serve, logits_model: keras.Model):
+    """A scratch SavedModel of the serving function: the converter's best-supported input (it
+    freezes the variables and keeps the signature's names)."""
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as scratch:
+        module = tf.Module()
+        module.model_variables = [v.value for v in logits_model.variables]
+        module.serve = serve
+        with split_grouped_convolutions():  # builtin CONV_2D per group, whatever this machine
+            concrete = serve.get_concrete_function()
+        tf.saved_model.save(module, scratch, signatures={"serving_default": concrete})
+        yield scratch
+
+
+def _convert(saved: str, name: str, quantize: str | None, images: np.ndarray | None) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved, ["serving_default"])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantize == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([b] for b in in_batches(images, 1))
+    try:
+        blob = converter.convert()
+    except Exception as err:  # the converter raises ConverterError and others, with MLIR text
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:400]
+        raise ExportError(
+            f"model {name!r}: the LiteRT converter failed ({type(err).__name__}: "
+            f"{first}); only builtin LiteRT operators are emitted, so a layer without one "
+            "cannot be exported"
+        ) from None
+    non_builtin = [name for name in operator_names(blob) if name.startswith(("CUSTOM", "Flex"))]
+    if non_builtin:
+        raise ExportError(
+            f"model {name!r}: the LiteRT file would need non-builtin operators "
+            f"{sorted(set(non_builtin))}"
+        )
+    return blob
+
+
+def operator_names(blob: bytes) -> list[str]:
+    """The operator of every node of a flatbuffer: builtin names, ``CUSTOM:<code>`` else."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
+    codes = []
+    for code in model.operatorCodes:
+        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+        if builtin == schema.BuiltinOperator.CUSTOM:
+            custom = code.customCode.decode() if code.customCode else "?"
+            codes.append(f"CUSTOM:{custom}")
+        else:
+            codes.append(names.get(builtin, str(builtin)))
+    return [codes[op.opcodeIndex] for graph in model.subgraphs for op in graph.operators]
+
+
+def _with_metadata(blob: bytes, info: dict) -> bytes:
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(info).encode(), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = METADATA_NAME
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def read_litert_metadata(path: Path) -> dict:
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(path.read_bytes()))
+    for entry in model.metadata or []:
+        name = entry.name.decode() if isinstance(entry.name, bytes) else entry.name
+        if name == METADATA_NAME:
+            return json.loads(bytes(model.buffers[entry.buffer].data).decode())
+    raise ExportError(f"{path} carries no keras_dmr metadata")
+
+
+def interpreter(blob_or_path, threads: int | None = None):
+    """A LiteRT interpreter of a flatbuffer (bytes) or file: ``ai-edge-litert``'s when it is
+    installed, else TensorFlow's ``tf.lite.Interpreter``."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter  # noqa: N806
+    kwargs = {"num_threads": threads} if threads else {}
+    if isinstance(blob_or_path, bytes | bytearray):
+        return Interpreter(model_content=bytes(blob_or_path), **kwargs)
+    return Interpreter(model_path=str(blob_or_path), **kwargs)
+
+
+def interpreter_predict(blob_or_path, output: str = "logits", threads: int | None = None):
+    """``predict(images) -> outputs[output]`` through the file's ``serving_default`` signature,
+    resizing the batch as needed."""
+    runner = interpreter(blob_or_path, threads).get_signature_runner("serving_default")
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return runner(**{INPUT_NAME: images})[output]
+
+    return predict
