@@ -8,6 +8,10 @@ from collections.abc import Sequence
 from keras_dmr.bench.conversion import target as conversion_target
 from keras_dmr.bench.engines import ENGINES
 
+# Both do the same convolutions and MACs: parity is the honest target on a CPU; a GPU's grouped
+# kernel runs the K branches as one convolution, which the split form cannot.
+TRAIN_STEP_GROUPED_GPU = 0.75
+
 
 def _find(result: dict, label: str, engine: str) -> dict | None:
     for group in result.get("inference", []):
@@ -85,6 +89,7 @@ def evaluate_targets(result: dict) -> list[dict]:
                 "paper": "–",
             }
         )
+    on_gpu = bool(result.get("machine", {}).get("gpus"))
     for group in result.get("training", []):
         train_values, infer_values = [], []
         for p in group["pairs"]:
@@ -92,16 +97,20 @@ def evaluate_targets(result: dict) -> list[dict]:
                 continue
             what = f"{p['model']} / {p['baseline']}"
             r = p["train_step_ratio"]
-            train_values.append({"what": what, "value": r, "met": r <= 0.6})
+            limit = TRAIN_STEP_GROUPED_GPU if on_gpu and "grouped" in p["model"] else 1.0
+            train_values.append({"what": what, "value": r, "met": r <= limit})
             r = p["inference_time_ratio"]
             infer_values.append({"what": what, "value": r, "met": r <= 1.0})
         if train_values:
             add(
                 {
                     "target": "DMRNet training step against its Table 2 ResNet (time)",
-                    "rule": "≤ 0.6×",
+                    "rule": "≤ 1.0× (parity)"
+                    + (f"; grouped on a GPU ≤ {TRAIN_STEP_GROUPED_GPU:g}×" if on_gpu else ""),
                     "values": train_values,
-                    "paper": "DMRNet paper: faster convergence, no timing",
+                    "paper": "DMRNet paper: faster convergence, no timing; same convolutions "
+                    "and MACs as its ResNet (the withdrawn ≤ 0.6× came from a prototype never "
+                    "reproduced)",
                 }
             )
             add(
