@@ -248,6 +248,7 @@ def test_run_bench_records_every_candidate_and_writes_the_report(tmp_path, capsy
     ]
     out = tmp_path / "bench"
     args = parse([*TINY_ARGS, "--engines", "keras", "--output-dir", str(out)])
+    args.sections = ("families", "peers", "training", "conversion")  # deploy: its own test
     assert command.run_bench(args, inference_groups=families, training_groups=training) == 0
     printed = capsys.readouterr().out
     assert "## Targets" in printed and "| ResNet-8 plain |" in printed
@@ -385,6 +386,36 @@ def test_report_regenerates_the_marked_sections(tmp_path):
 
 
 # ------------------------------------------------------------------------------- JAX backend
+@pytest.mark.slow
+def test_deploy_section_times_every_form_engine_and_precision(tmp_path, capsys):
+    """``keras-dmr bench --quick --sections deploy``: ResNet-20 residual, plain and pruned
+    plain through SavedModel, ONNX Runtime and LiteRT, float32 and int8, against its Keras
+    model; the table lands in the report."""
+    out = tmp_path / "bench"
+    args = parse(["--quick", "--sections", "deploy", "--output-dir", str(out)])
+    assert command.run_bench(args) == 0
+    data = json.loads((out / "benchmarks.json").read_text())
+    (group,) = data["deploy"]
+    forms = {(r["form"], r["engine"], r["precision"]) for r in group["rows"]}
+    expected = {("residual", "keras", "float32")} | {
+        (form, engine, precision)
+        for form in ("residual", "plain", "pruned plain")
+        for engine in ("saved_model", "onnx", "litert")
+        for precision in ("float32", "int8")
+        if not (engine == "saved_model" and precision == "int8")
+    }
+    assert forms == expected and group["missing"] == {}
+    base = group["rows"][0]
+    assert base["ratio"] == 1.0 and base["engine"] == "keras"
+    for r in group["rows"]:
+        assert r["images_per_s"] > 0 and r["latency_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["images_per_s"] / base["images_per_s"])
+    pruned = [r for r in group["rows"] if r["form"] == "pruned plain"]
+    plain = [r for r in group["rows"] if r["form"] == "plain"]
+    assert pruned[0]["macs"] < plain[0]["macs"]
+    assert "| ResNet-20 | pruned plain | LiteRT | int8 |" in capsys.readouterr().out
+
+
 JAX_SCRIPT = """
 import json, sys
 sys.modules["tensorflow"] = None  # as on a machine without TensorFlow: importing it fails

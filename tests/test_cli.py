@@ -7,6 +7,7 @@ import math
 import zipfile
 
 import keras
+import numpy as np
 import pytest
 
 from keras_dmr import cli
@@ -139,6 +140,26 @@ def test_train_checkpoints_and_resumes(tmp_path, capsys):
     assert cli.main(["train", "--model", "dmrnet", "--depth", "14", "--output", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert "--depth 8" in err and "--fresh" in err
+
+
+@pytest.mark.slow
+def test_train_for_slimming_shrinks_the_scales_and_resumes_only_alike(tmp_path, capsys):
+    """``--sparsity``: skip_bn blocks and proximal BNSparsity; the factor is a resume key."""
+    from keras_dmr.layers import ParallelBranchBlock
+    from keras_dmr.prune import bn_scales
+
+    ckpt = tmp_path / "slim.keras"
+    base = ["train", *TINY, "--output", str(ckpt), "--epochs", "1"]
+    assert cli.main([*base, "--sparsity", "0.5"]) == 0
+    model = keras.saving.load_model(ckpt, safe_mode=True)
+    blocks = [lyr for lyr in model.layers if isinstance(lyr, ParallelBranchBlock)]
+    assert blocks and all(b.skip_bn for b in blocks)
+    # 22 steps × lr 0.1 × 0.5 shrink every scale by up to 1.1 on top of training: most reach 0.
+    scales = bn_scales(model)
+    assert np.mean(scales == 0) > 0.5, np.quantile(scales, [0.1, 0.5, 0.9])
+    capsys.readouterr()
+    assert cli.main([*base[:-1], "2", "--sparsity", "0.1"]) == 2
+    assert "--sparsity 0.5" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------

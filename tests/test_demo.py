@@ -5,21 +5,55 @@ from __future__ import annotations
 import pytest
 
 from keras_dmr import cli
+from keras_dmr.cli.demo import summary
 
 
 @pytest.mark.slow
-def test_demo_trains_converts_exports_and_reruns(tmp_path, capsys):
-    argv = ["demo", "--epochs", "1", "--runs", str(tmp_path / "runs")]
+def test_demo_trains_prunes_quantizes_exports_and_reruns(tmp_path, capsys):
+    argv = ["demo", "--epochs", "1", "--finetune-epochs", "1", "--runs", str(tmp_path / "runs")]
     argv += ["--base-dir", str(tmp_path / "savedmodels")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    for expected in ("== summary", "plain (ONNX Runtime)", "max relative error", "images/s"):
+    for expected in ("== summary", "(baseline)", "(shipped)", "max relative error", "images/s"):
         assert expected in out
-    assert (tmp_path / "savedmodels" / "resnet20_digits" / "1" / "saved_model.pb").is_file()
-    assert (tmp_path / "savedmodels" / "resnet20_digits_v1.onnx").is_file()
-    # A second run reuses the trained checkpoints and exports a new version.
+    assert out.count("met   ") + out.count("MISSED ") == 3  # each target says which
+    base = tmp_path / "savedmodels"
+    assert (base / "resnet20_pruned_digits" / "1" / "saved_model.pb").is_file()
+    assert (base / "resnet20_pruned_digits_v1_int8.onnx").is_file()
+    assert (base / "resnet20_pruned_digits_v1_int8.tflite").is_file()
+    # A second run reuses the trained checkpoint and exports a new version.
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "already trained for 1 epochs" in out
-    assert (tmp_path / "savedmodels" / "resnet20_digits" / "2" / "saved_model.pb").is_file()
-    assert (tmp_path / "savedmodels" / "resnet20_digits_v2.onnx").is_file()
+    assert (base / "resnet20_pruned_digits" / "2" / "saved_model.pb").is_file()
+    assert (base / "resnet20_pruned_digits_v2_int8.tflite").is_file()
+
+
+def _row(form, engine, precision, ips, accuracy):
+    return {
+        "form": form,
+        "engine": engine,
+        "precision": precision,
+        "params": 1000,
+        "macs": 10_000,
+        "images_per_s": ips,
+        "accuracy": accuracy,
+    }
+
+
+def test_summary_says_which_targets_are_met_and_which_are_missed():
+    rows = [
+        _row("residual", "keras", "float32", 1000, 0.990),
+        _row("residual", "litert", "int8", 4000, 0.990),
+        _row("residual", "onnx", "int8", 3000, 0.990),
+        _row("pruned plain", "litert", "int8", 6000, 0.980),
+        _row("pruned plain", "onnx", "int8", 3300, 0.990),
+    ]
+    for r in rows:
+        r["ratio"] = r["images_per_s"] / 1000
+    machine = {"cpu": "test CPU", "usable_cores": 2}
+    text = summary(rows, machine, [1.0])
+    assert "pruned plain, LiteRT int8 (shipped)" in text  # the fastest pruned form
+    assert "met    shipped ≥ 5× the baseline's throughput: 6.00×" in text
+    assert "met    shipped ≥ 1.2× the residual model under the same engine, int8: 1.50×" in text
+    assert "MISSED accuracy loss ≤ 0.5 points: +1.00 points" in text

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from keras_dmr.bench.conversion import table as conversion_table
+from keras_dmr.bench.deploy import table as deploy_table
 from keras_dmr.bench.engines import ENGINES, engine_label
 
 CHARTS = {"speedup": "benchmarks_speedup.png", "accuracy": "benchmarks_accuracy.png"}
@@ -25,6 +26,7 @@ SECTIONS = (
     "peers",
     "training",
     "conversion",
+    "deploy",
 )
 
 
@@ -304,6 +306,7 @@ def sections(data: dict) -> dict[str, str]:
         "peers": throughput_table(peers),
         "training": training_table(data),
         "conversion": conversion_table(data.get("conversion", [])),
+        "deploy": deploy_table(data.get("deploy", [])),
     }
 
 
@@ -318,6 +321,7 @@ def markdown(data: dict) -> str:
         "peers": "ImageNet peers (images/s)",
         "training": "Training step: Table 2 pairs",
         "conversion": "Conversion cost (to_plain, verified)",
+        "deploy": "Deployment forms: residual, plain, pruned plain × engines × float32/int8",
     }
     parts = ["# keras_dmr benchmark", ""]
     for name, text in sections(data).items():

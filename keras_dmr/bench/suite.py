@@ -21,7 +21,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_dmr.bench import conversion, zoo
+from keras_dmr.bench import conversion, deploy, zoo
 from keras_dmr.bench.engines import ENGINES, available_engines, runner
 from keras_dmr.bench.targets import evaluate_targets
 from keras_dmr.utils.timing import (
@@ -34,7 +34,7 @@ from keras_dmr.utils.timing import (
 )
 
 FLOPS_PER_MAC = 2
-SECTIONS = ("families", "peers", "training", "conversion")
+SECTIONS = ("families", "peers", "training", "conversion", "deploy")
 DEFAULT_ENGINES = ("keras", "xla", "onnx")
 # Graph ops that write no new activation (views, variable reads, constants).
 _NO_TRAFFIC = {
@@ -568,6 +568,14 @@ def _run_sections(result, settings, inference_groups, training_groups, workdir, 
             progress()
     if "conversion" in settings.sections:
         result["conversion"] = conversion.run_section(quick=settings.quick, log=_log)
+        progress()
+    if "deploy" in settings.sections:
+        result["deploy"] = deploy.run_section(
+            quick=settings.quick,
+            batch_size=settings.batch_size,
+            repeats=settings.repeats,
+            log=_log,
+        )
         progress()
     _log("peak again, at the end")
     result["peak_end"] = meter.measure()

@@ -168,9 +168,10 @@ def merge(parts: Sequence[dict]) -> dict:
     merged = dict(parts[0])
     merged["inference"] = [g for p in parts for g in p.get("inference", [])]
     merged["training"] = [g for p in parts for g in p.get("training", [])]
-    conversion = [r for p in parts for r in p.get("conversion", [])]
-    if conversion:
-        merged["conversion"] = conversion
+    for key in ("conversion", "deploy"):
+        rows = [r for p in parts for r in p.get(key, [])]
+        if rows:
+            merged[key] = rows
     merged["parts"] = [
         {"settings": p["settings"], "duration_s": p.get("duration_s"), "peak": p.get("peak")}
         for p in parts

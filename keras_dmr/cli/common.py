@@ -38,6 +38,7 @@ RESUME_KEYS = (
     "batch_size",
     "learning_rate",
     "seed",
+    "sparsity",
 )
 
 

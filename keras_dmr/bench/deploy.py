@@ -1,0 +1,277 @@
+"""Deployment forms of one model side by side: residual, plain and pruned plain, each as
+exported files (SavedModel, ONNX Runtime, LiteRT; float32 and int8), timed against the residual
+Keras model in one interleaved run, with accuracy when labelled images are given.
+
+:func:`export_artifacts` writes the files and opens each in its own runtime;
+:func:`measure` times them (throughput at one batch size, latency at batch 1, the Keras
+baseline interleaved with them) and measures accuracy. The benchmark's ``deploy`` section and
+``keras-dmr demo`` use both. Every exported file takes uint8 pixels (``preprocessing``), as
+served; the Keras baseline takes the normalised float batch it was trained on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from keras_dmr.analysis.flops import count_flops
+from keras_dmr.export import litert, onnx, saved_model
+from keras_dmr.export.litert import interpreter
+from keras_dmr.export.serving import resolve_preprocessing
+from keras_dmr.utils.timing import interleaved
+
+DEPLOY_ENGINES = ("saved_model", "onnx", "litert")
+ENGINE_NAMES = {
+    "keras": "Keras (TF graph)",
+    "saved_model": "SavedModel",
+    "onnx": "ONNX Runtime",
+    "litert": "LiteRT",
+}
+PRECISIONS = ("float32", "int8")
+
+
+@dataclass
+class Artifact:
+    """One deployable form: what it is, where it is, and a call on uint8 images → logits."""
+
+    form: str  # "residual", "plain", "pruned plain"
+    engine: str  # "keras" or one of DEPLOY_ENGINES
+    precision: str  # "float32" or "int8"
+    params: int
+    macs: int
+    predict: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    path: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.form}, {ENGINE_NAMES[self.engine]}, {self.precision}"
+
+
+def threads() -> int:
+    """The cores this process may use: what each runtime is given."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def keras_artifact(model: keras.Model, form: str, preprocessing) -> Artifact:
+    """The model in process (one TensorFlow graph), fed uint8 pixels normalised outside it:
+    the baseline every ratio is taken against."""
+    import tensorflow as tf
+
+    norm = resolve_preprocessing(preprocessing)
+    fn = tf.function(lambda x: model(x, training=False))
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        x = images.astype(np.float32)
+        if norm is not None:
+            x = (x - norm[0]) / norm[1]
+        return fn(tf.constant(x)).numpy()
+
+    return Artifact(form, "keras", "float32", model.count_params(), count_flops(model), predict)
+
+
+def _open(engine: str, path: str) -> Callable[[np.ndarray], np.ndarray]:
+    if engine == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads()
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return lambda images: session.run(["logits"], {"images": images})[0]
+    if engine == "litert":
+        runner = interpreter(path, threads()).get_signature_runner("serving_default")
+        return lambda images: runner(images=images)["logits"]
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(path)
+    serve = loaded.signatures["serving_default"]
+
+    def predict(images: np.ndarray, _keep=loaded) -> np.ndarray:  # the signature needs `loaded`
+        return serve(images=tf.constant(images))["logits"].numpy()
+
+    return predict
+
+
+def export_artifacts(
+    forms: dict[str, keras.Model],
+    workdir: str | Path,
+    *,
+    preprocessing,
+    calibration: np.ndarray,
+    engines: Sequence[str] = DEPLOY_ENGINES,
+    precisions: Sequence[str] = PRECISIONS,
+    log: Callable[[str], None] = print,
+) -> list[Artifact]:
+    """Export every ``forms`` model (form name → model, exported as it is: a residual model
+    stays residual) with every engine and precision (int8: ONNX Runtime and LiteRT, calibrated
+    on ``calibration``, uint8 images); returns them opened, in that order."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for form, model in forms.items():
+        params, macs = model.count_params(), count_flops(model)
+        stem = form.replace(" ", "_")
+        for engine in engines:
+            for precision in precisions:
+                if precision == "int8" and engine == "saved_model":
+                    continue  # TF Serving has no int8 path of its own here
+                log(f"  export {form}: {ENGINE_NAMES[engine]} {precision}")
+                quant = {}
+                if precision == "int8":
+                    quant = {"quantize": "int8", "calibration": calibration}
+                kw = dict(preprocessing=preprocessing, plain=False)
+                if engine == "saved_model":
+                    path = saved_model(model, workdir / f"{stem}_savedmodel", **kw)
+                elif engine == "onnx":
+                    path = onnx(model, workdir / f"{stem}_{precision}.onnx", **kw, **quant)
+                else:
+                    path = litert(model, workdir / f"{stem}_{precision}.tflite", **kw, **quant)
+                artifact = Artifact(form, engine, precision, params, macs, _open(engine, path))
+                artifact.path = str(path)
+                out.append(artifact)
+    return out
+
+
+def measure(
+    artifacts: Sequence[Artifact],
+    images: np.ndarray,
+    *,
+    labelled: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    warmup: int = 2,
+    iters: int = 5,
+    repeats: int = 5,
+    latency_iters: int = 20,
+) -> list[dict]:
+    """One row per artifact: throughput on ``images`` (uint8, one batch) and latency at batch 1,
+    all artifacts interleaved; ratios to the first artifact (the baseline); accuracy on
+    ``labelled`` uint8 batches when given."""
+    batch = {a.label: (lambda a=a: a.predict(images)) for a in artifacts}
+    single = images[:1]
+    one = {a.label: (lambda a=a: a.predict(single)) for a in artifacts}
+    through = interleaved(batch, warmup=warmup, iters=iters, repeats=repeats)
+    latency = interleaved(one, warmup=warmup, iters=latency_iters, repeats=repeats)
+    rows = []
+    for a in artifacts:
+        t = through[a.label]
+        row = {
+            "form": a.form,
+            "engine": a.engine,
+            "precision": a.precision,
+            "params": a.params,
+            "macs": a.macs,
+            "images_per_s": len(images) / t["median_s"],
+            "images_per_s_range": [len(images) / t["max_s"], len(images) / t["min_s"]],
+            "latency_ms": 1000 * latency[a.label]["median_s"],
+            "path": a.path,
+        }
+        if labelled is not None:
+            correct = sum(int(np.sum(a.predict(x).argmax(-1) == y)) for x, y in labelled)
+            row["accuracy"] = correct / sum(len(y) for _, y in labelled)
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["ratio"] = row["images_per_s"] / base["images_per_s"]
+        row["latency_ratio"] = row["latency_ms"] / base["latency_ms"]
+    return rows
+
+
+def find(rows: Sequence[dict], form: str, engine: str, precision: str) -> dict | None:
+    return next(
+        (
+            r
+            for r in rows
+            if r["form"] == form and r["engine"] == engine and r["precision"] == precision
+        ),
+        None,
+    )
+
+
+# ------------------------------------------------------------------------- the bench section
+# label → (builder in keras_dmr.models, arguments): every family at its CIFAR size.
+DEPLOY_FAMILIES = {
+    "ResNet-20": ("ResNet", {"depth": 20}),
+    "DMRNet-14": ("DMRNet", {"depth": 14}),
+    "RM+RepVGG-21 (r=0.25)": ("RepVGG", {"depth": 21, "reserve_ratio": 0.25}),
+    "MobileNetV2 → RMNetV1": ("MobileNetV2", {"variant": "cifar"}),
+    "RMNeXt 26×3_32": ("RMNeXt", {"depth": 26, "expansion": 3, "channels_per_group": 32}),
+}
+QUICK_FAMILIES = ("ResNet-20",)
+PRUNE_RATIO = 0.5
+
+
+def family_forms(label: str, seed: int = 0) -> tuple[dict[str, keras.Model], dict[str, str]]:
+    """The residual model (random weights and BN statistics), its plain form and the plain form
+    slimmed by :data:`PRUNE_RATIO` (BN fused), and why a form could not be made."""
+    from keras_dmr import models, prune
+    from keras_dmr.convert import randomize, to_plain
+
+    builder, kwargs = DEPLOY_FAMILIES[label]
+    residual = randomize(getattr(models, builder)(compile=False, **kwargs), seed)
+    forms, missing = {"residual": residual, "plain": to_plain(residual)}, {}
+    try:
+        slimmed = prune.slim(to_plain(residual, fuse_bn=False), ratio=PRUNE_RATIO)
+        forms["pruned plain"] = prune.fuse_batchnorm(slimmed)
+    except (ValueError, NotImplementedError) as err:  # a family slim does not handle
+        missing["pruned plain"] = str(err).splitlines()[0][:200]
+    return forms, missing
+
+
+def run_section(
+    *, quick: bool = False, batch_size: int = 128, repeats: int = 5, log=print
+) -> list[dict]:
+    """Every family × form × engine × precision, each family timed in one interleaved run
+    against its residual Keras model (random weights: no accuracy)."""
+    import tempfile
+
+    from keras_dmr.data import load_digits_arrays
+
+    calibration = load_digits_arrays("train")[0][:256]
+    images = np.resize(load_digits_arrays("test")[0], (batch_size, 32, 32, 3))
+    out = []
+    for label in QUICK_FAMILIES if quick else DEPLOY_FAMILIES:
+        log(f"deploy: {label}")
+        forms, missing = family_forms(label)
+        with tempfile.TemporaryDirectory(prefix="keras_dmr_deploy_") as tmp:
+            artifacts = [keras_artifact(forms["residual"], "residual", "digits")]
+            artifacts += export_artifacts(
+                forms, tmp, preprocessing="digits", calibration=calibration, log=log
+            )
+            rows = measure(
+                artifacts,
+                images,
+                warmup=1 if quick else 3,
+                iters=1 if quick else 5,
+                repeats=2 if quick else repeats,
+                latency_iters=2 if quick else 20,
+            )
+        for row in rows:
+            row.pop("path", None)
+        out.append({"family": label, "batch_size": batch_size, "rows": rows, "missing": missing})
+        keras.backend.clear_session()
+    return out
+
+
+def table(groups: list[dict]) -> str:
+    """The deploy section of docs/benchmarks.md: throughput and latency against the residual
+    Keras float32 model of the same family, measured in the same run."""
+    if not groups:
+        return "_not measured in this run_ (`keras-dmr bench --sections deploy`)"
+    lines = [
+        "| family | form | engine | precision | params | MACs | images/s (batch "
+        f"{groups[0]['batch_size']}) | × residual Keras | latency batch 1 (ms) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for g in groups:
+        for r in g["rows"]:
+            lines.append(
+                f"| {g['family']} | {r['form']} | {ENGINE_NAMES[r['engine']]} | {r['precision']} "
+                f"| {r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:.1f}M | {r['images_per_s']:,.0f} "
+                f"| {r['ratio']:.2f}× | {r['latency_ms']:.2f} |"
+            )
+        for form, why in g["missing"].items():
+            lines.append(f"| {g['family']} | {form} | – | – | – | – | not made: {why} | – | – |")
+    return "\n".join(lines)
