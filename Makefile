@@ -1,4 +1,4 @@
-# keras-dmr: `make demo` runs the main job on the bundled digits (train, convert, export, time);
+# keras-dmr: `make demo` runs the main job on the bundled digits (train, convert, prune, export);
 # `make test` runs the checks.
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 
-# The main job: train DMRNet-14 and ResNet-20 on the bundled digits (resuming runs/ checkpoints),
-# rewrite the ResNet as a plain network (verified), export it as a SavedModel (a new version under
-# savedmodels/resnet20_digits/ on every run) and as ONNX, time residual against plain, and print a
-# summary. DEMO_ARGS="--fresh" retrains; "--dataset cifar10 --epochs 30" for users with the data.
+# The main job: train a ResNet-20 for slimming on the bundled digits (resuming runs/ checkpoints),
+# rewrite it as a plain network (verified), prune and fine-tune it, quantize it to int8, export it
+# (SavedModel, ONNX, LiteRT under savedmodels/) and measure every form against the residual model
+# in one table. DEMO_ARGS="--fresh" retrains; "--dataset fashion_mnist" with the Debian dataset.
 demo: venv
 	$(BIN)/keras-dmr demo $(DEMO_ARGS)
 

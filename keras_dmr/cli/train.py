@@ -23,7 +23,7 @@ from keras_dmr.cli.common import (
     build_model,
 )
 from keras_dmr.errors import UsageError
-from keras_dmr.recipe import compile_with_recipe
+from keras_dmr.recipe import compile_with_recipe, with_recipe_callbacks
 from keras_dmr.training.checkpoints import EpochCheckpoint, read_state
 from keras_dmr.training.distribute import STRATEGIES
 from keras_dmr.utils.arguments import output_path
@@ -124,6 +124,9 @@ def run_train(args: argparse.Namespace) -> int:
         from keras_dmr.prune import BNSparsity
 
         callbacks.insert(0, BNSparsity(args.sparsity))
+    # The recipe's schedule: a builder's model adds it in `fit`; a functional copy made for
+    # slimming (`with_skip_bn`), fresh or resumed, needs it given.
+    callbacks = with_recipe_callbacks(model, callbacks)
     if args.strategy == "multiworker":
         from keras_dmr.training.distribute import AverageBatchNormStatistics
 

@@ -60,8 +60,9 @@ def litert(
     :mod:`keras_dmr.export.calibration`; operators without an int8 kernel stay float).
     ``evaluation`` (``(images, labels)`` batches in the same form) measures the float32 and the
     quantized file's accuracy with the LiteRT interpreter and stores both in the metadata, a
-    JSON entry ``keras_dmr`` of the flatbuffer's metadata (:func:`read_metadata`). Not possible:
-    ``-inf`` padding (a converted max pool's) under int8, which has no int8 value for it.
+    JSON entry ``keras_dmr`` of the flatbuffer's metadata (:func:`read_metadata`). Quantization
+    is post-training only (no quantization-aware training); the input shape is fixed but for
+    the batch.
     """
     path = Path(path)
     if path.suffix != ".tflite":
