@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from conftest import max_rel_error, randomize
@@ -76,6 +77,7 @@ def test_every_family_exports_to_litert_and_int8(family, calibration, images, tm
 @pytest.fixture(scope="module")
 def trained():
     """ResNet-8 trained 8 epochs on digits: accuracies that mean something."""
+    keras.utils.set_random_seed(0)
     model = keras_dmr.ResNet(depth=8)
     model.fit(data.load(batch_size=64, seed=0), epochs=8, verbose=0)
     return model
