@@ -83,10 +83,26 @@ def test_benchmark_sections_are_generated_from_their_data():
     assert "python -m keras_dmr.bench.report" in (ROOT / "docs" / "benchmarks.md").read_text()
 
 
-def test_pruning_section_is_generated_from_its_data():
+def test_pruning_sections_are_generated_from_their_data():
     from tools.pruning_study import table
 
     assert section("pruning.md", "pruning-results") == table(data("pruning.json"))
+    assert section("pruning.md", "pruning-results-digits") == table(data("pruning_digits.json"))
+    assert data("pruning.json")["config"]["dataset"] == "fashion_mnist"
+
+
+def test_study_sections_are_generated_from_their_runs():
+    from tools import fmnist_study, study_table2, study_table7
+
+    runs = data("fashion_mnist_runs.json")
+    for study in (study_table2, study_table7):
+        for name, content in study.sections(runs, fmnist_study.PROTOCOL).items():
+            assert section("studies.md", name) == content, name
+    # Every run of the default protocol is there: the studies ran at their default.
+    labels = set(study_table2.LABELS) | set(study_table7.LABELS)
+    for label in labels:
+        for seed in fmnist_study.PROTOCOL["seeds"]:
+            assert fmnist_study.run_key(label, seed, fmnist_study.PROTOCOL) in runs
 
 
 def test_architecture_train_step_section_is_generated_from_its_data():
@@ -132,9 +148,9 @@ def test_benchmark_prose_repeats_the_data():
 
 
 def test_pruning_prose_repeats_the_data():
-    rows = data("pruning.json")
+    rows = data("pruning_digits.json")
     text = (ROOT / "docs" / "pruning.md").read_text()
-    table = section("pruning.md", "pruning-results")
+    table = section("pruning.md", "pruning-results-digits")
     for threshold, before, after in (("0.12", "9.72%", "96.94%"), ("0.001", "99.17%", "97.78%")):
         assert f"| {threshold} | RMNet |" in table and f"{before} → {after}" in table
     assert "from 9.72% to 96.94% at threshold 0.12" in text

@@ -1,0 +1,62 @@
+"""The Fashion-MNIST studies of ``tools/`` at their ``--quick`` size (smoke runs, figures mean
+nothing): they train, write their JSON, resume without retraining and regenerate the docs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from keras_dmr.data import fashion_mnist
+
+ROOT = Path(__file__).parents[1]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        fashion_mnist.find_files(None) is None,
+        reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)",
+    ),
+]
+
+
+@pytest.fixture
+def docs(tmp_path):
+    target = tmp_path / "docs"
+    (target / "data").mkdir(parents=True)
+    for page in ("studies.md", "pruning.md"):
+        shutil.copyfile(ROOT / "docs" / page, target / page)
+    return target
+
+
+def test_tables_2_and_7_train_resume_and_regenerate(docs, capsys):
+    from tools import fmnist_study, study_table2, study_table7
+
+    assert study_table2.main(["--quick", "--docs", str(docs)]) == 0
+    runs = json.loads((docs / "data" / "fashion_mnist_runs.json").read_text())
+    assert len(runs) == len(study_table2.LABELS)
+    record = next(iter(runs.values()))
+    assert {"residual_accuracy", "plain_accuracy", "differing_predictions", "machine"} <= set(
+        record
+    )
+    assert study_table7.main(["--quick", "--docs", str(docs)]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 3 runs to train" in out  # DMRNet-14 is Table 2's run, reused
+    runs = json.loads((docs / "data" / "fashion_mnist_runs.json").read_text())
+    text = (docs / "studies.md").read_text()
+    for name, content in study_table7.sections(runs, fmnist_study.QUICK).items():
+        assert content in text, name
+    assert (docs / "study_table2.png").read_bytes()[:4] == b"\x89PNG"
+    assert (docs / "study_table7.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pruning_study_quick(docs):
+    from tools import pruning_study
+
+    assert pruning_study.main(["--quick", "--docs", str(docs)]) == 0
+    record = json.loads((docs / "data" / "pruning.json").read_text())
+    assert record["config"]["dataset"] == "fashion_mnist"
+    assert {p["kind"] for p in record["points"]} == {"ResNet", "RMNet"}
+    assert pruning_study.table(record) in (docs / "pruning.md").read_text()
