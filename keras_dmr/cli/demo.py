@@ -170,9 +170,8 @@ def run_demo(args: argparse.Namespace) -> int:
     labelled = _uint8_batches(args.dataset, args.data_dir, "test", 128)
     images = np.concatenate([x for x, _ in labelled])[:128]
     with tempfile.TemporaryDirectory(prefix="keras_dmr_demo_") as tmp:
-        artifacts = [deploy.keras_artifact(resnet, "residual", args.dataset)]
-        artifacts += deploy.export_artifacts(
-            {"residual": resnet},
+        exported = deploy.export_artifacts(
+            {"residual": resnet, "pruned plain": pruned},
             tmp,
             preprocessing=args.dataset,
             calibration=calibration,
@@ -180,17 +179,12 @@ def run_demo(args: argparse.Namespace) -> int:
             precisions=("int8",),
             log=lambda m: None,
         )
-        artifacts.append(deploy.keras_artifact(plain, "plain", args.dataset))
-        artifacts.append(deploy.keras_artifact(pruned, "pruned plain", args.dataset))
-        artifacts += deploy.export_artifacts(
-            {"pruned plain": pruned},
-            tmp,
-            preprocessing=args.dataset,
-            calibration=calibration,
-            engines=("onnx", "litert"),
-            precisions=("int8",),
-            log=lambda m: None,
-        )
+        in_process = [
+            deploy.keras_artifact(model, form, args.dataset)
+            for form, model in (("residual", resnet), ("plain", plain), ("pruned plain", pruned))
+        ]
+        # The baseline first (every ratio is to it), then each form's rows together.
+        artifacts = [in_process[0], *exported[:2], *in_process[1:], *exported[2:]]
         rows = deploy.measure(artifacts, images, labelled=labelled)
     print("\n== summary")
     print(summary(rows, machine_description(), load_average()))

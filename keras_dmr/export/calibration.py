@@ -94,6 +94,21 @@ def labelled_batches(source, shape: tuple, *, uint8: bool) -> list[tuple[np.ndar
     return out
 
 
+def quantization_inputs(
+    quantize, allowed: tuple, calibration, evaluation, shape: tuple, *, uint8: bool
+) -> tuple[np.ndarray | None, list | None]:
+    """The checked calibration images (int8 only) and evaluation batches of an export."""
+    if quantize not in allowed:
+        raise ExportError(f"`quantize` must be one of {allowed}; got {quantize!r}")
+    images = None
+    if quantize == "int8":
+        images = calibration_images(calibration, shape, uint8=uint8)
+    elif calibration is not None:
+        raise ExportError("`calibration` is only used with quantize='int8'")
+    held_out = None if evaluation is None else labelled_batches(evaluation, shape, uint8=uint8)
+    return images, held_out
+
+
 def in_batches(images: np.ndarray, size: int) -> Iterable[np.ndarray]:
     """``images`` in consecutive batches of at most ``size``."""
     for start in range(0, len(images), size):

@@ -14,16 +14,15 @@ import numpy as np
 
 from keras_dmr.export.calibration import (
     accuracy_record,
-    calibration_images,
     in_batches,
-    labelled_batches,
+    quantization_inputs,
     quantization_metadata,
 )
 from keras_dmr.export.serving import (
     INPUT_NAME,
     ExportError,
     check_class_names,
-    check_writable,
+    check_file_destination,
     metadata,
     prepare,
     resolve_preprocessing,
@@ -65,26 +64,14 @@ def litert(
     the batch.
     """
     path = Path(path)
-    if path.suffix != ".tflite":
-        raise ExportError(f"`path` must end in .tflite; got {str(path)!r}")
-    if quantize not in QUANTIZE:
-        raise ExportError(f"`quantize` must be one of {QUANTIZE}; got {quantize!r}")
-    check_writable(path.parent)
-    if path.is_dir():
-        raise ExportError(f"`path` {path} is a directory; give a file path ending in .tflite")
-    if path.exists() and not overwrite:
-        raise ExportError(f"{path} exists; pass overwrite=True to replace it")
+    check_file_destination(path, ".tflite", overwrite)
     source, exported, logits_model, conversion = prepare(model, plain=plain, tolerance=tolerance)
     check_class_names(class_names, logits_model.outputs[0].shape[-1])
     norm = resolve_preprocessing(preprocessing)
     shape = tuple(logits_model.inputs[0].shape[1:])
-    uint8 = norm is not None
-    images = None
-    if quantize == "int8":
-        images = calibration_images(calibration, shape, uint8=uint8)
-    elif calibration is not None:
-        raise ExportError("`calibration` is only used with quantize='int8'")
-    held_out = None if evaluation is None else labelled_batches(evaluation, shape, uint8=uint8)
+    images, held_out = quantization_inputs(
+        quantize, QUANTIZE, calibration, evaluation, shape, uint8=norm is not None
+    )
 
     name = logits_model.name
     with _staged_saved_model(_serving_function(logits_model, norm), logits_model) as saved:

@@ -12,9 +12,8 @@ import numpy as np
 
 from keras_dmr.export.calibration import (
     accuracy_record,
-    calibration_images,
     in_batches,
-    labelled_batches,
+    quantization_inputs,
     quantization_metadata,
 )
 from keras_dmr.export.serving import (
@@ -22,7 +21,7 @@ from keras_dmr.export.serving import (
     OUTPUT_NAMES,
     ExportError,
     check_class_names,
-    check_writable,
+    check_file_destination,
     metadata,
     prepare,
     serving_function,
@@ -79,27 +78,16 @@ def onnx(
     import tf2onnx
 
     path = Path(path)
-    if path.suffix != ".onnx":
-        raise ExportError(f"`path` must end in .onnx; got {str(path)!r}")
-    check_writable(path.parent)
-    if path.is_dir():
-        raise ExportError(f"`path` {path} is a directory; give a file path ending in .onnx")
-    if path.exists() and not overwrite:
-        raise ExportError(f"{path} exists; pass overwrite=True to replace it")
+    check_file_destination(path, ".onnx", overwrite)
     if not isinstance(opset, int) or not 13 <= opset <= 18:
         raise ExportError(f"`opset` must be an integer in 13..18 (tf2onnx 1.17); got {opset!r}")
-    if quantize not in QUANTIZE:
-        raise ExportError(f"`quantize` must be one of {QUANTIZE}; got {quantize!r}")
     source, exported, logits_model, conversion = prepare(model, plain=plain, tolerance=tolerance)
     check_class_names(class_names, logits_model.outputs[0].shape[-1])
     serve, norm = serving_function(logits_model, preprocessing)
-    shape, uint8 = tuple(logits_model.inputs[0].shape[1:]), norm is not None
-    images = None
-    if quantize == "int8":
-        images = calibration_images(calibration, shape, uint8=uint8)
-    elif calibration is not None:
-        raise ExportError("`calibration` is only used with quantize='int8'")
-    held_out = None if evaluation is None else labelled_batches(evaluation, shape, uint8=uint8)
+    shape = tuple(logits_model.inputs[0].shape[1:])
+    images, held_out = quantization_inputs(
+        quantize, QUANTIZE, calibration, evaluation, shape, uint8=norm is not None
+    )
     spec = serve.input_signature
     with split_grouped_convolutions():  # standard ops, whatever this machine's kernels
         proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)

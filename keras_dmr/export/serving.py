@@ -172,6 +172,18 @@ def check_class_names(class_names: Sequence[str] | None, classes: int):
         )
 
 
+def check_file_destination(path: Path, suffix: str, overwrite: bool) -> None:
+    """Refuse, before any work, a file export's path: wrong suffix, a directory, an unwritable
+    parent, or an existing file without ``overwrite``."""
+    if path.suffix != suffix:
+        raise ExportError(f"`path` must end in {suffix}; got {str(path)!r}")
+    check_writable(path.parent)
+    if path.is_dir():
+        raise ExportError(f"`path` {path} is a directory; give a file path ending in {suffix}")
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} exists; pass overwrite=True to replace it")
+
+
 def check_writable(directory: Path) -> None:
     """Fail before any work if ``directory`` (or the nearest existing parent) is not writable."""
     problem = directory_problem(directory)
