@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 
 import keras_dmr
@@ -368,6 +369,18 @@ def test_report_regenerates_the_marked_sections(tmp_path):
         ],
         "training": [],
         "targets": [],
+        "deploy": [
+            {
+                "family": "Net",
+                "batch_size": 128,
+                "missing": {"pruned plain": "slim does not handle it"},
+                "rows": [
+                    _deploy_row("residual", "keras", "float32", 100.0),
+                    _deploy_row("plain", "onnx", "int8", 250.0),
+                    {**_deploy_row("plain", "litert", "int8", 0), "error": "LiteRT could not"},
+                ],
+            }
+        ],
     }
     path = tmp_path / "b.json"
     path.write_text(json.dumps(data))
@@ -383,6 +396,18 @@ def test_report_regenerates_the_marked_sections(tmp_path):
     assert "Test CPU, 2 cores" in text
     for name in report.CHARTS.values():
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert "| Net | plain | ONNX Runtime | int8 | 0.00M | 0.0M | 250 | 2.50× |" in text
+    assert (
+        "| Net | plain | LiteRT | int8 | 0.00M | 0.0M | could not run: LiteRT could not |" in text
+    )
+    assert "| Net | pruned plain | – | – | – | – | not made: slim does not handle it |" in text
+
+
+def _deploy_row(form: str, engine: str, precision: str, speed: float) -> dict:
+    row = {"form": form, "engine": engine, "precision": precision, "params": 10, "macs": 1000}
+    if speed:
+        row.update(images_per_s=speed, ratio=speed / 100, latency_ms=1.0, latency_ratio=1.0)
+    return row
 
 
 # ------------------------------------------------------------------------------- JAX backend
@@ -391,6 +416,9 @@ def test_deploy_section_times_every_form_engine_and_precision(tmp_path, capsys):
     """``keras-dmr bench --quick --sections deploy``: ResNet-20 residual, plain and pruned
     plain through SavedModel, ONNX Runtime and LiteRT, float32 and int8, against its Keras
     model; the table lands in the report."""
+    from keras_dmr.bench import deploy
+
+    assert "openvino" in deploy.available_engines()  # the bench extra installs it
     out = tmp_path / "bench"
     args = parse(["--quick", "--sections", "deploy", "--output-dir", str(out)])
     assert command.run_bench(args) == 0
@@ -400,7 +428,7 @@ def test_deploy_section_times_every_form_engine_and_precision(tmp_path, capsys):
     expected = {("residual", "keras", "float32")} | {
         (form, engine, precision)
         for form in ("residual", "plain", "pruned plain")
-        for engine in ("saved_model", "onnx", "litert")
+        for engine in deploy.available_engines()
         for precision in ("float32", "int8")
         if not (engine == "saved_model" and precision == "int8")
     }
@@ -521,3 +549,31 @@ def test_conversion_rows_render_and_meet_or_miss_the_target():
     assert conversion.target([]) is None and "not measured" in conversion.table([])
     rendered = report.targets_table({"conversion": [row]})  # evaluated from the rows
     assert "time: 8.0 s; peak memory: 3.5 GB ✗" in rendered and "partly (1/2)" in rendered
+
+
+def test_deploy_reports_a_file_its_engine_cannot_run_instead_of_failing(tmp_path):
+    """An engine that cannot open or run an exported file (here LiteRT given a corrupt
+    flatbuffer) leaves a row that says why; the others are still timed, ratios to the baseline."""
+    from keras_dmr.bench import deploy
+
+    model = keras_dmr.ResNet(depth=8, compile=False)
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes(b"not a flatbuffer" * 8)
+    logged = []
+    failed = deploy._opened(
+        deploy.Artifact("pruned plain", "litert", "int8", 1, 1, None, str(broken)),
+        np.zeros((1, 32, 32, 3), np.uint8),
+        logged.append,
+    )
+    assert failed.predict is None and "LiteRT could not run" in failed.error
+    assert str(broken) in failed.error and "could not run" in logged[0]
+    base = deploy.keras_artifact(model, "residual", "digits")
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    rows = deploy.measure([base, failed], images, warmup=0, iters=1, repeats=1, latency_iters=1)
+    assert rows[0]["ratio"] == 1.0 and "images_per_s" not in rows[1]
+    assert rows[1]["error"] == failed.error
+    assert deploy.find(rows, "pruned plain", "litert", "int8") is None
+    text = deploy.table([{"family": "ResNet-8", "batch_size": 4, "rows": rows, "missing": {}}])
+    assert "| ResNet-8 | pruned plain | LiteRT | int8 |" in text and "could not run: LiteRT" in text
+    with pytest.raises(ValueError, match="the baseline must run"):
+        deploy.measure([failed, base], images)

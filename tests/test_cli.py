@@ -143,6 +143,19 @@ def test_train_checkpoints_and_resumes(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_train_on_the_first_images_only_and_resume_only_alike(tmp_path, capsys):
+    """``--train-images N``: N images per epoch (steps counted by the optimizer); a resume key."""
+    ckpt = tmp_path / "subset.keras"
+    base = ["train", *TINY, "--output", str(ckpt), "--epochs", "1"]
+    assert cli.main([*base, "--train-images", "130"]) == 0
+    model = keras.saving.load_model(ckpt, safe_mode=True)
+    assert int(model.optimizer.iterations) == math.ceil(130 / 64)
+    capsys.readouterr()
+    assert cli.main([*base[:-1], "2"]) == 2  # all images now: not the same run
+    assert "--train-images 130" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_train_for_slimming_shrinks_the_scales_and_resumes_only_alike(tmp_path, capsys):
     """``--sparsity``: skip_bn blocks and proximal BNSparsity; the factor is a resume key."""
     from keras_dmr.layers import ParallelBranchBlock

@@ -115,6 +115,7 @@ def test_digits_arrays_shapes_and_split():
     assert x_train.dtype == np.uint8 and x_test.dtype == np.uint8
     assert y_train.dtype == np.int32 and y_test.dtype == np.int32
     assert y_train.shape == (1437,) and y_test.shape == (360,)
+    assert dataset_info("digits").train_examples == 1437
     for x in (x_train, x_test):
         assert x.min() == 0 and x.max() == 255
         # gray replicated into RGB

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from keras_dmr import cli
@@ -21,6 +23,12 @@ def test_demo_trains_prunes_quantizes_exports_and_reruns(tmp_path, capsys):
     assert (base / "resnet20_pruned_digits" / "1" / "saved_model.pb").is_file()
     assert (base / "resnet20_pruned_digits_v1_int8.onnx").is_file()
     assert (base / "resnet20_pruned_digits_v1_int8.tflite").is_file()
+    record = json.loads((tmp_path / "runs" / "demo_digits.json").read_text())
+    assert record["train_images"] == 1437 and record["epochs"] == 1
+    assert [t["met"] for t in record["targets"]] == [
+        line.startswith("met") for line in out.splitlines() if line.startswith(("met ", "MISSED"))
+    ]
+    assert summary(record["rows"], record["machine"], record["load_average"]) in out
     # A second run reuses the trained checkpoint and exports a new version.
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -58,3 +66,26 @@ def test_summary_says_which_targets_are_met_and_which_are_missed():
     assert "met    shipped ≥ 5× the baseline's throughput: 6.00×" in text
     assert "met    shipped ≥ 1.2× the residual model under the same engine, int8: 1.50×" in text
     assert "MISSED accuracy loss ≤ 0.5 points: +1.00 points" in text
+
+
+def test_summary_ships_only_what_ran_and_misses_every_target_when_nothing_did():
+    rows = [
+        _row("residual", "keras", "float32", 1000, 0.990),
+        _row("residual", "litert", "int8", 4000, 0.990),
+        _row("pruned plain", "onnx", "int8", 3300, 0.990),
+    ]
+    for r in rows:
+        r["ratio"] = r["images_per_s"] / 1000
+    failed = {**_row("pruned plain", "litert", "int8", 0, 0), "error": "LiteRT could not run x"}
+    for key in ("images_per_s", "accuracy"):
+        failed.pop(key)
+    machine = {"cpu": "test CPU", "usable_cores": 2}
+    text = summary([*rows, failed], machine, None)
+    assert "pruned plain, ONNX Runtime int8 (shipped)" in text  # the one that ran
+    assert "could not run: LiteRT could not run x" in text
+    # No residual ONNX int8 row to compare with: that target cannot be met.
+    assert (
+        "MISSED shipped ≥ 1.2× the residual model under the same engine, int8: the residual" in text
+    )
+    text = summary([rows[0], rows[1], failed], machine, None)
+    assert text.count("MISSED") == 3 and "no pruned plain int8 file ran" in text

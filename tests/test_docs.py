@@ -59,8 +59,9 @@ def test_cli_reference_is_current():
 
 
 def section(page: str, name: str) -> str:
-    """The generated content between ``<!-- BEGIN name -->`` and ``<!-- END name -->``."""
-    text = (ROOT / "docs" / page).read_text()
+    """The generated content between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` of
+    ``docs/page`` (``README.md``: the README)."""
+    text = (ROOT / page if page == "README.md" else ROOT / "docs" / page).read_text()
     match = re.search(rf"<!-- BEGIN {name} -->\n(.*?)\n<!-- END {name} -->", text, re.S)
     assert match, f"docs/{page} has no generated section {name!r}"
     return match.group(1)
@@ -103,6 +104,36 @@ def test_study_sections_are_generated_from_their_runs():
     for label in labels:
         for seed in fmnist_study.PROTOCOL["seeds"]:
             assert fmnist_study.run_key(label, seed, fmnist_study.PROTOCOL) in runs
+
+
+def test_quantization_sections_are_generated_from_their_data():
+    """`python -m tools.quantization_study --table-only` (named on the page) writes them, and
+    every family of the study ran at its default protocol."""
+    from tools import quantization_study as qs
+
+    results = data("quantization.json")
+    for name, content in qs.sections(results, qs.PROTOCOL).items():
+        assert section("quantization.md", name) == content, name
+    assert [r["model"] for r in qs.select(results, qs.PROTOCOL)] == list(qs.MODELS)
+    assert (
+        "python -m tools.quantization_study --table-only"
+        in (ROOT / "docs" / "quantization.md").read_text()
+    )
+
+
+def test_readme_demo_figures_are_the_demos_own_records():
+    """`python -m tools.demo_report` (named in the README) writes the section from the records
+    `keras-dmr demo` wrote, on digits and on Fashion-MNIST."""
+    from tools import demo_report
+
+    found = demo_report.records(ROOT / "docs" / "data")
+    assert list(found) == ["digits", "fashion_mnist"]
+    assert section("README.md", "demo-results") == demo_report.section(found)
+    readme = (ROOT / "README.md").read_text()
+    assert "python -m tools.demo_report" in readme
+    # The prose after the section reads the records: every target missed on both datasets.
+    if "Every target is missed here" in readme:
+        assert not any(t["met"] for r in found.values() for t in r["targets"])
 
 
 def test_architecture_train_step_section_is_generated_from_its_data():

@@ -142,6 +142,7 @@ def test_the_real_files():
     assert np.bincount(labels).tolist() == [6000] * 10
     assert np.bincount(test_labels).tolist() == [1000] * 10
     info = dataset_info("fashion_mnist")  # the stored constants are the training split's
+    assert info.train_examples == len(labels)
     pixels = images[..., 0].astype(np.float64)
     assert abs(pixels.mean() - info.mean[0]) < 0.01 and abs(pixels.std() - info.std[0]) < 0.01
     x, y = next(iter(load("fashion_mnist", "test", batch_size=256)))

@@ -169,3 +169,72 @@ def test_litert_refuses_paths_it_must_not_write(small, tmp_path):
     blocker.write_text("")  # a path under a file cannot be written, even by root
     with pytest.raises(ExportError, match="file exists and is not a directory"):
         litert(small, blocker / "m.tflite", preprocessing="digits")
+
+
+def test_int8_keeps_named_layers_in_float_and_refuses_unknown_ones(small, calibration, tmp_path):
+    """``keep_float`` (the fix the quantization study measures): the named Keras layers of a
+    plain model keep float weights in ONNX Runtime's int8 file; a layer the graph lacks, or a
+    graph whose node names carry no layer names, is refused saying what would be valid."""
+    import onnx as onnx_lib
+
+    from keras_dmr.convert import to_plain
+    from keras_dmr.export.onnx import node_layer, quantizable_nodes, quantize_int8
+
+    plain = to_plain(randomize(small, seed=1))
+    proto = onnx_lib.load(onnx(plain, tmp_path / "float.onnx", preprocessing="digits"))
+    nodes = quantizable_nodes(proto)
+    layers = [node_layer(n) for n in nodes]
+    convolutions = [lyr.name for lyr in plain.layers if isinstance(lyr, keras.layers.Conv2D)]
+    assert layers == [*convolutions, "predictions"]
+
+    def weights_of_first_conv(quantized) -> str | None:
+        """What produces the first convolution's weight input (None: an initializer)."""
+        produced_by = {o: n.op_type for n in quantized.graph.node for o in n.output}
+        conv = next(n for n in quantized.graph.node if n.op_type == "Conv")
+        return produced_by.get(conv.input[1])
+
+    def dequantized(quantized) -> int:
+        return sum(n.op_type == "DequantizeLinear" for n in quantized.graph.node)
+
+    full = quantize_int8(proto, calibration[:32])
+    kept = quantize_int8(proto, calibration[:32], keep_float=[layers[0], "predictions"])
+    assert weights_of_first_conv(full) == "DequantizeLinear"  # int8 weights
+    assert weights_of_first_conv(kept) is None  # the float initializer itself
+    assert dequantized(kept) < dequantized(full)
+    with pytest.raises(
+        ExportError, match=r"no weighted node of the graph comes from layer 'x'.*" + layers[0]
+    ):
+        quantize_int8(proto, calibration[:32], keep_float=["x"])
+    with pytest.raises(ExportError, match="`calibration_method` must be one of"):
+        quantize_int8(proto, calibration[:32], calibration_method="KL")
+    residual = onnx_lib.load(onnx(small, tmp_path / "r.onnx", preprocessing="digits", plain=False))
+    # A residual graph's convolutions have no bias, so no layer name: only the classifier.
+    with pytest.raises(ExportError, match=r"layers it can keep in float32: \['predictions'\]"):
+        quantize_int8(residual, calibration[:32], keep_float=[layers[0]])
+    # The exporter takes the same fix and records it.
+    kw = dict(preprocessing="digits", quantize="int8", calibration=calibration[:32])
+    fixed = onnx(plain, tmp_path / "fixed.onnx", keep_float=[layers[0]], **kw)
+    details = read_metadata(fixed)["quantization"]
+    assert details["float32_layers"] == [layers[0]] and details["calibration_method"] == "MinMax"
+    with pytest.raises(ExportError, match="only used with quantize='int8'"):
+        onnx(plain, tmp_path / "f2.onnx", preprocessing="digits", keep_float=[layers[0]])
+
+
+def test_openvino_runs_the_onnx_exports_float_and_int8(calibration, images, tmp_path):
+    """OpenVINO (the deploy benchmark's fourth engine) compiles the ONNX files as exported:
+    float32 within 1e-4 relative of ONNX Runtime's logits, the int8 QDQ file with top-1
+    agreement >= 0.95 with it (random weights and BN statistics, 128 digits test images)."""
+    from keras_dmr.bench.deploy import _open
+
+    model = randomize(keras_dmr.ResNet(depth=8, compile=False), seed=2)
+    fp32 = onnx(model, tmp_path / "f.onnx", preprocessing="digits")
+    int8 = onnx(
+        model, tmp_path / "q.onnx", preprocessing="digits", quantize="int8", calibration=calibration
+    )
+    for path, check in ((fp32, "close"), (int8, "agree")):
+        want = session_predict(Path(path).read_bytes())(images)
+        got = _open("openvino", path)(images)
+        if check == "close":
+            assert max_rel_error(got, want) <= 1e-4
+        else:
+            assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.95

@@ -26,7 +26,7 @@ pytestmark = [
 def docs(tmp_path):
     target = tmp_path / "docs"
     (target / "data").mkdir(parents=True)
-    for page in ("studies.md", "pruning.md"):
+    for page in ("studies.md", "pruning.md", "quantization.md"):
         shutil.copyfile(ROOT / "docs" / page, target / page)
     return target
 
@@ -60,3 +60,27 @@ def test_pruning_study_quick(docs):
     assert record["config"]["dataset"] == "fashion_mnist"
     assert {p["kind"] for p in record["points"]} == {"ResNet", "RMNet"}
     assert pruning_study.table(record) in (docs / "pruning.md").read_text()
+
+
+def test_quantization_study_quick(docs, tmp_path, capsys):
+    """Both forms through both runtimes' int8, the per-layer search where the plain form loses
+    (at --quick size it does), a rerun that measures nothing again, the page regenerated."""
+    from tools import quantization_study as qs
+
+    argv = ["--quick", "--docs", str(docs), "--checkpoints", str(tmp_path / "ckpt")]
+    assert qs.main(argv) == 0
+    results = json.loads((docs / "data" / "quantization.json").read_text())
+    (record,) = results.values()
+    for form in qs.FORMS:
+        for engine in qs.ENGINES:
+            r = record[form][engine]
+            assert 0 <= r["int8"] <= 1 and r["images"] == qs.QUICK["test_examples"]
+            assert r["drop_points"] == pytest.approx(100 * (r["float32"] - r["int8"]))
+    if "sensitivity" in record:
+        assert len(record["sensitivity"]["layers"]) == 20  # 19 convolutions and the classifier
+    assert qs.main(argv) == 0
+    assert "0 of 1 families to measure" in capsys.readouterr().out
+    text = (docs / "quantization.md").read_text()
+    for name, content in qs.sections(results, qs.QUICK).items():
+        assert content in text, name
+    assert (docs / "quantization.png").read_bytes()[:4] == b"\x89PNG"

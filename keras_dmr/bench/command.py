@@ -18,7 +18,7 @@ DESCRIPTION = (
     "(split and grouped DMRNet, DVANet); and a large float32 matrix product as the machine's "
     "peak. Candidates run interleaved (A B A B) so ratios are measured side by side. Defaults "
     "follow the RMNet paper (batch 128, 50 warm-up and 50 timed batches): an hour or more on a "
-    "small CPU; --quick ends in about a minute. Writes benchmarks.json, benchmarks.md and two "
+    "small CPU; --quick ends in about a minute. Writes benchmarks.json, benchmarks.md and its "
     "PNG charts to --output-dir and prints the Markdown."
 )
 

@@ -25,12 +25,13 @@ from keras_dmr.export.litert import interpreter
 from keras_dmr.export.serving import resolve_preprocessing
 from keras_dmr.utils.timing import interleaved
 
-DEPLOY_ENGINES = ("saved_model", "onnx", "litert")
+DEPLOY_ENGINES = ("saved_model", "onnx", "litert", "openvino")
 ENGINE_NAMES = {
     "keras": "Keras (TF graph)",
     "saved_model": "SavedModel",
     "onnx": "ONNX Runtime",
     "litert": "LiteRT",
+    "openvino": "OpenVINO",
 }
 PRECISIONS = ("float32", "int8")
 
@@ -44,8 +45,9 @@ class Artifact:
     precision: str  # "float32" or "int8"
     params: int
     macs: int
-    predict: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    predict: Callable[[np.ndarray], np.ndarray] | None = field(repr=False)
     path: str | None = None
+    error: str | None = None  # why the engine could not run the file (then ``predict`` is None)
 
     @property
     def label(self) -> str:
@@ -74,7 +76,23 @@ def keras_artifact(model: keras.Model, form: str, preprocessing) -> Artifact:
     return Artifact(form, "keras", "float32", model.count_params(), count_flops(model), predict)
 
 
+def available_engines(engines: Sequence[str] = DEPLOY_ENGINES) -> tuple[str, ...]:
+    """``engines`` without OpenVINO when the ``openvino`` package is not installed (the others
+    come with the ``export`` extra)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return tuple(e for e in engines if e != "openvino")
+    return tuple(engines)
+
+
 def _open(engine: str, path: str) -> Callable[[np.ndarray], np.ndarray]:
+    if engine == "openvino":  # the ONNX file itself, compiled for this CPU
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads()})
+        request, logits = compiled.create_infer_request(), compiled.output("logits")
+        return lambda images: request.infer({"images": images})[logits]
     if engine == "onnx":
         import onnxruntime as ort
 
@@ -102,13 +120,17 @@ def export_artifacts(
     *,
     preprocessing,
     calibration: np.ndarray,
-    engines: Sequence[str] = DEPLOY_ENGINES,
+    engines: Sequence[str] | None = None,
     precisions: Sequence[str] = PRECISIONS,
     log: Callable[[str], None] = print,
 ) -> list[Artifact]:
     """Export every ``forms`` model (form name → model, exported as it is: a residual model
-    stays residual) with every engine and precision (int8: ONNX Runtime and LiteRT, calibrated
-    on ``calibration``, uint8 images); returns them opened, in that order."""
+    stays residual) with every one of ``engines`` (default: :func:`available_engines`) and
+    ``precisions`` (int8: ONNX Runtime, OpenVINO and LiteRT, calibrated on ``calibration``,
+    uint8 images; OpenVINO runs the ONNX file, ONNX Runtime's int8 QDQ graph included);
+    returns them opened, in that order; an engine that cannot run its file is an artifact
+    with an ``error`` (see :func:`measure`)."""
+    engines = available_engines() if engines is None else tuple(engines)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     out = []
@@ -126,14 +148,40 @@ def export_artifacts(
                 kw = dict(preprocessing=preprocessing, plain=False)
                 if engine == "saved_model":
                     path = saved_model(model, workdir / f"{stem}_savedmodel", **kw)
-                elif engine == "onnx":
-                    path = onnx(model, workdir / f"{stem}_{precision}.onnx", **kw, **quant)
+                elif engine in ("onnx", "openvino"):
+                    path = workdir / f"{stem}_{precision}.onnx"
+                    if not path.exists():  # one file for both runtimes
+                        path = onnx(model, path, **kw, **quant)
                 else:
                     path = litert(model, workdir / f"{stem}_{precision}.tflite", **kw, **quant)
-                artifact = Artifact(form, engine, precision, params, macs, _open(engine, path))
-                artifact.path = str(path)
-                out.append(artifact)
+                out.append(
+                    _opened(
+                        Artifact(form, engine, precision, params, macs, None, str(path)),
+                        calibration[:1],
+                        log,
+                    )
+                )
     return out
+
+
+# What a runtime raises when it cannot prepare or run a file it loaded (LiteRT's XNNPACK
+# delegate "failed to prepare", ONNX Runtime's Fail/InvalidGraph, TensorFlow's op errors).
+_ENGINE_ERRORS = (RuntimeError, ValueError)
+
+
+def _opened(artifact: Artifact, probe: np.ndarray, log: Callable[[str], None]) -> Artifact:
+    """``artifact`` with its engine opened and tried on one image; an engine that cannot run
+    the file leaves ``predict`` unset and says why in ``error`` (the file is still written)."""
+    try:
+        predict = _open(artifact.engine, artifact.path)
+        predict(probe)
+    except _ENGINE_ERRORS as err:
+        why = " ".join(str(err).split())[:200] or type(err).__name__
+        artifact.error = f"{ENGINE_NAMES[artifact.engine]} could not run {artifact.path}: {why}"
+        log(f"  {artifact.label}: could not run ({why})")
+    else:
+        artifact.predict = predict
+    return artifact
 
 
 def measure(
@@ -148,21 +196,31 @@ def measure(
 ) -> list[dict]:
     """One row per artifact: throughput on ``images`` (uint8, one batch) and latency at batch 1,
     all artifacts interleaved; ratios to the first artifact (the baseline); accuracy on
-    ``labelled`` uint8 batches when given."""
-    batch = {a.label: (lambda a=a: a.predict(images)) for a in artifacts}
+    ``labelled`` uint8 batches when given. An artifact its engine could not run
+    (``error`` set) gets a row with the ``error`` and no figures."""
+    if artifacts[0].error:
+        raise ValueError(f"the baseline must run; {artifacts[0].error}")
+    runs = [a for a in artifacts if a.error is None]
+    batch = {a.label: (lambda a=a: a.predict(images)) for a in runs}
     single = images[:1]
-    one = {a.label: (lambda a=a: a.predict(single)) for a in artifacts}
+    one = {a.label: (lambda a=a: a.predict(single)) for a in runs}
     through = interleaved(batch, warmup=warmup, iters=iters, repeats=repeats)
     latency = interleaved(one, warmup=warmup, iters=latency_iters, repeats=repeats)
     rows = []
     for a in artifacts:
-        t = through[a.label]
         row = {
             "form": a.form,
             "engine": a.engine,
             "precision": a.precision,
             "params": a.params,
             "macs": a.macs,
+        }
+        if a.error:
+            rows.append({**row, "error": a.error, "path": a.path})
+            continue
+        t = through[a.label]
+        row = {
+            **row,
             "images_per_s": len(images) / t["median_s"],
             "images_per_s_range": [len(images) / t["max_s"], len(images) / t["min_s"]],
             "latency_ms": 1000 * latency[a.label]["median_s"],
@@ -173,18 +231,22 @@ def measure(
             row["accuracy"] = correct / sum(len(y) for _, y in labelled)
         rows.append(row)
     base = rows[0]
-    for row in rows:
+    for row in (r for r in rows if "error" not in r):
         row["ratio"] = row["images_per_s"] / base["images_per_s"]
         row["latency_ratio"] = row["latency_ms"] / base["latency_ms"]
     return rows
 
 
 def find(rows: Sequence[dict], form: str, engine: str, precision: str) -> dict | None:
+    """The row of ``form``, ``engine`` and ``precision`` that ran, or None."""
     return next(
         (
             r
             for r in rows
-            if r["form"] == form and r["engine"] == engine and r["precision"] == precision
+            if r["form"] == form
+            and r["engine"] == engine
+            and r["precision"] == precision
+            and "error" not in r
         ),
         None,
     )
@@ -267,11 +329,25 @@ def table(groups: list[dict]) -> str:
     ]
     for g in groups:
         for r in g["rows"]:
+            if "error" in r:
+                lines.append(
+                    f"| {g['family']} | {r['form']} | {ENGINE_NAMES[r['engine']]} | "
+                    f"{r['precision']} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:.1f}M | "
+                    f"could not run: {_cell(r['error'])} | – | – |"
+                )
+                continue
             lines.append(
                 f"| {g['family']} | {r['form']} | {ENGINE_NAMES[r['engine']]} | {r['precision']} "
                 f"| {r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:.1f}M | {r['images_per_s']:,.0f} "
                 f"| {r['ratio']:.2f}× | {r['latency_ms']:.2f} |"
             )
         for form, why in g["missing"].items():
-            lines.append(f"| {g['family']} | {form} | – | – | – | – | not made: {why} | – | – |")
+            lines.append(
+                f"| {g['family']} | {form} | – | – | – | – | not made: {_cell(why)} | – | – |"
+            )
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """``text`` safe in one Markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")

@@ -16,7 +16,11 @@ from keras_dmr.bench.conversion import table as conversion_table
 from keras_dmr.bench.deploy import table as deploy_table
 from keras_dmr.bench.engines import ENGINES, engine_label
 
-CHARTS = {"speedup": "benchmarks_speedup.png", "accuracy": "benchmarks_accuracy.png"}
+CHARTS = {
+    "speedup": "benchmarks_speedup.png",
+    "accuracy": "benchmarks_accuracy.png",
+    "deploy": "benchmarks_deploy.png",
+}
 SECTIONS = (
     "machine",
     "targets",
@@ -400,19 +404,66 @@ def plot_accuracy(data: dict, path: str | Path, engine: str = "keras") -> str | 
     return str(path)
 
 
+def plot_deploy(data: dict, path: str | Path) -> str | None:
+    """One panel per family: throughput of every form per engine and precision, as a ratio to
+    the family's residual Keras float32 model (1 = as fast); a form its engine could not run
+    has no bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from keras_dmr.bench.deploy import ENGINE_NAMES
+
+    groups = data.get("deploy") or []
+    if not groups:
+        return None
+    forms = ("residual", "plain", "pruned plain")
+    fig, axes = plt.subplots(
+        len(groups), 1, figsize=(7.5, 2.3 * len(groups) + 0.6), squeeze=False, sharex=True
+    )
+    for ax, g in zip(axes[:, 0], groups, strict=True):
+        rows = [r for r in g["rows"] if "ratio" in r and r["engine"] != "keras"]
+        slots = list(dict.fromkeys((r["engine"], r["precision"]) for r in rows))
+        width = 0.8 / len(forms)
+        for i, form in enumerate(forms):
+            by = {(r["engine"], r["precision"]): r["ratio"] for r in rows if r["form"] == form}
+            xs = [j + (i - 1) * width for j in range(len(slots))]
+            ax.bar(xs, [by.get(s, 0.0) for s in slots], width, label=form, color=f"C{i}")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(slots)))
+        ax.set_xticklabels([f"{ENGINE_NAMES[e]}\n{p}" for e, p in slots], fontsize=8)
+        ax.set_ylabel("× residual Keras", fontsize=8)
+        ax.set_title(g["family"], fontsize=9)
+    axes[0, 0].legend(fontsize=8, ncol=3)
+    m = data["machine"]
+    fig.suptitle(
+        f"Deployment forms, throughput at batch {groups[0]['batch_size']} "
+        f"({m['cpu']}, {m['cores']} cores)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def write_outputs(data: dict, directory: str | Path, *, prefix: str = "") -> dict[str, str]:
-    """JSON, Markdown and the two charts of one run into ``directory``; their paths."""
+    """JSON, Markdown and the charts of one run into ``directory``; their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {"json": directory / f"{prefix}benchmarks.json"}
     paths["json"].write_text(json.dumps(data, indent=1) + "\n")
     paths["markdown"] = directory / f"{prefix}benchmarks.md"
     paths["markdown"].write_text(markdown(data))
-    for name, fn in (("speedup", plot_speedup), ("accuracy", plot_accuracy)):
+    for name, fn in CHART_PLOTS.items():
         written = fn(data, directory / f"{prefix}{CHARTS[name]}")
         if written:
             paths[name] = Path(written)
     return {k: str(v) for k, v in paths.items()}
+
+
+CHART_PLOTS = {"speedup": plot_speedup, "accuracy": plot_accuracy, "deploy": plot_deploy}
 
 
 def regenerate(
@@ -431,7 +482,7 @@ def regenerate(
         text = replace_section(text, f"{prefix}-{name}", content)
     doc.write_text(text)
     stem = prefix.removeprefix("bench").strip("-")
-    for name, fn in (("speedup", plot_speedup), ("accuracy", plot_accuracy)):
+    for name, fn in CHART_PLOTS.items():
         chart = CHARTS[name] if not stem else CHARTS[name].replace("_", f"_{stem}_", 1)
         fn(data, docs / chart)
 

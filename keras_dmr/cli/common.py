@@ -39,6 +39,7 @@ RESUME_KEYS = (
     "learning_rate",
     "seed",
     "sparsity",
+    "train_images",
 )
 
 

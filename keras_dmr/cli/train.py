@@ -71,6 +71,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LR",
         help="initial learning rate instead of the recipe's 0.1 (same schedule)",
     )
+    group.add_argument(
+        "--train-images",
+        type=_positive_int,
+        metavar="N",
+        help="train on the first N images of the training split, in stored order (the same "
+        "subset every epoch; default: all of them); the test split stays whole",
+    )
     group.add_argument("--seed", type=_natural, default=0, help="random seed (default: 0)")
     group.add_argument(
         "--sparsity",
@@ -158,6 +165,7 @@ def run_train(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             data_dir=args.data_dir,
             seed=args.seed + completed,
+            take=args.train_images,
         )
         model.fit(
             train,

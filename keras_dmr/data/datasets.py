@@ -40,7 +40,8 @@ class DatasetInfo:
     """Static description of a supported dataset; needs no download.
 
     ``mean`` and ``std`` are per-channel on the 0..255 pixel scale. ``train_split`` and
-    ``test_split`` are the TFDS split strings that ``load(split="train" | "test")`` reads.
+    ``test_split`` are the TFDS split strings that ``load(split="train" | "test")`` reads;
+    ``train_examples`` is how many images ``load(split="train")`` yields.
     """
 
     name: str
@@ -51,6 +52,7 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     train_split: str
     test_split: str
+    train_examples: int
 
 
 _DIGIT_NAMES = tuple(str(i) for i in range(10))
@@ -90,6 +92,7 @@ _TFDS_INFOS = {
         class_names=_CIFAR10_NAMES,
         train_split="train",
         test_split="test",
+        train_examples=50_000,
     ),
     "cifar100": DatasetInfo(
         name="cifar100",
@@ -100,6 +103,7 @@ _TFDS_INFOS = {
         class_names=_CIFAR100_NAMES,
         train_split="train",
         test_split="test",
+        train_examples=50_000,
     ),
     # Computed from the 60,000 training images padded to 32x32 (72.94 / 90.02 over the 28x28
     # pixels); tests/test_data.py recomputes them from the files where they are installed.
@@ -112,6 +116,7 @@ _TFDS_INFOS = {
         class_names=fashion_mnist.CLASS_NAMES,
         train_split="train",
         test_split="test",
+        train_examples=60_000,
     ),
     "svhn_cropped": DatasetInfo(
         name="svhn_cropped",
@@ -122,6 +127,7 @@ _TFDS_INFOS = {
         class_names=_DIGIT_NAMES,
         train_split="train+extra",
         test_split="test",
+        train_examples=604_388,
     ),
 }
 
@@ -162,6 +168,7 @@ def dataset_info(name: str) -> DatasetInfo:
             class_names=_DIGIT_NAMES,
             train_split="train",
             test_split="test",
+            train_examples=len(load_digits_arrays("train")[1]),
         )
     return _TFDS_INFOS[name]
 

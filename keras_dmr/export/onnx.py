@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +59,8 @@ def onnx(
     quantize: str | None = None,
     calibration=None,
     evaluation=None,
+    keep_float: Sequence[str] = (),
+    calibration_method: str = "MinMax",
 ) -> str:
     """Export ``model`` as an ONNX file (dynamic batch) and return its path.
 
@@ -72,6 +75,9 @@ def onnx(
     :mod:`keras_dmr.export.calibration`); the input stays the same.
     ``evaluation`` (``(images, labels)`` batches in that form) measures the float32 and the
     int8 file's accuracy with ONNX Runtime; both go into the metadata's ``quantization``.
+    ``keep_float`` (Keras layer names) and ``calibration_method``
+    are the fixes of ``docs/quantization.md`` for a model that loses accuracy in int8: see
+    :func:`quantize_int8`.
     """
     import onnx as onnx_lib
     import tensorflow as tf
@@ -88,6 +94,10 @@ def onnx(
     images, held_out = quantization_inputs(
         quantize, QUANTIZE, calibration, evaluation, shape, uint8=norm is not None
     )
+    if quantize != "int8" and (keep_float or calibration_method != "MinMax"):
+        raise ExportError(
+            "`keep_float` and `calibration_method` are only used with quantize='int8'"
+        )
     spec = serve.input_signature
     with split_grouped_convolutions():  # standard ops, whatever this machine's kernels
         proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
@@ -95,7 +105,10 @@ def onnx(
     info = metadata(source, exported, conversion, norm, class_names, fmt="onnx")
     info["opset"] = opset
     if quantize == "int8":
-        float_proto, proto = proto, quantize_int8(proto, images)
+        float_proto = proto
+        proto = quantize_int8(
+            proto, images, keep_float=keep_float, calibration_method=calibration_method
+        )
         runs = (None, None)
         if held_out is not None:
             runs = tuple(
@@ -106,7 +119,11 @@ def onnx(
             mode="int8",
             engine="onnxruntime",
             calibration=len(images),
-            details=dict(QDQ_SETTINGS),
+            details={
+                **QDQ_SETTINGS,
+                "calibration_method": calibration_method,
+                "float32_layers": list(keep_float),
+            },
             float_run=runs[0],
             quant_run=runs[1],
         )
@@ -137,8 +154,23 @@ def _rename_io(proto) -> None:
         node.output[:] = [renames.get(n, n) for n in node.output]
 
 
-def quantize_int8(proto, images: np.ndarray):
-    """ONNX Runtime's static QDQ quantization of ``proto`` calibrated on ``images``."""
+CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy")
+
+
+def quantize_int8(
+    proto,
+    images: np.ndarray,
+    *,
+    keep_float: Sequence[str] = (),
+    calibration_method: str = "MinMax",
+):
+    """ONNX Runtime's static QDQ quantization of ``proto`` calibrated on ``images``.
+
+    ``keep_float``: Keras layer names whose weighted nodes stay float32 (ONNX Runtime's
+    ``nodes_to_exclude``); it needs node names that carry the layer's (a plain model's
+    convolutions, whose bias tf2onnx names ``…/layer/BiasAdd``), see :func:`node_layer`;
+    ``calibration_method``: one of :data:`CALIBRATION_METHODS` (ONNX Runtime's defaults for
+    each: Percentile keeps 99.999% of the values, Entropy minimises the KL divergence)."""
     import onnx as onnx_lib
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -148,6 +180,11 @@ def quantize_int8(proto, images: np.ndarray):
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if calibration_method not in CALIBRATION_METHODS:
+        raise ExportError(
+            f"`calibration_method` must be one of {CALIBRATION_METHODS}; got {calibration_method!r}"
+        )
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -161,6 +198,7 @@ def quantize_int8(proto, images: np.ndarray):
         source, prepared, target = (Path(scratch) / n for n in ("f.onnx", "p.onnx", "q.onnx"))
         onnx_lib.save(proto, str(source))
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        excluded = _prepared_names(keep_float, quantizable_nodes(onnx_lib.load(str(prepared))))
         quantize_static(
             str(prepared),
             str(target),
@@ -170,13 +208,48 @@ def quantize_int8(proto, images: np.ndarray):
             weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8,
             reduce_range=QDQ_SETTINGS["reduce_range"],
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=getattr(CalibrationMethod, calibration_method),
+            nodes_to_exclude=excluded,
         )
         quantized = onnx_lib.load(str(target))
     del quantized.metadata_props[:]
     for entry in proto.metadata_props:
         quantized.metadata_props.add().CopyFrom(entry)
     return quantized
+
+
+def quantizable_nodes(proto) -> list[str]:
+    """The names of the nodes that carry weights (Conv, MatMul, Gemm), in graph order."""
+    return [n.name for n in proto.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+
+
+def node_layer(node: str) -> str | None:
+    """The Keras layer a tf2onnx node name comes from (``model_1/stage3_block3_conv2_1/BiasAdd``
+    → ``stage3_block3_conv2``: TensorFlow's name scopes add the ``_1``), or None when the name
+    carries none (``Conv__46``: a convolution without bias, as residual blocks have)."""
+    parts = node.split("/")
+    return re.sub(r"_\d+$", "", parts[1]) if len(parts) >= 3 else None
+
+
+def _prepared_names(keep_float: Sequence[str], prepared: list[str]) -> list[str]:
+    """The weighted nodes of the pre-processed graph that come from the layers ``keep_float``
+    names (every node whose name scope is the layer's, with or without a ``_N`` suffix)."""
+    out = []
+    for layer in keep_float:
+        pattern = re.compile(rf"{re.escape(layer)}(_\d+)?")
+        found = [n for n in prepared if any(pattern.fullmatch(p) for p in n.split("/")[:-1])]
+        if not found:
+            layers = sorted({node_layer(n) for n in prepared} - {None})
+            raise ExportError(
+                f"`keep_float`: no weighted node of the graph comes from layer {layer!r}; "
+                + (
+                    f"layers it can keep in float32: {layers}"
+                    if layers
+                    else "this graph's node names carry no layer names"
+                )
+            )
+        out += found
+    return out
 
 
 def session_predict(model_bytes: bytes, output: str = "logits", threads: int | None = None):
