@@ -32,8 +32,6 @@ TRAIN_IMAGES = 10_000
 # learning rate × factor (proximal BNSparsity): the factor is derived from it for the run's
 # steps and schedule, so a longer run (more images, more epochs) is not pruned to nothing.
 SPARSITY_BUDGET = 0.95
-# Below this fraction of its channels kept, the pruned model is reported as degenerate.
-DEGENERATE_FRACTION = 0.25
 # Targets of the shipped artifact (issue 17): against the residual Keras model as trained, and
 # against the residual model under the same engine and int8 treatment; accuracy loss in points.
 TARGET_SPEEDUP = 5.0
@@ -139,14 +137,6 @@ def _prune(resnet, args, train) -> tuple:
         f"{report['params_before']:,} → {report['params_after']:,} parameters",
         flush=True,
     )
-    if report["channels_after"] < DEGENERATE_FRACTION * report["channels_before"]:
-        print(
-            f"warning: pruning kept under {DEGENERATE_FRACTION:.0%} of the channels: sparsity "
-            "training zeroed most BN scales, so expect the pruned model to lose accuracy (raise "
-            "--prune-threshold's counterpart: train longer at the same budget, or retrain with "
-            "--fresh after lowering SPARSITY_BUDGET)",
-            flush=True,
-        )
     if args.finetune_epochs:
         print(f"fine-tuning {args.finetune_epochs} epochs (learning rate 1e-3)", flush=True)
         compile_with_recipe(pruned, learning_rate=1e-3)
