@@ -116,9 +116,30 @@ def test_export_quantization_flags_are_checked_together(checkpoint, tmp_path, ca
         (["--format", "onnx", "--quantize", "float16"], "float16 is for --format litert"),
         (["--format", "litert", "--evaluate"], "needs --calibration-dataset"),
         (["--format", "litert", "--calibration-dataset", "digits"], "only used with --quantize"),
+        (["--format", "litert", "--keep-float", "x"], "only for --format onnx --quantize int8"),
+        (["--format", "onnx", "--calibration-method", "Entropy"], "only for --format onnx --q"),
+        (
+            ["--format", "onnx", "--quantize", "int8", "--calibration-dataset", "digits"]
+            + ["--keep-float", "no_such_layer"],
+            "no weighted node of the graph comes from layer 'no_such_layer'",
+        ),
     ):
         assert message in _error(capsys, [*argv, *extra])
     assert not (tmp_path / "q").exists()
+
+
+def test_export_onnx_int8_keeps_the_named_layers_in_float(checkpoint, tmp_path, capsys):
+    """``--keep-float LAYER --calibration-method Percentile``: the fixes of
+    docs/quantization.md, recorded in the file's metadata."""
+    path, _ = checkpoint
+    base = tmp_path / "fix"
+    argv = ["export", str(path), "--name", "m", "--base-dir", str(base), "--format", "onnx"]
+    argv += ["--quantize", "int8", "--calibration-dataset", "digits"]
+    argv += ["--keep-float", "stem_conv", "--calibration-method", "Percentile"]
+    assert cli.main(argv) == 0
+    details = keras_dmr.export.read_metadata(base / "m.onnx")["quantization"]
+    assert details["float32_layers"] == ["stem_conv"]
+    assert details["calibration_method"] == "Percentile"
 
 
 def test_a_converted_plain_model_exports_through_the_cli(checkpoint, tmp_path, capsys):

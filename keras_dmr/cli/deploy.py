@@ -110,6 +110,18 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-dir", metavar="DIR", help="where --calibration-dataset is (as for train)"
     )
     group.add_argument(
+        "--keep-float",
+        nargs="+",
+        metavar="LAYER",
+        help="onnx int8: leave these layers of the plain model in float32 (the fix "
+        "docs/quantization.md measures for layers that lose accuracy in int8)",
+    )
+    group.add_argument(
+        "--calibration-method",
+        choices=("MinMax", "Percentile", "Entropy"),
+        help="onnx int8: how ONNX Runtime sets activation ranges (default: MinMax)",
+    )
+    group.add_argument(
         "--evaluate",
         action="store_true",
         help="measure the float32 and the quantized file's accuracy on the calibration "
@@ -191,6 +203,14 @@ def _quantization_arguments(args: argparse.Namespace) -> dict:
         ):
             if value:
                 raise UsageError(f"argument {flag}: only for --format onnx or litert")
+    onnx_int8 = args.format == "onnx" and args.quantize == "int8"
+    for flag, value in (
+        ("--keep-float", args.keep_float),
+        ("--calibration-method", args.calibration_method),
+    ):
+        if value and not onnx_int8:
+            raise UsageError(f"argument {flag}: only for --format onnx --quantize int8")
+    if args.format == "saved_model":
         return {}
     if args.quantize == "float16" and args.format == "onnx":
         raise UsageError("argument --quantize: float16 is for --format litert; onnx takes int8")
@@ -201,6 +221,10 @@ def _quantization_arguments(args: argparse.Namespace) -> dict:
     if args.evaluate and args.calibration_dataset is None:
         raise UsageError("argument --evaluate: needs --calibration-dataset NAME (its test split)")
     out: dict = {"quantize": args.quantize}
+    if args.keep_float:
+        out["keep_float"] = args.keep_float
+    if args.calibration_method:
+        out["calibration_method"] = args.calibration_method
     name, where = args.calibration_dataset, args.data_dir
     if args.quantize == "int8":
         out["calibration"] = data.load(
