@@ -13,7 +13,7 @@ skips it); ``--table-only`` regenerates ``docs/quantization.md`` and its plot fr
 ``--quick`` is a smoke run that leaves ``docs/`` alone.
 
 What it cannot say: the per-layer search is ONNX Runtime's only (LiteRT's converter has no
-per-node float fallback in its public API); calibration uses one set of 512 images; every model
+per-node float fallback in its public API); calibration uses one set of 256 images; every model
 is short-trained (see the protocol), so the figures are for these weights, not converged ones.
 """
 
@@ -34,10 +34,12 @@ PROTOCOL = {
     "batch_size": 64,
     "learning_rate": 0.1,
     "seed": 0,
-    "test_examples": 5000,
-    "calibration_images": 512,
-    "sensitivity_images": 2000,
+    "test_examples": 2000,
+    "calibration_images": 256,
+    "sensitivity_images": 500,
 }
+# What a trained checkpoint depends on (the rest of the protocol only changes the measuring).
+TRAINING_KEYS = ("dataset", "train_examples", "epochs", "batch_size", "learning_rate", "seed")
 QUICK = {
     **PROTOCOL,
     "train_examples": 128,
@@ -135,8 +137,11 @@ def trained(label: str, protocol: dict, train, checkpoints: Path):
 
     path = checkpoints / f"{_slug(label)}.keras"
     stamp = path.with_suffix(".protocol.json")
-    if path.exists() and stamp.exists() and json.loads(stamp.read_text()) == protocol:
-        return keras.saving.load_model(path, safe_mode=True), None
+    training = {k: protocol[k] for k in TRAINING_KEYS}
+    if path.exists() and stamp.exists():
+        stored = json.loads(stamp.read_text())
+        if {k: stored.get(k) for k in TRAINING_KEYS} == training:
+            return keras.saving.load_model(path, safe_mode=True), stored.get("train_seconds")
     builder, kwargs = MODELS[label]
     keras.utils.set_random_seed(protocol["seed"])
     model = getattr(models, builder)(compile=False, **kwargs)
@@ -146,7 +151,7 @@ def trained(label: str, protocol: dict, train, checkpoints: Path):
     seconds = time.monotonic() - start
     checkpoints.mkdir(parents=True, exist_ok=True)
     model.save(path)
-    stamp.write_text(json.dumps(protocol))
+    stamp.write_text(json.dumps({**training, "train_seconds": seconds}))
     return model, seconds
 
 
