@@ -118,6 +118,7 @@ def test_export_quantization_flags_are_checked_together(checkpoint, tmp_path, ca
         (["--format", "litert", "--calibration-dataset", "digits"], "only used with --quantize"),
         (["--format", "litert", "--keep-float", "x"], "only for --format onnx --quantize int8"),
         (["--format", "onnx", "--calibration-method", "Entropy"], "only for --format onnx --q"),
+        (["--format", "litert", "--weights", "uint8"], "only for --format onnx --quantize int8"),
         (
             ["--format", "onnx", "--quantize", "int8", "--calibration-dataset", "digits"]
             + ["--keep-float", "no_such_layer"],
@@ -136,8 +137,10 @@ def test_export_onnx_int8_keeps_the_named_layers_in_float(checkpoint, tmp_path, 
     argv = ["export", str(path), "--name", "m", "--base-dir", str(base), "--format", "onnx"]
     argv += ["--quantize", "int8", "--calibration-dataset", "digits"]
     argv += ["--keep-float", "stem_conv", "--calibration-method", "Percentile"]
+    argv += ["--weights", "uint8"]
     assert cli.main(argv) == 0
     details = keras_dmr.export.read_metadata(base / "m.onnx")["quantization"]
+    assert details["weights"] == "uint8" and details["reduce_range"] is False
     assert details["float32_layers"] == ["stem_conv"]
     assert details["calibration_method"] == "Percentile"
 

@@ -207,6 +207,15 @@ def test_int8_keeps_named_layers_in_float_and_refuses_unknown_ones(small, calibr
         quantize_int8(proto, calibration[:32], keep_float=["x"])
     with pytest.raises(ExportError, match="`calibration_method` must be one of"):
         quantize_int8(proto, calibration[:32], calibration_method="KL")
+    # Full 8-bit uint8 weights (U8U8): the weight initializers are uint8, not int8.
+    initializers = {
+        t.name: t.data_type
+        for t in quantize_int8(proto, calibration[:32], weights="uint8").graph.initializer
+    }
+    assert onnx_lib.TensorProto.UINT8 in {initializers[n] for n in initializers if "quantized" in n}
+    assert onnx_lib.TensorProto.INT8 not in set(initializers.values())
+    with pytest.raises(ExportError, match="`weights` must be one of"):
+        quantize_int8(proto, calibration[:32], weights="int4")
     residual = onnx_lib.load(onnx(small, tmp_path / "r.onnx", preprocessing="digits", plain=False))
     # A residual graph's convolutions have no bias, so no layer name: only the classifier.
     with pytest.raises(ExportError, match=r"layers it can keep in float32: \['predictions'\]"):

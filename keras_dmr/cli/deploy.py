@@ -122,6 +122,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="onnx int8: how ONNX Runtime sets activation ranges (default: MinMax)",
     )
     group.add_argument(
+        "--weights",
+        choices=("int8", "uint8"),
+        help="onnx int8: weight encoding; int8 uses 7 bits (safe on CPUs without VNNI), uint8 "
+        "all 8 (RepVGG-style fused kernels need it, see docs/quantization.md) (default: int8)",
+    )
+    group.add_argument(
         "--evaluate",
         action="store_true",
         help="measure the float32 and the quantized file's accuracy on the calibration "
@@ -207,6 +213,7 @@ def _quantization_arguments(args: argparse.Namespace) -> dict:
     for flag, value in (
         ("--keep-float", args.keep_float),
         ("--calibration-method", args.calibration_method),
+        ("--weights", args.weights),
     ):
         if value and not onnx_int8:
             raise UsageError(f"argument {flag}: only for --format onnx --quantize int8")
@@ -225,6 +232,8 @@ def _quantization_arguments(args: argparse.Namespace) -> dict:
         out["keep_float"] = args.keep_float
     if args.calibration_method:
         out["calibration_method"] = args.calibration_method
+    if args.weights:
+        out["weights"] = args.weights
     name, where = args.calibration_dataset, args.data_dir
     if args.quantize == "int8":
         out["calibration"] = data.load(

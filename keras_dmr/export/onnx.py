@@ -44,6 +44,10 @@ QDQ_SETTINGS = {
     "activations": "uint8",
     "calibration_method": "MinMax",
 }
+# The weight encodings of ``quantize_int8(weights=...)``: "int8" is the default above (7-bit
+# signed, U8S8 kernels); "uint8" stores full 8-bit asymmetric weights (U8U8 kernels, which do
+# not saturate): RepVGG's fused kernels lose 17 points at 7 bits and 5 at 8 (docs/quantization.md).
+WEIGHT_TYPES = {"int8": ("QInt8", True), "uint8": ("QUInt8", False)}
 
 
 def onnx(
@@ -61,6 +65,7 @@ def onnx(
     evaluation=None,
     keep_float: Sequence[str] = (),
     calibration_method: str = "MinMax",
+    weights: str = "int8",
 ) -> str:
     """Export ``model`` as an ONNX file (dynamic batch) and return its path.
 
@@ -75,7 +80,7 @@ def onnx(
     :mod:`keras_dmr.export.calibration`); the input stays the same.
     ``evaluation`` (``(images, labels)`` batches in that form) measures the float32 and the
     int8 file's accuracy with ONNX Runtime; both go into the metadata's ``quantization``.
-    ``keep_float`` (Keras layer names) and ``calibration_method``
+    ``keep_float`` (Keras layer names), ``calibration_method`` and ``weights``
     are the fixes of ``docs/quantization.md`` for a model that loses accuracy in int8: see
     :func:`quantize_int8`.
     """
@@ -94,9 +99,9 @@ def onnx(
     images, held_out = quantization_inputs(
         quantize, QUANTIZE, calibration, evaluation, shape, uint8=norm is not None
     )
-    if quantize != "int8" and (keep_float or calibration_method != "MinMax"):
+    if quantize != "int8" and (keep_float or calibration_method != "MinMax" or weights != "int8"):
         raise ExportError(
-            "`keep_float` and `calibration_method` are only used with quantize='int8'"
+            "`keep_float`, `calibration_method` and `weights` are only used with quantize='int8'"
         )
     spec = serve.input_signature
     with split_grouped_convolutions():  # standard ops, whatever this machine's kernels
@@ -107,7 +112,11 @@ def onnx(
     if quantize == "int8":
         float_proto = proto
         proto = quantize_int8(
-            proto, images, keep_float=keep_float, calibration_method=calibration_method
+            proto,
+            images,
+            keep_float=keep_float,
+            calibration_method=calibration_method,
+            weights=weights,
         )
         runs = (None, None)
         if held_out is not None:
@@ -122,6 +131,8 @@ def onnx(
             details={
                 **QDQ_SETTINGS,
                 "calibration_method": calibration_method,
+                "weights": weights,
+                "reduce_range": WEIGHT_TYPES[weights][1],
                 "float32_layers": list(keep_float),
             },
             float_run=runs[0],
@@ -163,6 +174,7 @@ def quantize_int8(
     *,
     keep_float: Sequence[str] = (),
     calibration_method: str = "MinMax",
+    weights: str = "int8",
 ):
     """ONNX Runtime's static QDQ quantization of ``proto`` calibrated on ``images``.
 
@@ -170,7 +182,9 @@ def quantize_int8(
     ``nodes_to_exclude``); it needs node names that carry the layer's (a plain model's
     convolutions, whose bias tf2onnx names ``…/layer/BiasAdd``), see :func:`node_layer`;
     ``calibration_method``: one of :data:`CALIBRATION_METHODS` (ONNX Runtime's defaults for
-    each: Percentile keeps 99.999% of the values, Entropy minimises the KL divergence)."""
+    each: Percentile keeps 99.999% of the values, Entropy minimises the KL divergence);
+    ``weights``: one of :data:`WEIGHT_TYPES` ("int8": 7-bit signed, the default; "uint8": full
+    8-bit asymmetric)."""
     import onnx as onnx_lib
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -181,6 +195,8 @@ def quantize_int8(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if weights not in WEIGHT_TYPES:
+        raise ExportError(f"`weights` must be one of {tuple(WEIGHT_TYPES)}; got {weights!r}")
     if calibration_method not in CALIBRATION_METHODS:
         raise ExportError(
             f"`calibration_method` must be one of {CALIBRATION_METHODS}; got {calibration_method!r}"
@@ -205,9 +221,9 @@ def quantize_int8(
             Reader(),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            weight_type=QuantType.QInt8,
+            weight_type=getattr(QuantType, WEIGHT_TYPES[weights][0]),
             activation_type=QuantType.QUInt8,
-            reduce_range=QDQ_SETTINGS["reduce_range"],
+            reduce_range=WEIGHT_TYPES[weights][1],
             calibrate_method=getattr(CalibrationMethod, calibration_method),
             nodes_to_exclude=excluded,
         )
