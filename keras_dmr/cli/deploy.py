@@ -92,6 +92,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--version", type=_positive_int, help="saved_model version (default: the next one)"
     )
+    from keras_dmr.export.onnx import CALIBRATION_METHODS, WEIGHT_TYPES
+
     group = parser.add_argument_group("quantization (onnx and litert)")
     group.add_argument(
         "--quantize",
@@ -118,12 +120,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--calibration-method",
-        choices=("MinMax", "Percentile", "Entropy"),
+        choices=CALIBRATION_METHODS,
         help="onnx int8: how ONNX Runtime sets activation ranges (default: MinMax)",
     )
     group.add_argument(
         "--weights",
-        choices=("int8", "uint8"),
+        choices=tuple(WEIGHT_TYPES),
         help="onnx int8: weight encoding; int8 uses 7 bits (safe on CPUs without VNNI), uint8 "
         "all 8 (RepVGG-style fused kernels need it, see docs/quantization.md) (default: int8)",
     )
