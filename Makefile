@@ -1,4 +1,4 @@
-# keras-dmr: `make demo` runs the main job on the bundled digits (train, convert, prune, export);
+# keras-dmr: `make demo` runs the main job on the bundled digits (train, convert, int8, export, time);
 # `make test` runs the checks.
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 
-# The main job: train a ResNet-20 for slimming on the bundled digits (resuming runs/ checkpoints),
-# rewrite it as a plain network (verified), prune and fine-tune it, quantize it to int8, export it
-# (SavedModel, ONNX, LiteRT under savedmodels/) and measure every form against the residual model
-# in one table. DEMO_ARGS="--fresh" retrains; "--dataset fashion_mnist" with the Debian dataset.
+# The main job: train the CIFAR MobileNetV2 (width 0.5) on the bundled digits (resuming runs/
+# checkpoints), rewrite it as MobileNetV1 (verified), export it in float32 and int8 (SavedModel,
+# ONNX, LiteRT under savedmodels/) and measure every form against the residual model in one table.
+# DEMO_ARGS="--fresh" retrains; "--dataset fashion_mnist" with the Debian dataset; "--family
+# resnet20" takes the pruning path (ResNet-20 trained for slimming, slimmed, fine-tuned).
 demo: venv
 	$(BIN)/keras-dmr demo $(DEMO_ARGS)
 

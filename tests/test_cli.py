@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from keras_dmr import cli
+from keras_dmr.models import MobileNetV2
 from keras_dmr.training import checkpoints
 
 TINY = ["--model", "dmrnet", "--depth", "8"]  # 6·1 + 2: one merge-and-run block per stage
@@ -65,6 +66,11 @@ def test_paths_one_model_with_options(tmp_path, capsys):
         (["train", "--learning-rate", "-1"], "--learning-rate"),
         (["train", "--model", "resnet", "--branches", "2"], "--branches"),
         (["train", "--output", "model.h5"], "--output"),
+        (["train", "--model", "mobilenetv2", "--depth", "20"], "--depth"),
+        (["train", "--model", "mobilenetv2", "--branches", "2"], "--branches"),
+        (["demo", "--family", "vgg"], "--family"),
+        (["demo", "--finetune-epochs", "1"], "--family resnet20"),
+        (["demo", "--family", "mobilenetv2", "--prune-threshold", "0.01"], "--family resnet20"),
         (["paths", "--depth", "20"], "--depth"),
         (["paths", "--model", "dvanet", "--depth", "21"], "depth"),
         (["convolve"], "convolve"),
@@ -140,6 +146,22 @@ def test_train_checkpoints_and_resumes(tmp_path, capsys):
     assert cli.main(["train", "--model", "dmrnet", "--depth", "14", "--output", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert "--depth 8" in err and "--fresh" in err
+
+
+def test_train_builds_the_cifar_mobilenet_v2_with_width_as_alpha(tmp_path, capsys):
+    """``--model mobilenetv2``: the RMNet paper's CIFAR MobileNetV2 (one depth); ``--width`` is
+    its alpha, a resume key; the default checkpoint name has no depth."""
+    ckpt = tmp_path / "mbv2.keras"
+    base = ["train", "--model", "mobilenetv2", "--width", "0.25", "--epochs", "1"]
+    assert cli.main([*base, "--train-images", "64", "--output", str(ckpt)]) == 0
+    model = keras.saving.load_model(ckpt, safe_mode=True)
+    reference = MobileNetV2(variant="cifar", alpha=0.25, compile=False)
+    assert model.get_config()["alpha"] == 0.25
+    assert model.count_params() == reference.count_params()
+    capsys.readouterr()
+    argv = ["train", "--model", "mobilenetv2", "--width", "0.5", "--epochs", "1"]
+    assert cli.main([*argv, "--train-images", "64", "--output", str(ckpt)]) == 2
+    assert "--width 0.25" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -7,12 +7,13 @@ import json
 import pytest
 
 from keras_dmr import cli
-from keras_dmr.cli.demo import summary
+from keras_dmr.cli.demo import shipped_form, shipped_row, summary
 
 
 @pytest.mark.slow
-def test_demo_trains_prunes_quantizes_exports_and_reruns(tmp_path, capsys):
-    argv = ["demo", "--epochs", "1", "--finetune-epochs", "1", "--runs", str(tmp_path / "runs")]
+def test_demo_trains_converts_quantizes_exports_and_reruns(tmp_path, capsys):
+    """The default family (MobileNetV2 → RMNetV1, shipped unpruned)."""
+    argv = ["demo", "--epochs", "1", "--runs", str(tmp_path / "runs")]
     argv += ["--base-dir", str(tmp_path / "savedmodels")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -20,11 +21,18 @@ def test_demo_trains_prunes_quantizes_exports_and_reruns(tmp_path, capsys):
         assert expected in out
     assert out.count("met   ") + out.count("MISSED ") == 3  # each target says which
     base = tmp_path / "savedmodels"
-    assert (base / "resnet20_pruned_digits" / "1" / "saved_model.pb").is_file()
-    assert (base / "resnet20_pruned_digits_v1_int8.onnx").is_file()
-    assert (base / "resnet20_pruned_digits_v1_int8.tflite").is_file()
+    assert (base / "rmnetv1_w0.5_digits" / "1" / "saved_model.pb").is_file()
+    assert (base / "rmnetv1_w0.5_digits_v1_int8.onnx").is_file()
+    assert (base / "rmnetv1_w0.5_digits_v1_int8.tflite").is_file()
     record = json.loads((tmp_path / "runs" / "demo_digits.json").read_text())
     assert record["train_images"] == 1437 and record["epochs"] == 1
+    assert record["family"] == "mobilenetv2" and record["pruning"] is None
+    assert {r["form"] for r in record["rows"]} == {"residual", "plain"}
+    shipped = shipped_row(record["rows"])
+    assert shipped["form"] == "plain" and shipped["engine"] != "keras"
+    if shipped["precision"] != "int8":  # the shipped file itself is exported too
+        suffix = "tflite" if shipped["engine"] == "litert" else "onnx"
+        assert (base / f"rmnetv1_w0.5_digits_v1_float32.{suffix}").is_file()
     assert [t["met"] for t in record["targets"]] == [
         line.startswith("met") for line in out.splitlines() if line.startswith(("met ", "MISSED"))
     ]
@@ -33,8 +41,26 @@ def test_demo_trains_prunes_quantizes_exports_and_reruns(tmp_path, capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "already trained for 1 epochs" in out
-    assert (base / "resnet20_pruned_digits" / "2" / "saved_model.pb").is_file()
-    assert (base / "resnet20_pruned_digits_v2_int8.tflite").is_file()
+    assert (base / "rmnetv1_w0.5_digits" / "2" / "saved_model.pb").is_file()
+    assert (base / "rmnetv1_w0.5_digits_v2_int8.tflite").is_file()
+
+
+@pytest.mark.slow
+def test_demo_resnet20_family_trains_for_slimming_prunes_and_fine_tunes(tmp_path, capsys):
+    argv = ["demo", "--family", "resnet20", "--epochs", "1", "--finetune-epochs", "1"]
+    argv += ["--runs", str(tmp_path / "runs"), "--base-dir", str(tmp_path / "savedmodels")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "slimmed the plain model at threshold 0.001" in out and "fine-tuning 1 epochs" in out
+    base = tmp_path / "savedmodels"
+    assert (base / "resnet20_pruned_digits" / "1" / "saved_model.pb").is_file()
+    assert (base / "resnet20_pruned_digits_v1_int8.onnx").is_file()
+    assert not (tmp_path / "runs" / "demo_digits.json").exists()  # the default family's record
+    record = json.loads((tmp_path / "runs" / "demo_digits_resnet20.json").read_text())
+    assert record["family"] == "resnet20" and record["sparsity_factor"] > 0
+    assert record["pruning"]["channels_after"] <= record["pruning"]["channels_before"]
+    assert {r["form"] for r in record["rows"]} == {"residual", "plain", "pruned plain"}
+    assert shipped_row(record["rows"])["form"] == "pruned plain"
 
 
 def _row(form, engine, precision, ips, accuracy):
@@ -49,43 +75,72 @@ def _row(form, engine, precision, ips, accuracy):
     }
 
 
-def test_summary_says_which_targets_are_met_and_which_are_missed():
-    rows = [
-        _row("residual", "keras", "float32", 1000, 0.990),
-        _row("residual", "litert", "int8", 4000, 0.990),
-        _row("residual", "onnx", "int8", 3000, 0.990),
-        _row("pruned plain", "keras", "float32", 9000, 0.990),  # never the shipped one
-        _row("pruned plain", "litert", "int8", 6000, 0.980),
-        _row("pruned plain", "onnx", "int8", 3300, 0.990),
-    ]
+def _rows(*specs):
+    rows = [_row(*spec) for spec in specs]
     for r in rows:
-        r["ratio"] = r["images_per_s"] / 1000
-    machine = {"cpu": "test CPU", "usable_cores": 2}
-    text = summary(rows, machine, [1.0])
-    assert "pruned plain, LiteRT int8 (shipped)" in text  # the fastest pruned form
+        r["ratio"] = r["images_per_s"] / rows[0]["images_per_s"]
+    return rows
+
+
+MACHINE = {"cpu": "test CPU", "usable_cores": 2}
+
+
+def test_summary_ships_the_fastest_file_within_the_accuracy_target():
+    rows = _rows(
+        ("residual", "keras", "float32", 1000, 0.990),
+        ("residual", "litert", "int8", 4000, 0.990),
+        ("residual", "onnx", "float32", 2000, 0.990),
+        ("residual", "onnx", "int8", 3000, 0.990),
+        ("pruned plain", "keras", "float32", 9000, 0.990),  # never the shipped one
+        ("pruned plain", "litert", "int8", 7000, 0.980),  # fastest, but 1 point lost
+        ("pruned plain", "onnx", "int8", 6000, 0.988),
+        ("pruned plain", "onnx", "float32", 5000, 0.990),
+    )
+    text = summary(rows, MACHINE, [1.0])
+    assert "pruned plain, ONNX Runtime int8 (shipped)" in text
     assert "met    shipped ≥ 5× the baseline's throughput: 6.00×" in text
-    assert "met    shipped ≥ 1.2× the residual model under the same engine, int8: 1.50×" in text
-    assert "MISSED accuracy loss ≤ 0.5 points: +1.00 points" in text
+    assert (
+        "met    shipped ≥ 1.2× the residual model under the same engine (its fastest "
+        "precision): 2.00× (ONNX Runtime, residual int8)" in text
+    )
+    assert "met    accuracy loss ≤ 0.5 points: +0.20 points" in text
+    assert shipped_form(rows) == "pruned plain"
+
+
+def test_summary_can_ship_float32_and_compares_with_the_residuals_faster_precision():
+    rows = _rows(
+        ("residual", "keras", "float32", 1000, 0.990),
+        ("residual", "openvino", "float32", 3000, 0.990),
+        ("residual", "openvino", "int8", 2500, 0.990),
+        ("plain", "keras", "float32", 3000, 0.990),
+        ("plain", "openvino", "int8", 4000, 0.970),
+        ("plain", "openvino", "float32", 3300, 0.990),
+    )
+    text = summary(rows, MACHINE, None)
+    assert "plain, OpenVINO float32 (shipped)" in text  # int8 lost 2 points
+    assert "MISSED shipped ≥ 5× the baseline's throughput: 3.30×" in text
+    assert "MISSED shipped ≥ 1.2× the residual model under the same engine" in text
+    assert "1.10× (OpenVINO, residual float32)" in text
+    # When every file loses too much, the fastest one ships and the accuracy target is missed.
+    rows[-1]["accuracy"] = 0.980
+    text = summary(rows, MACHINE, None)
+    assert "plain, OpenVINO int8 (shipped)" in text
+    assert "MISSED accuracy loss ≤ 0.5 points: +2.00 points" in text
 
 
 def test_summary_ships_only_what_ran_and_misses_every_target_when_nothing_did():
-    rows = [
-        _row("residual", "keras", "float32", 1000, 0.990),
-        _row("residual", "litert", "int8", 4000, 0.990),
-        _row("pruned plain", "onnx", "int8", 3300, 0.990),
-    ]
-    for r in rows:
-        r["ratio"] = r["images_per_s"] / 1000
+    rows = _rows(
+        ("residual", "keras", "float32", 1000, 0.990),
+        ("residual", "litert", "int8", 4000, 0.990),
+        ("pruned plain", "onnx", "int8", 3300, 0.990),
+    )
     failed = {**_row("pruned plain", "litert", "int8", 0, 0), "error": "LiteRT could not run x"}
     for key in ("images_per_s", "accuracy"):
         failed.pop(key)
-    machine = {"cpu": "test CPU", "usable_cores": 2}
-    text = summary([*rows, failed], machine, None)
+    text = summary([*rows, failed], MACHINE, None)
     assert "pruned plain, ONNX Runtime int8 (shipped)" in text  # the one that ran
     assert "could not run: LiteRT could not run x" in text
-    # No residual ONNX int8 row to compare with: that target cannot be met.
-    assert (
-        "MISSED shipped ≥ 1.2× the residual model under the same engine, int8: the residual" in text
-    )
-    text = summary([rows[0], rows[1], failed], machine, None)
-    assert text.count("MISSED") == 3 and "no pruned plain int8 file ran" in text
+    # No residual ONNX Runtime row to compare with: that target cannot be met.
+    assert "the residual model did not run in ONNX Runtime" in text
+    text = summary([rows[0], rows[1], failed], MACHINE, None)
+    assert text.count("MISSED") == 3 and "no pruned plain file ran" in text

@@ -1,6 +1,7 @@
 """The README's measured figures of the main job, generated from the demo's own records.
 
-``keras-dmr demo`` writes every figure of its closing table to ``runs/demo_<dataset>.json``.
+``keras-dmr demo`` writes every figure of its closing table to ``runs/demo_<dataset>.json``
+(``demo_<dataset>_<family>.json`` for ``--family resnet20``).
 ``python -m tools.demo_report`` copies those records to ``docs/data/`` (``--from DIR`` to take
 them elsewhere; without new records it keeps the stored ones) and regenerates the README's
 ``demo-results`` section from ``docs/data/demo_*.json``: for each dataset, how the model was
@@ -18,12 +19,17 @@ DATA = Path("docs/data")
 DATASETS = ("digits", "fashion_mnist")
 
 
+def _names() -> list[str]:
+    """Every record name the demo writes: each dataset, each family, the default first."""
+    from keras_dmr.cli.demo import FAMILIES, record_name
+
+    return [record_name(d, f) for d in DATASETS for f in FAMILIES]
+
+
 def records(data: Path = DATA) -> dict[str, dict]:
-    """The stored demo record of each dataset that has one, in :data:`DATASETS` order."""
+    """The stored demo records (file name → record), datasets in :data:`DATASETS` order."""
     return {
-        name: json.loads((data / f"demo_{name}.json").read_text())
-        for name in DATASETS
-        if (data / f"demo_{name}.json").exists()
+        name: json.loads((data / name).read_text()) for name in _names() if (data / name).exists()
     }
 
 
@@ -33,14 +39,23 @@ def section(found: dict[str, dict]) -> str:
     if not found:
         return "_not measured yet_ (`make demo`, then `python -m tools.demo_report`)"
     parts = []
-    for name, r in found.items():
-        p = r["pruning"]
+    for r in found.values():
+        name, p = r["dataset"], r["pruning"]
+        model = r.get("model", "ResNet-20")  # records before --family were ResNet-20's
+        trained = (
+            f"**{name}**: {model} trained on {r['train_images']:,} images for {r['epochs']} epochs"
+        )
+        if p is None:
+            how = f"{trained}; its plain form, {r['plain_model']}, ships unpruned."
+        else:
+            how = (
+                f"{trained} with sparsity factor {r['sparsity_factor']:.4g}; slimming at "
+                f"threshold {r['prune_threshold']:g} kept {p['channels_after']:,} of "
+                f"{p['channels_before']:,} channels ({p['params_before']:,} → "
+                f"{p['params_after']:,} parameters), {r['finetune_epochs']} fine-tuning epochs."
+            )
         parts += [
-            f"**{name}**: ResNet-20 trained on {r['train_images']:,} images for {r['epochs']} "
-            f"epochs with sparsity factor {r['sparsity_factor']:.4g}; slimming at threshold "
-            f"{r['prune_threshold']:g} kept {p['channels_after']:,} of {p['channels_before']:,} "
-            f"channels ({p['params_before']:,} → {p['params_after']:,} parameters), "
-            f"{r['finetune_epochs']} fine-tuning epochs.",
+            how,
             "",
             "```text",
             summary(r["rows"], r["machine"], r["load_average"]),
@@ -63,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from keras_dmr.utils.markdown import replace_section
 
-    for name in DATASETS:
-        new = args.source / f"demo_{name}.json"
+    for name in _names():
+        new = args.source / name
         if new.exists():
             shutil.copyfile(new, DATA / new.name)
             print(f"copied {new} → {DATA / new.name}")

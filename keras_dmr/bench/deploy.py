@@ -34,6 +34,11 @@ ENGINE_NAMES = {
     "openvino": "OpenVINO",
 }
 PRECISIONS = ("float32", "int8")
+# OpenVINO only, on a CPU with native bfloat16 (AVX512-BF16, AMX): the float32 ONNX file run
+# with bfloat16 arithmetic. OpenVINO picks bfloat16 by itself on such a CPU; every other row here
+# pins float32 arithmetic, so that "float32" means it.
+BFLOAT16 = "bfloat16"
+_OPENVINO_HINT = {"float32": "f32", "int8": "f32", BFLOAT16: "bf16"}
 
 
 @dataclass
@@ -86,11 +91,24 @@ def available_engines(engines: Sequence[str] = DEPLOY_ENGINES) -> tuple[str, ...
     return tuple(engines)
 
 
-def _open(engine: str, path: str) -> Callable[[np.ndarray], np.ndarray]:
+def bfloat16_supported() -> bool:
+    """Whether OpenVINO is installed and this CPU computes in bfloat16 natively."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return False
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def _open(engine: str, path: str, precision: str) -> Callable[[np.ndarray], np.ndarray]:
     if engine == "openvino":  # the ONNX file itself, compiled for this CPU
         import openvino as ov
 
-        compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads()})
+        config = {
+            "INFERENCE_NUM_THREADS": threads(),
+            "INFERENCE_PRECISION_HINT": _OPENVINO_HINT[precision],
+        }
+        compiled = ov.Core().compile_model(path, "CPU", config)
         request, logits = compiled.create_infer_request(), compiled.output("logits")
         return lambda images: request.infer({"images": images})[logits]
     if engine == "onnx":
@@ -127,7 +145,8 @@ def export_artifacts(
     """Export every ``forms`` model (form name → model, exported as it is: a residual model
     stays residual) with every one of ``engines`` (default: :func:`available_engines`) and
     ``precisions`` (int8: ONNX Runtime, OpenVINO and LiteRT, calibrated on ``calibration``,
-    uint8 images; OpenVINO runs the ONNX file, ONNX Runtime's int8 QDQ graph included);
+    uint8 images; OpenVINO runs the ONNX file, ONNX Runtime's int8 QDQ graph included;
+    :data:`BFLOAT16`: OpenVINO only, where :func:`bfloat16_supported`);
     returns them opened, in that order; an engine that cannot run its file is an artifact
     with an ``error`` (see :func:`measure`)."""
     engines = available_engines() if engines is None else tuple(engines)
@@ -141,6 +160,8 @@ def export_artifacts(
             for precision in precisions:
                 if precision == "int8" and engine == "saved_model":
                     continue  # TF Serving has no int8 path of its own here
+                if precision == BFLOAT16 and engine != "openvino":
+                    continue
                 log(f"  export {form}: {ENGINE_NAMES[engine]} {precision}")
                 quant = {}
                 if precision == "int8":
@@ -149,7 +170,8 @@ def export_artifacts(
                 if engine == "saved_model":
                     path = saved_model(model, workdir / f"{stem}_savedmodel", **kw)
                 elif engine in ("onnx", "openvino"):
-                    path = workdir / f"{stem}_{precision}.onnx"
+                    onnx_precision = "float32" if precision == BFLOAT16 else precision
+                    path = workdir / f"{stem}_{onnx_precision}.onnx"
                     if not path.exists():  # one file for both runtimes
                         path = onnx(model, path, **kw, **quant)
                 else:
@@ -173,7 +195,7 @@ def _opened(artifact: Artifact, probe: np.ndarray, log: Callable[[str], None]) -
     """``artifact`` with its engine opened and tried on one image; an engine that cannot run
     the file leaves ``predict`` unset and says why in ``error`` (the file is still written)."""
     try:
-        predict = _open(artifact.engine, artifact.path)
+        predict = _open(artifact.engine, artifact.path, artifact.precision)
         predict(probe)
     except _ENGINE_ERRORS as err:
         why = " ".join(str(err).split())[:200] or type(err).__name__

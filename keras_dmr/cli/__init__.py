@@ -122,11 +122,14 @@ def _register_late_commands() -> None:
     COMMANDS.append(
         Command(
             "demo",
-            help="the main job: train, convert, export, time, summarise",
-            description="Train DMRNet-14 and ResNet-20 (resuming checkpoints under --runs), "
-            "rewrite the ResNet as a plain Conv-ReLU network (verified), export it as a "
-            "SavedModel (a new version every run) and as ONNX under --base-dir, time residual "
-            "against plain (Keras, SavedModel, ONNX Runtime) and print a summary table.",
+            help="the main job: train, convert, quantize, export, time, summarise",
+            description="Train a residual network (MobileNetV2 by default; resuming its "
+            "checkpoint under --runs), rewrite it as a plain Conv-ReLU network (verified; "
+            "--family resnet20 also slims it), export both forms to every engine in float32 "
+            "and int8 (SavedModel, ONNX Runtime, LiteRT, OpenVINO when installed), time them "
+            "side by side against the residual Keras model, ship the fastest plain file within "
+            "0.5 accuracy points under --base-dir and print one table with the targets met or "
+            "missed.",
             add_arguments=add_demo_arguments,
             run=run_demo,
         )

@@ -13,17 +13,33 @@ import keras
 
 from keras_dmr.errors import UsageError
 from keras_dmr.layers.blocks import BRANCH_KINDS
-from keras_dmr.models import DMRNet, DMRNeXt, DVANet, ResNet
+from keras_dmr.models import DMRNet, DMRNeXt, DVANet, MobileNetV2, ResNet
 from keras_dmr.utils.archives import CorruptArchiveError, check_keras_archive
 from keras_dmr.utils.arguments import int_at_least as _int_at_least
 
 PROG = "keras-dmr"
+
+
+def _mobilenet_v2(depth: int | None, *, classes: int, compile: bool, width=None, **options):
+    """The RMNet paper's CIFAR MobileNetV2 (plain form: MobileNetV1); ``--width`` is its
+    ``alpha``. It has one depth, so ``depth`` must be None."""
+    if depth is not None:
+        raise ValueError(f"`depth`: mobilenetv2 has a fixed depth; omit it (got {depth})")
+    if options:
+        raise ValueError(f"`{next(iter(options))}` does not apply to mobilenetv2 (only width)")
+    alpha = 1.0 if width is None else width
+    return MobileNetV2(variant="cifar", alpha=alpha, classes=classes, compile=compile)
+
+
 MODELS = {"dmrnet": DMRNet, "dvanet": DVANet, "resnet": ResNet, "dmrnext": DMRNeXt}
+# What `train` builds: the networks of the papers, and the CIFAR MobileNetV2 that RM turns into
+# MobileNetV1 (`paths` and `tune` stay with the merge-and-run family and its ResNet peers).
+TRAIN_MODELS = {**MODELS, "mobilenetv2": _mobilenet_v2}
 DISPLAY = {"dmrnet": "DMRNet", "dvanet": "DVANet", "resnet": "ResNet", "dmrnext": "DMRNeXt"}
 # `train` defaults: small CIFAR-variant nets that train on the bundled digits in minutes on a CPU.
 # ResNet-26 has 12 residual blocks, twice DMRNet-14's 6 merge-and-run blocks, as the paper pairs
 # them (same number of branch layers); DMRNeXt-11 is the smallest DMRNeXt (9n + 2, n = 1).
-TRAIN_DEPTHS = {"dmrnet": 14, "dvanet": 14, "resnet": 26, "dmrnext": 11}
+TRAIN_DEPTHS = {"dmrnet": 14, "dvanet": 14, "resnet": 26, "dmrnext": 11, "mobilenetv2": None}
 # `paths` defaults: the networks of the paper's Fig. 3 (and DMRNeXt-29 of Table 5).
 FIG3 = (("resnet", 38), ("dvanet", 20), ("dmrnet", 20))
 PATHS_DEPTHS = {"dmrnet": 20, "dvanet": 20, "resnet": 38, "dmrnext": 29}
@@ -92,7 +108,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, depth_help: str) ->
     group.add_argument(
         "--width",
         type=_positive_float,
-        help="multiplier of the per-branch widths 16/32/64 (not for dmrnext; default 1)",
+        help="multiplier of the per-branch widths 16/32/64 (not for dmrnext; mobilenetv2: its "
+        "alpha; default 1)",
     )
     group.add_argument(
         "--branch",
@@ -116,9 +133,9 @@ def build_model(
     """
     options = {k: v for k, v in options.items() if v is not None}
     try:
-        return MODELS[model](depth, classes=classes, compile=compile, **options)
+        return TRAIN_MODELS[model](depth, classes=classes, compile=compile, **options)
     except ValueError as e:
-        named = [n for n in options if f"`{n}`" in str(e) or f"'{n}'" in str(e)]
+        named = [n for n in ("depth", *options) if f"`{n}`" in str(e) or f"'{n}'" in str(e)]
         where = f"argument --{named[0]}" if named else f"--model {model}"
         raise UsageError(f"{where}: {e}") from None
 

@@ -11,9 +11,9 @@ import keras
 
 from keras_dmr import data
 from keras_dmr.cli.common import (
-    MODELS,
     RESUME_KEYS,
     TRAIN_DEPTHS,
+    TRAIN_MODELS,
     _add_model_arguments,
     _make_strategy,
     _model_options,
@@ -35,12 +35,18 @@ from keras_dmr.utils.arguments import output_path
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", choices=tuple(MODELS), default="dmrnet", help="network (default: dmrnet)"
+        "--model",
+        choices=tuple(TRAIN_MODELS),
+        default="dmrnet",
+        help="network (default: dmrnet; mobilenetv2: the RMNet paper's CIFAR MobileNetV2, whose "
+        "plain form is MobileNetV1)",
     )
     _add_model_arguments(
         parser,
         depth_help="layers on the longest path: 6n+2 for basic branches, 9n+2 for bottleneck "
-        "and dmrnext (default: " + ", ".join(f"{m} {d}" for m, d in TRAIN_DEPTHS.items()) + ")",
+        "and dmrnext (default: "
+        + ", ".join(f"{m} {d}" for m, d in TRAIN_DEPTHS.items() if d)
+        + "; mobilenetv2 has one depth)",
     )
     group = parser.add_argument_group("training")
     group.add_argument(
@@ -113,7 +119,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     depth = args.depth or TRAIN_DEPTHS[args.model]
-    output = args.output or Path("runs") / f"{args.model}{depth}_{args.dataset}.keras"
+    output = args.output or Path("runs") / f"{args.model}{depth or ''}_{args.dataset}.keras"
     if output.suffix != ".keras":
         raise UsageError(f"argument --output: must end in .keras; got {str(output)!r}")
     config = {**{k: getattr(args, k) for k in RESUME_KEYS}, "depth": depth}

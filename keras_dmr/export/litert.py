@@ -12,6 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_dmr.convert.streams import split_reserved_streams
 from keras_dmr.export.calibration import (
     accuracy_record,
     in_batches,
@@ -57,6 +58,9 @@ def litert(
     ``"float16"`` (weights) or ``"int8"`` (weights and activations, ranges calibrated on
     ``calibration``: up to 512 images in the export's input form, see
     :mod:`keras_dmr.export.calibration`; operators without an int8 kernel stay float).
+    In int8, a plain model's activations that are ReLU on its own channels and identity on
+    the reserved ones (slope-1 PReLU, slow in int8 LiteRT) are split into two convolutions
+    first (:func:`keras_dmr.convert.streams.split_reserved_streams`, same outputs).
     ``evaluation`` (``(images, labels)`` batches in the same form) measures the float32 and the
     quantized file's accuracy with the LiteRT interpreter and stores both in the metadata, a
     JSON entry ``keras_dmr`` of the flatbuffer's metadata (:func:`read_metadata`). Quantization
@@ -67,6 +71,9 @@ def litert(
     check_file_destination(path, ".tflite", overwrite)
     source, exported, logits_model, conversion = prepare(model, plain=plain, tolerance=tolerance)
     check_class_names(class_names, logits_model.outputs[0].shape[-1])
+    streams = 0
+    if quantize == "int8":  # XNNPACK has no int8 PReLU: the reserved channels as their own convs
+        logits_model, streams = split_reserved_streams(logits_model)
     norm = resolve_preprocessing(preprocessing)
     shape = tuple(logits_model.inputs[0].shape[1:])
     images, held_out = quantization_inputs(
@@ -88,7 +95,11 @@ def litert(
             mode=quantize,
             engine="litert",
             calibration=0 if images is None else len(images),
-            details={"converter": "tf.lite.TFLiteConverter", "supported_ops": "TFLITE_BUILTINS"},
+            details={
+                "converter": "tf.lite.TFLiteConverter",
+                "supported_ops": "TFLITE_BUILTINS",
+                "reserved_streams_split": streams,
+            },
             float_run=float_run,
             quant_run=quant_run,
         )
