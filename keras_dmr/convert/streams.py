@@ -4,8 +4,8 @@ RM carries a block's signed input through reserved channels, so a plain MobileNe
 MobileNetV2) ends many convolutions with an activation that is ReLU on the block's own channels and
 identity on the reserved ones (a PReLU with slopes 0 and 1, or ``ChannelwiseReLU``). In int8,
 LiteRT runs such a PReLU far slower than a convolution with its ReLU fused: the int8 plain
-MobileNetV1 (width 0.5, digits) ran at 830 images/s with its 16 PReLUs and 6,200 with them split
-(batch 128, 2 Xeon cores, one run). :func:`split_reserved_streams` rewrites each ``conv →
+MobileNetV1 of ``keras-dmr demo`` ran slower than its residual Keras model with its 16 PReLUs and
+many times faster with them split. :func:`split_reserved_streams` rewrites each ``conv →
 activation`` pair into two convolutions, one per channel block, the first with the ReLU fused, and
 keeps the two streams apart through the depthwise convolution that follows (channel for channel),
 concatenating them only before the next full convolution. The arithmetic is the same; only the
