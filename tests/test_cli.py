@@ -57,59 +57,83 @@ def test_paths_one_model_with_options(tmp_path, capsys):
     assert "DMRNet-8 (K=3)  mean 3.50 ±" in out
 
 
-@pytest.mark.parametrize(
-    ("argv", "named"),
-    [
-        (["train", "--model", "vgg"], "--model"),
-        (["train", "--depth", "9"], "depth"),
-        (["train", "--epochs", "0"], "--epochs"),
-        (["train", "--learning-rate", "-1"], "--learning-rate"),
-        (["train", "--model", "resnet", "--branches", "2"], "--branches"),
-        (["train", "--output", "model.h5"], "--output"),
-        (["train", "--model", "mobilenetv2", "--depth", "20"], "--depth"),
-        (["train", "--model", "mobilenetv2", "--branches", "2"], "--branches"),
-        (["demo", "--family", "vgg"], "--family"),
-        (["demo", "--finetune-epochs", "1"], "--family resnet20"),
-        (["demo", "--family", "mobilenetv2", "--prune-threshold", "0.01"], "--family resnet20"),
-        (["paths", "--depth", "20"], "--depth"),
-        (["paths", "--model", "dvanet", "--depth", "21"], "depth"),
-        (["convolve"], "convolve"),
-        ([], "COMMAND"),
-    ],
-)
-def test_bad_arguments_exit_2_with_a_message(argv, named, tmp_path, monkeypatch, capsys):
+OUTPUT_ARGUMENTS = [  # every argument the commands write to; BAD is the path under test
+    (["train", "--output", "BAD/model.keras"], "--output"),
+    (["paths", "--output", "BAD/paths.png"], "--output"),
+    (["convert", "in.keras", "BAD/out.keras"], "OUT"),
+    (["export", "in.keras", "--name", "m", "--base-dir", "BAD"], "--base-dir"),
+    (["tune", "--directory", "BAD/tune"], "--directory"),
+    (["tune", "--output", "BAD/best.keras"], "--output"),
+    (["prune", "in.keras", "--ratio", "0.5", "--output", "BAD/p.keras"], "--output"),
+    (["demo", "--runs", "BAD"], "--runs"),
+    (["demo", "--base-dir", "BAD/savedmodels"], "--base-dir"),
+    (["bench", "--output-dir", "BAD/bench"], "--output-dir"),
+]
+# Where a file cannot go, and the reason the error must give. As root, permission bits refuse
+# nothing, so the unwritable places are pseudo-filesystems: /proc takes no new files, /sys
+# refuses them.
+BAD_PLACES = {
+    "file in the way": ("blocker", "not a directory"),
+    "missing parent under /proc": ("/proc/keras-dmr-nope/deeper", "cannot create files in /proc"),
+    "/proc": ("/proc", "cannot create files in /proc"),
+    "unwritable": ("/sys", "cannot create files in /sys"),
+}
+
+
+def _output_arguments(parser) -> set[tuple[str, str]]:
+    """(command, argument) of every argument whose type is ``utils.arguments.output_path``."""
+    found = set()
+    for action in parser._subparsers._group_actions[0].choices.items():
+        name, sub = action
+        for arg in sub._actions:
+            if getattr(arg.type, "output_kind", None):
+                found.add((name, arg.option_strings[0] if arg.option_strings else arg.metavar))
+    return found
+
+
+def test_output_argument_table_covers_every_command():
+    listed = {(argv[0], named) for argv, named in OUTPUT_ARGUMENTS}
+    assert _output_arguments(cli.make_parser()) == listed
+
+
+@pytest.mark.parametrize("place", BAD_PLACES)
+@pytest.mark.parametrize(("argv", "named"), OUTPUT_ARGUMENTS, ids=lambda v: " ".join(v[:1]))
+def test_unwritable_outputs_are_refused_before_any_work(
+    argv, named, place, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("a file where a folder is needed")
+    bad, reason = BAD_PLACES[place]
+    assert cli.main([a.replace("BAD", bad) for a in argv]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    err = captured.err.split("keras-dmr: error: ")[1]
+    assert err.startswith(f"argument {named}: ")
+    assert reason in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["blocker"]
+
+
+@pytest.mark.parametrize("command", ["convert", "export", "prune"])
+@pytest.mark.parametrize("checkpoint", ["missing.keras", "/proc/keras-dmr-nope/m.keras", "."])
+def test_unreadable_checkpoints_are_refused(command, checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = {
+        "convert": ["convert", checkpoint, "out.keras"],
+        "export": ["export", checkpoint, "--name", "m"],
+        "prune": ["prune", checkpoint, "--ratio", "0.5", "--output", "p.keras"],
+    }[command]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert "keras-dmr: error: " in err and named in err.split("keras-dmr: error: ")[1]
     assert "Traceback" not in err
+    assert err.startswith("keras-dmr: error: argument CHECKPOINT: ")
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize(
-    ("argv", "named"),
-    [
-        (["train", "--output", "blocker/model.keras"], "--output"),
-        (["paths", "--output", "blocker/paths.png"], "--output"),
-        (["convert", "in.keras", "blocker/out.keras"], "OUT"),
-        (["convert", "in.keras", "."], "OUT"),  # a directory where a file goes
-        (["export", "in.keras", "--name", "m", "--base-dir", "blocker"], "--base-dir"),
-        (["tune", "--directory", "blocker/tune"], "--directory"),
-        (["tune", "--output", "blocker/best.keras"], "--output"),
-        (["prune", "in.keras", "--ratio", "0.5", "--output", "blocker/p.keras"], "--output"),
-        (["demo", "--runs", "blocker"], "--runs"),
-        (["demo", "--base-dir", "blocker/savedmodels"], "--base-dir"),
-        (["bench", "--output-dir", "blocker/bench"], "--output-dir"),
-    ],
-)
-def test_unwritable_outputs_are_refused_before_any_work(argv, named, tmp_path, monkeypatch, capsys):
+def test_directory_in_the_way_of_a_file_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "blocker").write_text("a file where a folder is needed")
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.split("keras-dmr: error: ")[1]
-    assert err.startswith(f"argument {named}: ")
-    assert "not a directory" in err or "is a directory" in err
-    assert [p.name for p in tmp_path.iterdir()] == ["blocker"]
+    assert cli.main(["convert", "in.keras", "."]) == 2
+    assert "argument OUT: . is a directory" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from keras_dmr.data import SUPPORTED, DatasetInfo, dataset_info, load, load_digits_arrays
-from keras_dmr.data.datasets import augment_image
+from keras_dmr.data.datasets import DatasetUnavailableError, augment_image
 
 TFDS_NAMES = ("cifar10", "cifar100", "svhn_cropped")
 PAD = 4
@@ -387,6 +387,72 @@ def test_cifar_augmentation_flips_some_images(name):
 def test_svhn_augmentation_never_flips():
     kinds = _flip_kinds("svhn_cropped")
     assert kinds == ["plain"] * len(kinds)
+
+
+# ------------------------------------------------------------ TFDS for real, up to the network
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Every host name fails to resolve (recorded), and TFDS does not retry: a download gets
+    exactly as far as the network, whatever network this machine has."""
+    import socket
+
+    from tensorflow_datasets.core.download import downloader
+
+    hosts: list[str] = []
+
+    def no_network(host, *args, **kwargs):
+        hosts.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "offline (test)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(downloader, "MAX_RETRIES", 0)
+    return hosts
+
+
+def test_tfds_download_path_reaches_the_network(offline, tmp_path):
+    # Not mocked: TFDS' own download path, which imports importlib_resources through etils (a
+    # ModuleNotFoundError here means the `data` extra lacks what TFDS needs).
+    with pytest.raises(OSError) as exc:  # requests' ConnectionError is an OSError
+        tfds.load("cifar10", data_dir=str(tmp_path))
+    assert not isinstance(exc.value, ImportError)
+    assert "toronto" in " ".join(offline), offline
+
+
+def test_load_offline_says_the_download_failed(offline, tmp_path):
+    with pytest.raises(DatasetUnavailableError) as exc:
+        load("cifar10", "test", data_dir=str(tmp_path))
+    message = str(exc.value)
+    assert "could not be downloaded" in message and "ConnectionError" in message
+    assert str(tmp_path) in message
+
+
+def test_load_missing_tfds_dependency_is_not_called_a_download_failure(tmp_path):
+    missing = ModuleNotFoundError("No module named 'importlib_resources'")
+    missing.name = "importlib_resources"
+    with mock.patch.object(tfds, "load", side_effect=missing):
+        with pytest.raises(DatasetUnavailableError) as exc:
+            load("cifar100", "train", data_dir=str(tmp_path))
+    message = str(exc.value)
+    assert "'importlib_resources'" in message and "keras-dmr[data]" in message
+    assert "download" not in message
+
+
+@pytest.mark.parametrize("name", TFDS_NAMES)
+def test_dmrnet_fits_one_step_on_a_mocked_tfds_pipeline(name):
+    import keras
+
+    from keras_dmr import DMRNet
+
+    info = dataset_info(name)
+    keras.utils.set_random_seed(0)
+    with tfds.testing.mock_data(num_examples=8):
+        ds = load(name, "train", batch_size=8)
+        model = DMRNet(depth=8, input_shape=info.image_shape, classes=info.num_classes)
+        history = model.fit(ds, epochs=1, steps_per_epoch=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert model.optimizer.iterations.numpy() == 1
 
 
 # --------------------------------------------------------------------------- invalid arguments

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from keras_dmr.analysis.flops import count_flops
+from keras_dmr.bench.engines import available_engines
 from keras_dmr.export import litert, onnx, saved_model
 from keras_dmr.export.litert import interpreter
 from keras_dmr.export.serving import resolve_preprocessing
@@ -81,16 +82,6 @@ def keras_artifact(model: keras.Model, form: str, preprocessing) -> Artifact:
     return Artifact(form, "keras", "float32", model.count_params(), count_flops(model), predict)
 
 
-def available_engines(engines: Sequence[str] = DEPLOY_ENGINES) -> tuple[str, ...]:
-    """``engines`` without OpenVINO when the ``openvino`` package is not installed (the others
-    come with the ``export`` extra)."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return tuple(e for e in engines if e != "openvino")
-    return tuple(engines)
-
-
 def bfloat16_supported() -> bool:
     """Whether OpenVINO is installed and this CPU computes in bfloat16 natively."""
     try:
@@ -112,11 +103,7 @@ def _open(engine: str, path: str, precision: str) -> Callable[[np.ndarray], np.n
         request, logits = compiled.create_infer_request(), compiled.output("logits")
         return lambda images: request.infer({"images": images})[logits]
     if engine == "onnx":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads()
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session = onnx.onnx_session(path, threads(), cpu_only=True)
         return lambda images: session.run(["logits"], {"images": images})[0]
     if engine == "litert":
         runner = interpreter(path, threads()).get_signature_runner("serving_default")
@@ -149,7 +136,7 @@ def export_artifacts(
     :data:`BFLOAT16`: OpenVINO only, where :func:`bfloat16_supported`);
     returns them opened, in that order; an engine that cannot run its file is an artifact
     with an ``error`` (see :func:`measure`)."""
-    engines = available_engines() if engines is None else tuple(engines)
+    engines = available_engines(DEPLOY_ENGINES) if engines is None else tuple(engines)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     out = []

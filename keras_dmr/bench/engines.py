@@ -17,7 +17,7 @@ host array, so on a GPU its figure includes the copy of the batch to the device.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import keras
@@ -40,38 +40,51 @@ def engine_label(engine: str, backend: str = "tensorflow") -> str:
     return ENGINE_LABELS[engine]
 
 
-def available_engines() -> tuple[str, ...]:
-    """The engines this process can run: all four on TensorFlow (exports need tf2onnx and
-    ONNX Runtime for ``onnx``); on another backend only ``keras``, its compiled call."""
+# What each engine needs besides Keras: every exported form is written through TensorFlow
+# (the deploy section's OpenVINO row runs the ONNX file, so it needs tf2onnx too).
+_ENGINE_NEEDS = {
+    "keras": (),
+    "xla": ("tensorflow",),
+    "saved_model": ("tensorflow",),
+    "onnx": ("tensorflow", "tf2onnx", "onnxruntime"),
+    "litert": ("tensorflow",),  # ai_edge_litert's interpreter, else TensorFlow's
+    "openvino": ("tensorflow", "tf2onnx", "openvino"),
+}
+
+
+def available_engines(engines: Sequence[str] = ENGINES) -> tuple[str, ...]:
+    """The engines among ``engines`` that this process can run, in their order: the benchmark's
+    (:data:`ENGINES`) by default, or the deploy section's.
+
+    Args:
+        engines: names among ``keras``, ``xla``, ``saved_model``, ``onnx``, ``litert`` and
+            ``openvino``.
+
+    Returns:
+        Those whose packages are installed; on a backend other than TensorFlow only ``keras``
+        (its compiled call), since every other engine runs a TensorFlow export.
+    """
     import importlib.util
 
-    if keras.backend.backend() != "tensorflow":
-        return ("keras",)
-    engines = ["keras", "xla", "saved_model"]
-    if all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnxruntime")):
-        engines.append("onnx")
-    return tuple(engines)
-
-
-def onnx_providers() -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    preferred = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    return [p for p in preferred if p in available] or available
+    unknown = [e for e in engines if e not in _ENGINE_NEEDS]
+    if unknown:
+        raise ValueError(f"unknown engines {unknown}; valid: {sorted(_ENGINE_NEEDS)}")
+    on_tensorflow = keras.backend.backend() == "tensorflow"
+    return tuple(
+        e
+        for e in engines
+        if all(
+            on_tensorflow if m == "tensorflow" else importlib.util.find_spec(m) is not None
+            for m in _ENGINE_NEEDS[e]
+        )
+    )
 
 
 def onnx_session(path: str | Path):
-    """An ONNX Runtime session with all graph optimisations; denormals flushed to zero as
-    TensorFlow does on CPU, so neither framework is slowed by them. ONNX Runtime sets that on
-    the calling thread and leaves it set: later float code in the same process sees denormals
-    as zero (hypothesis, for one, then refuses to draw subnormal floats)."""
-    import onnxruntime as ort
+    """:func:`keras_dmr.export.onnx.onnx_session` of ``path`` (CUDA first where installed)."""
+    from keras_dmr.export.onnx import onnx_session as session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.set_denormal_as_zero", "1")
-    return ort.InferenceSession(str(path), options, providers=onnx_providers())
+    return session(path)
 
 
 class EngineError(RuntimeError):

@@ -204,6 +204,7 @@ def _prune(resnet, args, train) -> tuple:
 def run_demo(args: argparse.Namespace) -> int:
     from keras_dmr import data
     from keras_dmr.bench import deploy
+    from keras_dmr.bench.engines import available_engines
     from keras_dmr.cli import common as cli
     from keras_dmr.cli import main as keras_dmr_command
     from keras_dmr.convert import to_plain
@@ -273,7 +274,7 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     labelled = _uint8_batches(args.dataset, args.data_dir, "test", 128)
     images = np.concatenate([x for x, _ in labelled])[:128]
-    engines = deploy.available_engines(MEASURED_ENGINES)
+    engines = available_engines(MEASURED_ENGINES)
     precisions = deploy.PRECISIONS + ((deploy.BFLOAT16,) if deploy.bfloat16_supported() else ())
     with tempfile.TemporaryDirectory(prefix="keras_dmr_demo_") as tmp:
         exported = deploy.export_artifacts(

@@ -46,10 +46,13 @@ GLOBAL_POOLS = {
 
 @dataclasses.dataclass
 class Linear:
-    """A convolution (dense float64 kernel, bias) and the activation the layer applies after."""
+    """A convolution (dense float64 kernel, bias) and the activation the layer applies after;
+    ``pre`` is a linear convolution the layer applies first (a SeparableConv2D's depthwise
+    part, whose padding and strides are the layer's, ``op`` then being its 1×1 pointwise part)."""
 
     op: ConvOp
     act: Callable[[int], Act] | None = None
+    pre: ConvOp | None = None
 
 
 @dataclasses.dataclass
@@ -85,6 +88,15 @@ class Pool:
 @dataclasses.dataclass
 class GlobalPool:
     kind: str
+    keepdims: bool = False
+
+
+@dataclasses.dataclass
+class Reshape:
+    """A reshape to ``target`` (without the batch axis): understood where it only adds or drops
+    unit axes around pooled channels."""
+
+    target: tuple
 
 
 @dataclasses.dataclass
@@ -130,6 +142,7 @@ Element = (
     | Dense
     | OutputActivation
     | Flatten
+    | Reshape
     | Identity
     | Add
     | Block
@@ -222,6 +235,36 @@ def _conv(layer, node) -> Linear:
     return Linear(op, activation_named(name, node))
 
 
+def _separable_conv(layer, node) -> Linear:
+    """SeparableConv2D: a depthwise convolution (the layer's strides and padding, no bias), then
+    a 1×1 pointwise convolution with the bias and the activation."""
+    _channels_last(layer, node)
+    if tuple(layer.dilation_rate) != (1, 1):
+        raise refuse(node, "dilated convolutions are not supported")
+    if layer.strides[0] != layer.strides[1]:
+        raise refuse(node, f"non-square strides {tuple(layer.strides)} are not supported")
+    w = layer.get_weights()
+    depthwise, pointwise = w[0], w[1]
+    bias = w[2] if layer.use_bias else None
+    try:
+        kernel = depthwise_kernel(depthwise)
+    except ConversionError as err:
+        raise refuse(node, str(err)) from None
+    padding = "same" if layer.padding == "same" else ((0, 0), (0, 0))
+    pre = conv_bn_op(
+        kernel,
+        None,
+        epsilon=1e-5,
+        strides=int(layer.strides[0]),
+        groups=depthwise.shape[2],
+        padding=padding,
+        name=f"{layer.name}_depthwise",
+    )
+    op = conv_bn_op(pointwise, None, epsilon=1e-5, bias=bias, name=layer.name)
+    name = keras.activations.serialize(layer.activation)
+    return Linear(op, activation_named(name, node), pre=pre)
+
+
 def _numpy(variable) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(variable), np.float64)
 
@@ -280,6 +323,14 @@ def _layer(layer, node) -> Element:
         )
     if isinstance(layer, IDENTITIES):
         return Identity()
+    if isinstance(layer, keras.layers.SeparableConv2D):
+        if type(layer).call is not keras.layers.SeparableConv2D.call:
+            raise refuse(
+                node,
+                "a SeparableConv2D subclass with its own `call`",
+                "Give it a `plain_ops(ctx)` method that says what it computes",
+            )
+        return _separable_conv(layer, node)
     if isinstance(layer, keras.layers.DepthwiseConv2D | keras.layers.Conv2D):
         base = (
             keras.layers.DepthwiseConv2D
@@ -316,12 +367,12 @@ def _layer(layer, node) -> Element:
         return _pool(layer, node)
     for cls, kind in GLOBAL_POOLS.items():
         if isinstance(layer, cls):
-            if getattr(layer, "keepdims", False):
-                raise refuse(node, "keepdims=True is not supported")
             _channels_last(layer, node)
-            return GlobalPool(kind)
+            return GlobalPool(kind, bool(getattr(layer, "keepdims", False)))
     if isinstance(layer, keras.layers.Flatten):
         return Flatten()
+    if isinstance(layer, keras.layers.Reshape):
+        return Reshape(tuple(layer.target_shape))
     if isinstance(layer, keras.layers.Dense):
         return _dense(layer, node)
     if isinstance(layer, keras.layers.Add):
@@ -329,7 +380,7 @@ def _layer(layer, node) -> Element:
     raise refuse(
         node,
         "cannot be converted: it is not a convolution, BatchNormalization, Rescaling, "
-        "ReLU-family activation, padding, pooling, Flatten, Dense, Dropout or Add layer, "
+        "ReLU-family activation, padding, pooling, Flatten, Reshape, Dense, Dropout or Add layer, "
         "nor a block that answers `plain_ops`",
         "Convert the parts around it, or give the layer a `plain_ops(ctx)` method "
         "(docs/architecture.md)",

@@ -143,7 +143,7 @@ def build_model(
     for op, groups in order_channels(fuse_linear_pairs(ops)):
         if isinstance(op, ConvOp):
             op = dataclasses.replace(op, name=unique(op.name))
-            if op.padding != "same":
+            if op.padding != "same" and op.padding != ((0, 0), (0, 0)):
                 x = keras.layers.ZeroPadding2D(
                     op.padding, name=unique(f"{op.name}_pad"), dtype=dtype
                 )(x)

@@ -11,7 +11,9 @@ rewrites the pair. Anything else raises :class:`ConversionError` naming the node
 
 Cannot: a branch that forks again (a block inside a branch), two branches with convolutions
 (only the package's own blocks have those), concatenations, gating (squeeze-excitation),
-anything after the global pooling but a dense head.
+anything after the global pooling but a dense head (a 1×1 convolution on a keepdims pooling and
+reshapes of the pooled channels count as one), a Flatten of a spatial map followed by anything but
+a Dense layer.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class Chain:
         self.pooled = pooled
         self.options = options
         self.pending: tuple[Node, el.Padding] | None = None
+        self.keepdims = False  # pooled, and the tensor is still a 1×1 map (a conv head reads it)
+        self.flattened: Node | None = None  # a Flatten of a spatial map, awaiting its Dense
 
     # -- helpers
     def last(self):
@@ -106,6 +110,12 @@ class Chain:
         if isinstance(element, el.Identity):
             report.passed.append(node.name)
             return
+        if self.flattened is not None and not isinstance(element, el.Dense):
+            raise el.refuse(
+                node,
+                f"follows {self.flattened.describe()}, which flattens a spatial map; only a "
+                "Dense layer is understood there",
+            )
         if isinstance(element, el.Padding):
             if self.pooled:
                 raise el.refuse(node, "padding after global pooling")
@@ -132,37 +142,85 @@ class Chain:
             if self.pooled:
                 raise el.refuse(node, "global pooling twice")
             self.ops.append(GlobalPoolOp(element.kind, node.name))
-            self.pooled = True
+            self.pooled, self.keepdims = True, element.keepdims
             return
+        if isinstance(element, el.Reshape):
+            return self._reshape(node, element, report)
         if isinstance(element, el.Flatten):
-            if not self.pooled and self.hw == (1, 1):  # one pixel: the flattening is a pooling
-                self.ops.append(GlobalPoolOp("avg", node.name))
-                self.pooled = True
-                return
-            if not self.pooled:
-                raise el.refuse(
-                    node, "Flatten is only understood after global pooling (or of one pixel)"
-                )
-            report.passed.append(node.name)
-            return
+            return self._flatten(node, report)
         if isinstance(element, el.Dense):
             return self._dense(node, element)
         if isinstance(element, el.Block):
             return self._block(node, element.layer, report)
         raise el.refuse(node, "an addition here does not close a residual block")  # el.Add
 
+    def _reshape(self, node: Node, element: el.Reshape, report) -> None:
+        last = self.last()
+        c = last.kernel.shape[1] if isinstance(last, DenseOp) else self.c
+        if not self.pooled or element.target not in ((c,), (1, 1, c)):
+            raise el.refuse(
+                node,
+                f"a Reshape to {element.target} is only understood on pooled channels, to "
+                f"({c},) or (1, 1, {c})",
+            )
+        self.keepdims = len(element.target) == 3
+        report.passed.append(node.name)
+
+    def _flatten(self, node: Node, report) -> None:
+        if self.pooled:
+            self.keepdims = False
+            report.passed.append(node.name)
+            return
+        if self.hw == (1, 1):  # one pixel: the flattening is a pooling
+            self.ops.append(GlobalPoolOp("avg", node.name))
+            self.pooled = True
+            return
+        if self.hw is None or None in self.hw:
+            raise el.refuse(
+                node,
+                "flattens a map of unknown height and width",
+                "Build the model with a fixed input size",
+            )
+        self.flattened = node  # the Dense after it reads the whole map: a convolution
+        report.passed.append(node.name)
+
     def _linear(self, node: Node, element: el.Linear) -> None:
         if self.pooled:
-            raise el.refuse(node, "a convolution after global pooling")
-        padding, value = self._take_padding(node, element.op.padding, "a convolution")
+            return self._head_conv(node, element)
+        first = element.pre or element.op  # the convolution that meets the input
+        padding, value = self._take_padding(node, first.padding, "a convolution")
         if value != 0.0:
             raise el.refuse(node, f"a convolution after padding with {value}")
-        if padding == ((0, 0), (0, 0)) and element.op.kernel_size == (1, 1):
-            padding = "same"  # a 1×1 convolution pads nothing either way
-        op = dataclasses.replace(element.op, padding=padding)
+        op = element.op
+        if element.pre is not None:  # SeparableConv2D: depthwise with the layer's geometry
+            self.append(dataclasses.replace(element.pre, padding=self._unpad(element.pre, padding)))
+            padding = "same"
+        op = dataclasses.replace(op, padding=self._unpad(op, padding))
         if element.act is not None:
             op.act = element.act(op.c_out)
         self.append(op)
+
+    @staticmethod
+    def _unpad(op: ConvOp, padding):
+        # a 1×1 convolution pads nothing either way
+        return "same" if padding == ((0, 0), (0, 0)) and op.kernel_size == (1, 1) else padding
+
+    def _head_conv(self, node: Node, element: el.Linear) -> None:
+        """A convolution on the 1×1 map of a keepdims pooling (keras.applications.MobileNet's
+        head) is a Dense layer: the one tap that reads the pixel."""
+        if not self.keepdims:
+            raise el.refuse(node, "a convolution after global pooling")
+        op = element.op
+        if element.pre is not None or op.padding != "same" and op.kernel_size != (1, 1):
+            raise el.refuse(node, "only a 1×1 or 'same' convolution is understood after pooling")
+        top, left = ((k - 1) // 2 for k in op.kernel_size)  # the tap 'same' padding centres
+        activation = None
+        if element.act is not None:
+            act = element.act(op.c_out)
+            if not (np.all(act.slope == 0) and np.all(np.isinf(act.cap))):
+                raise el.refuse(node, "only ReLU is understood after a convolution on pooled data")
+            activation = "relu"
+        self._dense(node, el.Dense(op.kernel[top, left], op.bias, activation))
 
     def _pool(self, node: Node, element: el.Pool) -> None:
         if self.pooled:
@@ -223,6 +281,8 @@ class Chain:
         self.append(op)
 
     def _dense(self, node: Node, element: el.Dense) -> None:
+        if self.flattened is not None:
+            return self._flattened_dense(node, element)
         if not self.pooled:
             raise el.refuse(node, "a Dense layer must follow global pooling (or Flatten after it)")
         op = DenseOp(element.kernel, element.bias, element.activation, node.name)
@@ -233,6 +293,26 @@ class Chain:
             )
             self.ops.pop()
         self.ops.append(op)
+
+    def _flattened_dense(self, node: Node, element: el.Dense) -> None:
+        """Flatten of an H×W×C map, then Dense: a 'valid' H×W convolution to a 1×1 map (Keras
+        flattens channels-last row-major, so the kernel is the Dense kernel reshaped), pooled."""
+        h, w = self.hw
+        self.flattened = None
+        if element.kernel.shape[0] != h * w * self.c:
+            raise el.refuse(node, f"reads {element.kernel.shape[0]} features, not {h}×{w}×{self.c}")
+        kernel = element.kernel.reshape(h, w, self.c, -1)
+        act = None
+        if element.activation == "relu":
+            act = Act(np.zeros(kernel.shape[-1]), np.full(kernel.shape[-1], np.inf))
+        self.append(ConvOp(kernel, element.bias, act=act, padding=((0, 0), (0, 0)), name=node.name))
+        self.ops.append(GlobalPoolOp("avg", f"{node.name}_pixel"))
+        self.pooled = True
+        if act is None and element.activation is not None:  # softmax & co.: on an identity Dense
+            identity = np.eye(kernel.shape[-1])
+            self.ops.append(
+                DenseOp(identity, np.zeros(len(identity)), element.activation, f"{node.name}_out")
+            )
 
     def _block(self, node: Node, layer, report) -> None:
         ctx = PlainContext(
@@ -347,7 +427,9 @@ class GraphWalker:
             sub = Chain(chain.hw, chain.nonnegative, self.options, chain.c)
             for node in nodes:
                 element = self.element(node)
-                if isinstance(element, el.Block | el.GlobalPool | el.Dense | el.Flatten):
+                if isinstance(
+                    element, el.Block | el.GlobalPool | el.Dense | el.Flatten | el.Reshape
+                ):
                     raise el.refuse(node, "is not understood inside a residual branch")
                 sub.apply(node, element, self.report)
             sub.finish()

@@ -215,6 +215,12 @@ def _tfds_source(name, tfds_split, *, shuffle, data_dir, seed):
             shuffle_files=shuffle,
             read_config=tfds.ReadConfig(shuffle_seed=seed),
         )
+    except ImportError as err:  # TFDS' own dependencies, not the network
+        raise DatasetUnavailableError(
+            f"dataset {name!r} cannot be prepared: TensorFlow Datasets needs the module "
+            f"{err.name or str(err)!r}, which is not installed (`pip install "
+            '"keras-dmr[data]"` installs what TFDS needs)'
+        ) from None
     except Exception as err:  # TFDS raises many kinds (download, missing files, DNS)
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         hint = (

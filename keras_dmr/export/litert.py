@@ -30,6 +30,7 @@ from keras_dmr.export.serving import (
 )
 from keras_dmr.layers.conv import split_grouped_convolutions
 from keras_dmr.utils.files import atomic_output
+from keras_dmr.utils.native import native_output_to_log
 
 QUANTIZE = (None, "float16", "int8")
 METADATA_NAME = "keras_dmr"
@@ -163,15 +164,16 @@ def _convert(saved: str, name: str, quantize: str | None, images: np.ndarray | N
     elif quantize == "int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([b] for b in in_batches(images, 1))
-    try:
-        blob = converter.convert()
-    except Exception as err:  # the converter raises ConverterError and others, with MLIR text
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:400]
-        raise ExportError(
-            f"model {name!r}: the LiteRT converter failed ({type(err).__name__}: "
-            f"{first}); only builtin LiteRT operators are emitted, so a layer without one "
-            "cannot be exported"
-        ) from None
+    with native_output_to_log("litert-converter") as log:
+        try:
+            blob = converter.convert()
+        except Exception as err:  # the converter raises ConverterError and others, with MLIR text
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:400]
+            raise ExportError(
+                f"model {name!r}: the LiteRT converter failed ({type(err).__name__}: "
+                f"{first}); only builtin LiteRT operators are emitted, so a layer without one "
+                f"cannot be exported (the converter's own output: {log})"
+            ) from None
     non_builtin = [name for name in operator_names(blob) if name.startswith(("CUSTOM", "Flex"))]
     if non_builtin:
         raise ExportError(

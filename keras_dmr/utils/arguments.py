@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,14 +27,23 @@ def int_at_least(low: int) -> Callable[[str], int]:
 
 def directory_problem(directory: Path) -> str | None:
     """Why files cannot be written under ``directory`` (checking the nearest existing parent when
-    it does not exist yet), or None when they can."""
+    it does not exist yet), or None when they can.
+
+    Writability is probed by creating (and removing) an empty file there: permission bits say
+    nothing to root, and pseudo-filesystems (``/proc``, ``/sys``) or read-only mounts refuse
+    files whatever ``os.access`` answers.
+    """
     existing = Path(directory)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         return f"{existing} exists and is not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".keras-dmr-probe-", dir=existing)
+    except OSError as err:
+        return f"cannot create files in {existing} ({err.strerror or type(err).__name__})"
+    os.close(fd)
+    os.unlink(probe)
     return None
 
 
@@ -53,6 +63,7 @@ def output_path(kind: str) -> Callable[[str], Path]:
             raise argparse.ArgumentTypeError(problem)
         return path
 
+    parse.output_kind = kind  # lets the tests find every output path argument
     return parse
 
 
