@@ -233,6 +233,19 @@ def ordering(chosen: dict[str, list[dict]], claim: list[str]) -> str:
     )
 
 
+def trained_labels(runs: dict, protocol: dict) -> list[str]:
+    """Every model label with a run under ``protocol``, in the order the runs were recorded
+    (the runs JSON is shared by the studies, so this spans all of them)."""
+    suffix = f"|{protocol_key(protocol)}"
+    labels = [key.split("|seed=")[0] for key in runs if key.endswith(suffix)]
+    return list(dict.fromkeys(labels))
+
+
+def conversion_section(runs: dict, protocol: dict) -> str:
+    """The residual-against-plain section of docs/studies.md: every study's trained models."""
+    return conversion_table(select(runs, trained_labels(runs, protocol), protocol))
+
+
 def conversion_table(chosen: dict[str, list[dict]]) -> str:
     """Residual against plain accuracy of every trained run, differing predictions explained."""
     lines = [

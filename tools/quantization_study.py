@@ -158,7 +158,7 @@ def trained(label: str, protocol: dict, train, checkpoints: Path):
 def _export(engine: str, model, path: Path, protocol: dict, calibration, test) -> dict:
     """Export ``model`` as it is to int8 and read back the accuracies the runtime measured."""
     from keras_dmr import export
-    from keras_dmr.export.serving import read_metadata
+    from keras_dmr.export.readers import read_metadata
 
     exporter = export.onnx if engine == "onnx" else export.litert
     start = time.monotonic()

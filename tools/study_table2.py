@@ -26,7 +26,7 @@ CLAIM = ["DMRNet-14", "DVANet-14", "ResNet-26"]
 def sections(runs: dict, protocol: dict) -> dict[str, str]:
     """The generated sections of docs/studies.md this study writes, from the runs JSON."""
     table = fs.study_section(runs, LABELS, PAPER, CLAIM, protocol)
-    return {"table2": table, "conversion-accuracy": conversion_section(runs, protocol)}
+    return {"table2": table, "conversion-accuracy": fs.conversion_section(runs, protocol)}
 
 
 def write_docs(runs: dict, protocol: dict, docs: Path) -> None:
@@ -34,13 +34,6 @@ def write_docs(runs: dict, protocol: dict, docs: Path) -> None:
     chosen = fs.select(runs, LABELS, protocol)
     if any(chosen.values()):
         fs.bar_plot(chosen, docs / "study_table2.png", "Table 2 on Fashion-MNIST")
-
-
-def conversion_section(runs: dict, protocol: dict) -> str:
-    from tools import study_table7
-
-    labels = list(dict.fromkeys(LABELS + study_table7.LABELS))
-    return fs.conversion_table(fs.select(runs, labels, protocol))
 
 
 def main(argv=None) -> int:

@@ -31,12 +31,10 @@ CLAIM = ["DMRNet-14", "Identity-14, shared conv0/classifier"]
 
 def sections(runs: dict, protocol: dict) -> dict[str, str]:
     """The generated sections of docs/studies.md this study writes, from the runs JSON."""
-    from tools import study_table2
-
     table = fs.study_section(runs, LABELS, PAPER, CLAIM, protocol)
     return {
         "table7": table,
-        "conversion-accuracy": study_table2.conversion_section(runs, protocol),
+        "conversion-accuracy": fs.conversion_section(runs, protocol),
     }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_dmr.utils import keras_internals
+
 
 def _macs(layer, output_shape) -> int:
     if isinstance(layer, keras.layers.DepthwiseConv2D):
@@ -27,10 +29,10 @@ def count_flops_of_layers(model: keras.Model) -> int | None:
     total = 0
     counted = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
     top = set(map(id, model.layers))
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in keras_internals.all_layers(model):
         if not isinstance(layer, counted):
             continue
-        if id(layer) not in top or len(layer._inbound_nodes) != 1:
+        if id(layer) not in top or len(keras_internals.call_sites(layer)) != 1:
             return None
         shape = tuple(layer.output.shape)
         if any(s is None for s in shape[1:]):
@@ -64,11 +66,7 @@ def count_flops(model: keras.Model, input_shape: tuple | None = None) -> int:
             f"`input_shape` is required: model {model.name!r} has an unknown input size {shape}"
         )
     counted = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
-    leaves = [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, counted)
-    ]
+    leaves = [layer for layer in keras_internals.all_layers(model) if isinstance(layer, counted)]
     total = 0
 
     def wrap(layer, call):

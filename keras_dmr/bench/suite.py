@@ -24,6 +24,7 @@ import numpy as np
 from keras_dmr.bench import conversion, deploy, zoo
 from keras_dmr.bench.engines import ENGINES, available_engines, runner
 from keras_dmr.bench.targets import evaluate_targets
+from keras_dmr.utils import keras_internals
 from keras_dmr.utils.timing import (
     default_device,
     inference_fn,
@@ -187,7 +188,7 @@ def activation_bytes(model: keras.Model) -> int | None:
 
 def is_dense(model: keras.Model) -> bool:
     """Whether every convolution is dense (no groups, no depthwise)."""
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in keras_internals.all_layers(model):
         if isinstance(layer, keras.layers.DepthwiseConv2D):
             return False
         if isinstance(layer, keras.layers.Conv2D) and layer.groups != 1:

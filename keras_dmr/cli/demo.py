@@ -206,7 +206,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from keras_dmr.bench import deploy
     from keras_dmr.bench.engines import available_engines
     from keras_dmr.cli import common as cli
-    from keras_dmr.cli import main as keras_dmr_command
+    from keras_dmr.cli.train import train_command
     from keras_dmr.convert import to_plain
     from keras_dmr.errors import UsageError
     from keras_dmr.utils.timing import load_average, machine_description
@@ -240,7 +240,7 @@ def run_demo(args: argparse.Namespace) -> int:
         f"images), {how}",
         flush=True,
     )
-    if keras_dmr_command(argv) != 0:
+    if train_command(argv) != 0:
         return 2
     residual = cli.load_checkpoint(checkpoint)
 

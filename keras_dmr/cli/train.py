@@ -117,6 +117,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def train_command(argv: list[str]) -> int:
+    """``keras-dmr train ARGV`` in this process (the demo's training step), without going
+    through the top-level parser; usage errors raise :class:`UsageError` to the caller's."""
+    parser = argparse.ArgumentParser(prog="keras-dmr train")
+    add_train_arguments(parser)
+    return run_train(parser.parse_args(argv))
+
+
 def run_train(args: argparse.Namespace) -> int:
     depth = args.depth or TRAIN_DEPTHS[args.model]
     output = args.output or Path("runs") / f"{args.model}{depth or ''}_{args.dataset}.keras"

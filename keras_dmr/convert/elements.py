@@ -14,8 +14,6 @@ from collections.abc import Callable
 
 import keras
 import numpy as np
-from keras.src.ops import nn as ops_nn
-from keras.src.ops import numpy as ops_numpy
 
 from keras_dmr.errors import ConversionError
 from keras_dmr.layers.activations import ChannelwiseReLU
@@ -23,6 +21,7 @@ from keras_dmr.layers.conv import GroupedConv2D
 from keras_dmr.layers.padding import ConstantPadding2D
 from keras_dmr.rm.kernels import fold_bn
 from keras_dmr.rm.ops import Act, ConvOp, conv_bn_op, depthwise_kernel
+from keras_dmr.utils.keras_internals import ops_nn, ops_numpy
 
 RESERVE_RULE = (
     "RM keeps a signal alive through a layer only by ReLU of a non-negative input or a slope-1 "

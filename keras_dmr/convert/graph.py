@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 
 import keras
-from keras.src.models.functional import Functional
 
 from keras_dmr.errors import ConversionError
+from keras_dmr.utils import keras_internals
 
 IGNORED_KWARGS = ("training", "mask")
 
@@ -163,10 +163,8 @@ class _Recorder:
                 f"model {path!r} takes {len(model.inputs)} inputs; the converter handles models "
                 "with one image input"
             )
-        return model._run_through_graph(
-            inputs,
-            operation_fn=lambda op: op,
-            call_fn=lambda op, *args, **kwargs: self.call(op, args, kwargs, path),
+        return keras_internals.run_through_graph(
+            model, inputs, lambda op, *args, **kwargs: self.call(op, args, kwargs, path)
         )
 
 
@@ -176,7 +174,8 @@ def _join(path: str, name: str) -> str:
 
 def _is_graph_model(operation) -> bool:
     """A Functional model whose call is Keras' own graph walk (so its graph is what it does)."""
-    return isinstance(operation, Functional) and type(operation).call is Functional.call
+    functional = keras_internals.Functional
+    return isinstance(operation, functional) and type(operation).call is functional.call
 
 
 def read_graph(model) -> Graph:

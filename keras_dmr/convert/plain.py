@@ -23,6 +23,7 @@ from keras_dmr.rm.ops import (
     fuse_linear_pairs,
     order_channels,
 )
+from keras_dmr.utils import keras_internals
 
 __all__ = ["PlainContext", "compare", "plain_ops", "to_plain"]
 
@@ -219,7 +220,7 @@ def _float32_policies(config):
 def _computes_in_float32(model: keras.Model) -> bool:
     return all(
         layer.compute_dtype == "float32"
-        for layer in model._flatten_layers(include_self=False, recursive=True)
+        for layer in keras_internals.all_layers(model)
         if not isinstance(layer, keras.layers.InputLayer)  # its tensor keeps the given dtype
     )
 

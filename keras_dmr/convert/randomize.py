@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_dmr.utils import keras_internals
+
 
 def randomize(model_or_layer, seed: int = 0):
     """Give every weight a random value and every BN random statistics (moving mean and
@@ -14,7 +16,7 @@ def randomize(model_or_layer, seed: int = 0):
     mishandles them, so equivalence checks in tests and docs start from here.
     """
     rng = np.random.default_rng(seed)
-    for layer in model_or_layer._flatten_layers(include_self=True, recursive=True):
+    for layer in keras_internals.all_layers(model_or_layer, include_self=True):
         if isinstance(layer, keras.layers.BatchNormalization):
             c = layer.gamma.shape[0]
             layer.set_weights(
@@ -25,7 +27,7 @@ def randomize(model_or_layer, seed: int = 0):
                     rng.uniform(0.5, 2.0, c),
                 ]
             )
-        elif layer.weights and not layer._layers:
+        elif layer.weights and not keras_internals.has_sublayers(layer):
             layer.set_weights(
                 [
                     rng.normal(0, 1.0 / np.sqrt(max(1, np.prod(w.shape[:-1]))), w.shape)

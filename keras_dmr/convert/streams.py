@@ -24,6 +24,7 @@ import numpy as np
 
 from keras_dmr.errors import ConversionError
 from keras_dmr.layers.activations import ChannelwiseReLU
+from keras_dmr.utils import keras_internals
 
 # The rewritten model may differ from the original only by float32 summation order.
 TOLERANCE = 1e-5
@@ -58,7 +59,7 @@ def _is_chain(model: keras.Model) -> bool:
         return False
     previous = model.layers[0]
     for layer in model.layers[1:]:
-        if len(layer._inbound_nodes) != 1 or layer.input is not previous.output:
+        if len(keras_internals.call_sites(layer)) != 1 or layer.input is not previous.output:
             return False
         previous = layer
     return previous.output is model.outputs[0]

@@ -268,6 +268,17 @@ def _prepared_names(keep_float: Sequence[str], prepared: list[str]) -> list[str]
     return out
 
 
+def read_onnx_metadata(path: Path) -> dict:
+    """The ``keras_dmr`` entry of an ONNX file's ``metadata_props``."""
+    import onnx as onnx_lib
+
+    proto = onnx_lib.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    if "keras_dmr" not in props:
+        raise ExportError(f"{path} carries no keras_dmr metadata")
+    return json.loads(props["keras_dmr"])
+
+
 def onnx_providers() -> list[str]:
     """ONNX Runtime's execution providers in the order we prefer them: CUDA, then the CPU."""
     import onnxruntime as ort

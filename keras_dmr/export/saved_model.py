@@ -113,3 +113,11 @@ def check_no_xla(export_dir: str | Path) -> None:
                     f"function {function.signature.name} requires XLA compilation "
                     "(_XlaMustCompile): a Keras grouped Conv2D? Use keras_dmr's GroupedConv2D"
                 )
+
+
+def read_saved_model_metadata(path: Path) -> dict:
+    """The ``assets/keras_dmr.json`` of a SavedModel version directory."""
+    meta = Path(path) / "assets" / METADATA_FILE
+    if not meta.is_file():
+        raise ExportError(f"{path} is not a keras_dmr SavedModel export (no {meta.name})")
+    return json.loads(meta.read_text())

@@ -239,25 +239,3 @@ def publish_version(tmp: Path, base: Path, version: int | None, before_rename=No
                 "`version` or None for the next one"
             )
     raise ExportError(f"{base}: no free version number after {MAX_VERSION_ATTEMPTS} attempts")
-
-
-def read_metadata(path: str | Path) -> dict:
-    """The metadata an export carries: a SavedModel version directory's ``assets/keras_dmr.json``,
-    an ONNX file's ``metadata_props["keras_dmr"]`` or a LiteRT file's ``keras_dmr`` metadata."""
-    path = Path(path)
-    if path.suffix == ".tflite":
-        from keras_dmr.export.litert import read_litert_metadata
-
-        return read_litert_metadata(path)
-    if path.suffix == ".onnx":
-        import onnx as onnx_lib
-
-        proto = onnx_lib.load(str(path), load_external_data=False)
-        props = {p.key: p.value for p in proto.metadata_props}
-        if "keras_dmr" not in props:
-            raise ExportError(f"{path} carries no keras_dmr metadata")
-        return json.loads(props["keras_dmr"])
-    meta = path / "assets" / "keras_dmr.json"
-    if not meta.is_file():
-        raise ExportError(f"{path} is not a keras_dmr SavedModel export (no {meta.name})")
-    return json.loads(meta.read_text())

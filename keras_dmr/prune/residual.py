@@ -32,6 +32,7 @@ from keras_dmr.prune.units import (
     make_unit,
 )
 from keras_dmr.rm import kernels
+from keras_dmr.utils import keras_internals
 from keras_dmr.utils.arguments import renamed_keyword
 
 
@@ -349,16 +350,16 @@ def fuse_batchnorm(model: keras.Model) -> keras.Model:
     (shared) are not supported."""
     layers = [lyr for lyr in model.layers if not isinstance(lyr, keras.layers.InputLayer)]
     for layer in layers:
-        if len(layer._inbound_nodes) != 1:
+        if len(keras_internals.call_sites(layer)) != 1:
             raise ValueError(f"{describe_layer(layer)} is called more than once; not supported")
     readers: dict[int, int] = {}
     for layer in layers:
-        for t in layer._inbound_nodes[0].input_tensors:
+        for t in keras_internals.call_sites(layer)[0].input_tensors:
             readers[id(t)] = readers.get(id(t), 0) + 1
     fold = {}  # conv name → its BN
     for layer in layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            source = layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
+            source = keras_internals.producer(keras_internals.call_sites(layer)[0].input_tensors[0])
             if (
                 isinstance(source, keras.layers.Conv2D | keras.layers.DepthwiseConv2D)
                 and readers.get(id(source.output)) == 1
@@ -369,7 +370,7 @@ def fuse_batchnorm(model: keras.Model) -> keras.Model:
     inputs = input_like(model)
     tensors = {id(model.inputs[0]): inputs}
     for layer in layers:
-        args = [tensors[id(t)] for t in layer._inbound_nodes[0].input_tensors]
+        args = [tensors[id(t)] for t in keras_internals.call_sites(layer)[0].input_tensors]
         if isinstance(layer, keras.layers.BatchNormalization) and any(
             bn is layer for bn in fold.values()
         ):

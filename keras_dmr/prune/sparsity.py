@@ -17,6 +17,7 @@ from keras_dmr.prune.units import (
     input_like,
     layer_chain,
 )
+from keras_dmr.utils import keras_internals
 
 
 # ------------------------------------------------------------------------------ sparsity
@@ -24,7 +25,7 @@ def scale_variables(model: keras.Model) -> list:
     """The scale factors network slimming penalises: every BatchNormalization's ``gamma`` and
     every :class:`ChannelScale`'s (the extra BN on the residual path), nested layers included."""
     found, seen = [], set()
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in keras_internals.all_layers(model):
         var = None
         if isinstance(layer, keras.layers.BatchNormalization) and layer.scale:
             var = layer.gamma

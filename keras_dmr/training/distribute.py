@@ -19,6 +19,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_dmr.utils import keras_internals
+
 STRATEGIES = ("none", "mirrored", "multiworker")
 
 
@@ -79,7 +81,7 @@ class AverageBatchNormStatistics(keras.callbacks.Callback):
 
     def _variables(self) -> list:
         found = []
-        for layer in self.model._flatten_layers(include_self=False, recursive=True):
+        for layer in keras_internals.all_layers(self.model):
             if isinstance(layer, keras.layers.BatchNormalization):
                 found += [layer.moving_mean, layer.moving_variance]
         return found
