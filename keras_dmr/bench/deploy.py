@@ -23,6 +23,7 @@ from keras_dmr.analysis.flops import count_flops
 from keras_dmr.bench.engines import available_engines
 from keras_dmr.export import litert, onnx, saved_model
 from keras_dmr.export.litert import interpreter
+from keras_dmr.export.onnx import onnx_session
 from keras_dmr.export.serving import resolve_preprocessing
 from keras_dmr.utils.timing import interleaved
 
@@ -103,7 +104,7 @@ def _open(engine: str, path: str, precision: str) -> Callable[[np.ndarray], np.n
         request, logits = compiled.create_infer_request(), compiled.output("logits")
         return lambda images: request.infer({"images": images})[logits]
     if engine == "onnx":
-        session = onnx.onnx_session(path, threads(), cpu_only=True)
+        session = onnx_session(path, threads(), cpu_only=True)
         return lambda images: session.run(["logits"], {"images": images})[0]
     if engine == "litert":
         runner = interpreter(path, threads()).get_signature_runner("serving_default")

@@ -221,7 +221,7 @@ def run_demo(args: argparse.Namespace) -> int:
     available = data.dataset_info(args.dataset).train_examples
     train_images = min(args.train_images or TRAIN_IMAGES, available)
     factor = sparsity_factor(SPARSITY_BUDGET, train_images, args.epochs) if family.prune else None
-    argv = ["train", *family.train_args, "--dataset", args.dataset]
+    argv = [*family.train_args, "--dataset", args.dataset]
     argv += ["--epochs", str(args.epochs), "--output", str(checkpoint)]
     argv += ["--batch-size", str(BATCH_SIZE)]
     argv += ["--sparsity", f"{factor:.4g}"] if factor is not None else []

@@ -5,14 +5,7 @@ Training form of a block with ``n`` reserved channels (``n = floor(r·C)``; ``n 
     y[..., :n] = x[..., :n]                                        (the residual path)
     y[..., n:] = ReLU(BN3(conv3x3(x)) + BN1(conv1x1(x)) + BNid(x[..., n:]))
 
-The identity BN exists only with stride 1 and as many input as output channels.
-
-The convolutions start from RepVGG's reference initialisation (PyTorch's default, uniform within
-±1/√fan_in), not He's: nothing normalises the sum of the three branches, so at inference with BN
-statistics still near their initial values (a model fitted for a few steps) He's gain of 2 per
-branch grows the activations ~1.6× per block — past float16's 65,504 in RepVGG-21 under
-``mixed_float16``, where every prediction became NaN. The reference scale keeps them within a few
-hundred there; the BN after each convolution makes the scale irrelevant to training. The reserved
+The identity BN exists only with stride 1 and as many input as output channels. The reserved
 channels pass unchanged: in a network they are a previous block's ReLU output, so the ReLU of the
 plain form keeps them. A pair (reserving block, ordinary block) is a residual connection across
 one non-linear layer: the second block's identity BN merges the reserved channels back.
@@ -34,13 +27,6 @@ from keras import ops
 from keras_dmr import rm
 from keras_dmr.layers.conv import batch_norm, conv2d
 from keras_dmr.rm import kernels
-
-# PyTorch's default Conv2d initialisation (kaiming_uniform with a=√5), which RepVGG's reference
-# code keeps: uniform within ±1/√fan_in (see the module docstring for why not He's).
-REFERENCE_INIT = {
-    "class_name": "VarianceScaling",
-    "config": {"scale": 1.0 / 3.0, "mode": "fan_in", "distribution": "uniform"},
-}
 
 
 def reserved_channels(filters: int, reserve_ratio: float) -> int:
@@ -111,10 +97,9 @@ class RepVGGBlock(keras.layers.Layer):
         if m:
             out_shape = (*input_shape[:-1], m)
             dtype = self.dtype_policy
-            init = dict(kernel_initializer=REFERENCE_INIT, dtype=dtype)
-            self.conv3 = conv2d(m, 3, strides=self.strides, name="conv3x3", **init)
+            self.conv3 = conv2d(m, 3, strides=self.strides, name="conv3x3", dtype=dtype)
             self.bn3 = batch_norm(name="bn3x3", dtype=dtype)
-            self.conv1 = conv2d(m, 1, strides=self.strides, name="conv1x1", **init)
+            self.conv1 = conv2d(m, 1, strides=self.strides, name="conv1x1", dtype=dtype)
             self.bn1 = batch_norm(name="bn1x1", dtype=dtype)
             for conv, bn in ((self.conv3, self.bn3), (self.conv1, self.bn1)):
                 conv.build(input_shape)
