@@ -16,3 +16,14 @@ def max_rel_error(a, b) -> float:
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def global_policy(request):
+    """Keras' global dtype policy set to the parameter (``indirect=True``), restored after."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(request.param)
+    yield request.param
+    keras.mixed_precision.set_global_policy(previous)

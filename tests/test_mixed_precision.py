@@ -38,26 +38,18 @@ BUILDERS = {
 }
 
 
-@pytest.fixture
-def policy(request):
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(request.param)
-    yield request.param
-    keras.mixed_precision.set_global_policy(previous)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
+@pytest.mark.parametrize("global_policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
 @pytest.mark.parametrize("name", BUILDERS)
-def test_builder_trains_and_predicts_under_mixed_precision(name, policy):
-    check_builder(BUILDERS[name], policy)
+def test_builder_trains_and_predicts_under_mixed_precision(name, global_policy):
+    check_builder(BUILDERS[name], global_policy)
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="RepVGG-21 at full width overflows float16 (docstring)")
-@pytest.mark.parametrize("policy", ["mixed_float16"], indirect=True)
-def test_full_width_repvgg_under_float16(policy):
-    check_builder(keras_dmr.RepVGG, policy)
+@pytest.mark.parametrize("global_policy", ["mixed_float16"], indirect=True)
+def test_full_width_repvgg_under_float16(global_policy):
+    check_builder(keras_dmr.RepVGG, global_policy)
 
 
 def check_builder(build, policy):

@@ -40,14 +40,6 @@ def batches(shape, n=3, seed=0):
     return [rng.normal(size=(4, *shape)).astype("float32") for _ in range(n)]
 
 
-@pytest.fixture
-def global_policy(request):
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(request.param)
-    yield request.param
-    keras.mixed_precision.set_global_policy(previous)
-
-
 def _reference_outputs(build, weights, inputs):
     """The source architecture under float32, with the given weights: the ground truth."""
     previous = keras.mixed_precision.global_policy()

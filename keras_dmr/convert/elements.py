@@ -203,12 +203,17 @@ def _padding_of(layer) -> tuple:
     return tuple(tuple(int(v) for v in p) for p in pads)
 
 
-def _conv(layer, node) -> Linear:
+def _check_conv_geometry(layer, node) -> None:
+    """What every convolution kind must be to convert: channels-last, undilated, square strides."""
     _channels_last(layer, node)
     if tuple(layer.dilation_rate) != (1, 1):
         raise refuse(node, "dilated convolutions are not supported")
     if layer.strides[0] != layer.strides[1]:
         raise refuse(node, f"non-square strides {tuple(layer.strides)} are not supported")
+
+
+def _conv(layer, node) -> Linear:
+    _check_conv_geometry(layer, node)
     w = layer.get_weights()
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         try:
@@ -237,11 +242,7 @@ def _conv(layer, node) -> Linear:
 def _separable_conv(layer, node) -> Linear:
     """SeparableConv2D: a depthwise convolution (the layer's strides and padding, no bias), then
     a 1×1 pointwise convolution with the bias and the activation."""
-    _channels_last(layer, node)
-    if tuple(layer.dilation_rate) != (1, 1):
-        raise refuse(node, "dilated convolutions are not supported")
-    if layer.strides[0] != layer.strides[1]:
-        raise refuse(node, f"non-square strides {tuple(layer.strides)} are not supported")
+    _check_conv_geometry(layer, node)
     w = layer.get_weights()
     depthwise, pointwise = w[0], w[1]
     bias = w[2] if layer.use_bias else None
