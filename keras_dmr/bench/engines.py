@@ -80,13 +80,6 @@ def available_engines(engines: Sequence[str] = ENGINES) -> tuple[str, ...]:
     )
 
 
-def onnx_session(path: str | Path):
-    """:func:`keras_dmr.export.onnx.onnx_session` of ``path`` (CUDA first where installed)."""
-    from keras_dmr.export.onnx import onnx_session as session
-
-    return session(path)
-
-
 class EngineError(RuntimeError):
     """An engine that cannot run a model here (recorded by the benchmark, which goes on)."""
 
@@ -174,6 +167,8 @@ def runner(
                 f"not exported: tf2onnx would need about {need / 1e9:.0f} GB for "
                 f"{model.count_params() / 1e6:.0f}M parameters; {have / 1e9:.0f} GB available"
             )
+        from keras_dmr.export.onnx import onnx_session  # here: keras_dmr.export loads TensorFlow
+
         session = onnx_session(export_in_subprocess(model, engine, workdir, stem))
         return lambda: session.run(["logits"], {"images": batch})[0]
     import tensorflow as tf

@@ -214,7 +214,7 @@ def _onnx_matmul(n: int, workdir: Path) -> Callable[[], object]:
     import onnx
     from onnx import TensorProto, helper
 
-    from keras_dmr.bench.engines import onnx_session
+    from keras_dmr.export.onnx import onnx_session
 
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["a", "b"], ["c"])],
