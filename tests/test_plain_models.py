@@ -83,6 +83,14 @@ def test_a_flatten_followed_by_anything_but_dense_is_refused():
         to_plain(model, verify=False)
 
 
+def test_a_flatten_at_the_output_is_refused():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    model = keras.Model(inputs, keras.layers.Flatten(name="flat_out")(x))
+    with pytest.raises(ConversionError, match="'flat_out'.*no Dense layer reads"):
+        to_plain(model, verify=False)
+
+
 def test_a_reshape_of_a_spatial_map_is_refused():
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(4, 3, padding="same")(inputs)

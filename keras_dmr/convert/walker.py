@@ -342,6 +342,10 @@ class Chain:
     def finish(self) -> None:
         if self.pending is not None:
             raise el.refuse(self.pending[0], "padding at the end of a path")
+        if self.flattened is not None:
+            raise el.refuse(
+                self.flattened, "flattens a spatial map that no Dense layer reads before the output"
+            )
 
 
 @dataclasses.dataclass
