@@ -83,8 +83,7 @@ BAD_PLACES = {
 def _output_arguments(parser) -> set[tuple[str, str]]:
     """(command, argument) of every argument whose type is ``utils.arguments.output_path``."""
     found = set()
-    for action in parser._subparsers._group_actions[0].choices.items():
-        name, sub = action
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
         for arg in sub._actions:
             if getattr(arg.type, "output_kind", None):
                 found.add((name, arg.option_strings[0] if arg.option_strings else arg.metavar))
