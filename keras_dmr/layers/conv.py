@@ -128,6 +128,13 @@ def depthwise_conv2d(
 BN_EPSILON = 1e-5
 
 
-def batch_norm(name=None, epsilon: float = BN_EPSILON, dtype=None):
-    """BatchNorm with the papers' constants: momentum 0.9 (PyTorch's 0.1) and epsilon 1e-5."""
-    return keras.layers.BatchNormalization(momentum=0.9, epsilon=epsilon, name=name, dtype=dtype)
+def batch_norm(name=None, epsilon: float = BN_EPSILON, dtype=None, gamma: float = 1.0):
+    """BatchNorm with the papers' constants: momentum 0.9 (PyTorch's 0.1) and epsilon 1e-5;
+    ``gamma`` is the initial scale."""
+    return keras.layers.BatchNormalization(
+        momentum=0.9,
+        epsilon=epsilon,
+        gamma_initializer=keras.initializers.Constant(gamma) if gamma != 1.0 else "ones",
+        name=name,
+        dtype=dtype,
+    )

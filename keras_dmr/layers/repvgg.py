@@ -55,6 +55,11 @@ class RepVGGBlock(keras.layers.Layer):
         reserve_ratio: r in [0, 1]. r > 0 needs stride 1 and C input channels (a reserved
             channel passes a stride-1 layer only); r = 1 makes the block the identity.
 
+    Each branch's BN starts at γ = 1/√k for the k branches summed (2 or 3): the sum then has
+    unit variance in training, and a model used after a few steps, whose BN moving statistics
+    are still near their initial values, keeps bounded activations (with γ = 1 a RepVGG-21
+    predicts logits ~1e5 at initialisation, past float16's range).
+
     Cannot: reserve in a strided block or one that changes the width; convert a strided block
     without a known input height and width ('same' padding of a stride-2 3×3 convolution
     depends on their parity). The pass-through is exact in the plain form for any input, but a
@@ -97,15 +102,17 @@ class RepVGGBlock(keras.layers.Layer):
         if m:
             out_shape = (*input_shape[:-1], m)
             dtype = self.dtype_policy
+            # k normalised branches summed have variance k: each BN starts at γ = 1/√k.
+            gamma = 1.0 / math.sqrt(3 if self.has_identity else 2)
             self.conv3 = conv2d(m, 3, strides=self.strides, name="conv3x3", dtype=dtype)
-            self.bn3 = batch_norm(name="bn3x3", dtype=dtype)
+            self.bn3 = batch_norm(name="bn3x3", dtype=dtype, gamma=gamma)
             self.conv1 = conv2d(m, 1, strides=self.strides, name="conv1x1", dtype=dtype)
-            self.bn1 = batch_norm(name="bn1x1", dtype=dtype)
+            self.bn1 = batch_norm(name="bn1x1", dtype=dtype, gamma=gamma)
             for conv, bn in ((self.conv3, self.bn3), (self.conv1, self.bn1)):
                 conv.build(input_shape)
                 bn.build(out_shape)
             if self.has_identity:
-                self.bn_id = batch_norm(name="bn_identity", dtype=dtype)
+                self.bn_id = batch_norm(name="bn_identity", dtype=dtype, gamma=gamma)
                 self.bn_id.build(out_shape)
         self.built = True
 
