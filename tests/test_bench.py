@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 import keras_dmr
-from keras_dmr.bench import command, report, suite, zoo
+from keras_dmr.bench import report, suite, zoo
 from keras_dmr.bench import targets as bench_targets
 from keras_dmr.bench.engines import ENGINES, available_engines, runner
+from keras_dmr.cli import bench as command
 
 TINY_ARGS = [
     "--batch-size",

@@ -48,6 +48,13 @@ def count_flops(model: keras.Model, input_shape: tuple | None = None) -> int:
     This is the convention of the RMNet and DMRNet papers' "FLOPs" (one multiply-add = 1). BN,
     additions, activations and pooling are not counted. ``input_shape`` (H, W, C) is needed only
     when the model's own input size is unknown.
+
+    Args:
+        model: a Keras model.
+        input_shape: ``(H, W, C)`` when the model's input size is unknown.
+
+    Returns:
+        Multiply-accumulates per image.
     """
     if input_shape is None:
         try:

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from keras_dmr.layers.blocks import ParallelBranchBlock
+from keras_dmr.utils.files import save_figure
 
 
 def _polynomial(coefficients: Mapping[int, int]) -> np.ndarray:
@@ -23,6 +24,12 @@ def path_length_distribution(model: keras.Model) -> dict[int, float]:
 
     Counted as in Sec. 3.2: each layer of a residual branch counts 1, conv0 and the classifier 1
     each, identity and projection shortcuts 0. The blocks are read from the model itself.
+
+    Args:
+        model: a model of the package's residual blocks.
+
+    Returns:
+        ``{path length: fraction of paths}``.
     """
     blocks = [layer for layer in model.layers if isinstance(layer, ParallelBranchBlock)]
     if not blocks:
@@ -40,14 +47,30 @@ def path_length_distribution(model: keras.Model) -> dict[int, float]:
 
 
 def path_length_stats(distribution: Mapping[int, float]) -> tuple[float, float]:
-    """Mean and standard deviation of a path-length distribution."""
+    """Mean and standard deviation of a path-length distribution.
+
+    Args:
+        distribution: ``{path length: fraction}``.
+
+    Returns:
+        ``(mean, standard deviation)``.
+    """
     mean = sum(length * p for length, p in distribution.items())
     var = sum((length - mean) ** 2 * p for length, p in distribution.items())
     return mean, math.sqrt(var)
 
 
 def plot_path_lengths(models: Mapping[str, keras.Model], path: str, *, title: str | None = None):
-    """Draw Fig. 3: one path-length distribution per model, to a PNG at ``path``."""
+    """Draw Fig. 3: one path-length distribution per model, to a PNG at ``path``.
+
+    Args:
+        models: ``{label: model}``.
+        path: the PNG to write.
+        title: the plot's title.
+
+    Returns:
+        ``path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,6 +94,6 @@ def plot_path_lengths(models: Mapping[str, keras.Model], path: str, *, title: st
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -15,6 +15,7 @@ from pathlib import Path
 from keras_dmr.bench.conversion import table as conversion_table
 from keras_dmr.bench.deploy import table as deploy_table
 from keras_dmr.bench.engines import ENGINES, engine_label
+from keras_dmr.utils.files import save_figure, write_json, write_text
 
 CHARTS = {
     "speedup": "benchmarks_speedup.png",
@@ -362,7 +363,7 @@ def plot_speedup(data: dict, path: str | Path) -> str | None:
     ax.set_title(f"Speed-up of the plain form ({where}, batch {batch})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return str(path)
 
@@ -399,7 +400,7 @@ def plot_accuracy(data: dict, path: str | Path, engine: str = "keras") -> str | 
     ax.set_ylabel("CIFAR-10 top-1 (%), published")
     ax.set_title("Accuracy against throughput: residual (o) → plain (^)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return str(path)
 
@@ -443,7 +444,7 @@ def plot_deploy(data: dict, path: str | Path) -> str | None:
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return str(path)
 
@@ -451,11 +452,10 @@ def plot_deploy(data: dict, path: str | Path) -> str | None:
 def write_outputs(data: dict, directory: str | Path, *, prefix: str = "") -> dict[str, str]:
     """JSON, Markdown and the charts of one run into ``directory``; their paths."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     paths = {"json": directory / f"{prefix}benchmarks.json"}
-    paths["json"].write_text(json.dumps(data, indent=1) + "\n")
+    write_json(data, paths["json"])
     paths["markdown"] = directory / f"{prefix}benchmarks.md"
-    paths["markdown"].write_text(markdown(data))
+    write_text(markdown(data), paths["markdown"])
     for name, fn in CHART_PLOTS.items():
         written = fn(data, directory / f"{prefix}{CHARTS[name]}")
         if written:
@@ -480,7 +480,7 @@ def regenerate(
     text = doc.read_text()
     for name, content in sections(data).items():
         text = replace_section(text, f"{prefix}-{name}", content)
-    doc.write_text(text)
+    write_text(text, doc)
     stem = prefix.removeprefix("bench").strip("-")
     for name, fn in CHART_PLOTS.items():
         chart = CHARTS[name] if not stem else CHARTS[name].replace("_", f"_{stem}_", 1)
@@ -508,7 +508,7 @@ def main(argv=None) -> int:
         from keras_dmr.bench.targets import merge
 
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
-        Path(args.json).write_text(json.dumps(merge(parts), indent=1) + "\n")
+        write_json(merge(parts), args.json)
         print(f"merged {len(parts)} results into {args.json}")
         return 0
     regenerate(args.json, args.docs)

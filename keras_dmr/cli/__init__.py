@@ -1,6 +1,7 @@
-"""The ``keras-dmr`` command line: ``train`` (resumable, optionally on a tf.distribute strategy),
-``tune`` (Keras Tuner), ``paths`` (Fig. 3), ``convert`` (RM operation) and ``export`` (TF Serving,
-ONNX).
+"""The ``keras-dmr`` command line, one module per subcommand: ``train`` (resumable, optionally on
+a tf.distribute strategy), ``tune`` (Keras Tuner), ``paths`` (Fig. 3), ``convert`` (the RM
+operation), ``export`` (TF Serving, ONNX, LiteRT), ``prune`` (network slimming), ``bench`` (the
+benchmark suite) and ``demo`` (the main job).
 
 Every subcommand is one :class:`Command` in :data:`COMMANDS`: a function that adds its arguments
 and a function that runs it. Argument mistakes -- argparse's own and the ``ValueError``s of the
@@ -20,12 +21,8 @@ import sys
 from collections.abc import Sequence
 
 from keras_dmr.cli.common import PROG, Command, _Parser, load_checkpoint
-from keras_dmr.cli.deploy import (
-    add_convert_arguments,
-    add_export_arguments,
-    run_convert,
-    run_export,
-)
+from keras_dmr.cli.convert import add_convert_arguments, run_convert
+from keras_dmr.cli.export import add_export_arguments, run_export
 from keras_dmr.cli.paths import add_paths_arguments, run_paths
 from keras_dmr.cli.train import add_train_arguments, run_train
 from keras_dmr.cli.tune import add_tune_arguments, run_tune
@@ -99,9 +96,9 @@ COMMANDS: list[Command] = [
 
 def _register_late_commands() -> None:
     """Commands whose code lives beside what it drives (they import this module)."""
-    from keras_dmr.bench.command import DESCRIPTION as BENCH_DESCRIPTION
-    from keras_dmr.bench.command import HELP as BENCH_HELP
-    from keras_dmr.bench.command import add_bench_arguments, run_bench
+    from keras_dmr.cli.bench import DESCRIPTION as BENCH_DESCRIPTION
+    from keras_dmr.cli.bench import HELP as BENCH_HELP
+    from keras_dmr.cli.bench import add_bench_arguments, run_bench
     from keras_dmr.cli.demo import add_demo_arguments, run_demo
     from keras_dmr.cli.prune import (
         PRUNE_DESCRIPTION,

@@ -28,13 +28,14 @@ shipped accuracy slightly optimistic; the table shows every candidate.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from keras_dmr.utils.files import write_json
 
 BATCH_SIZE = 64
 # At most this many training images by default: all of digits (1,437), a sixth of
@@ -305,26 +306,24 @@ def run_demo(args: argparse.Namespace) -> int:
     for kind, path in shipped.items():
         print(f"{kind:<20} {path}")
     record = args.runs / record_name(args.dataset, args.family)
-    record.write_text(
-        json.dumps(
-            {
-                "dataset": args.dataset,
-                "family": args.family,
-                "model": family.label,
-                "plain_model": family.plain_label,
-                "train_images": train_images,
-                "epochs": args.epochs,
-                "sparsity_factor": factor,
-                "prune_threshold": args.prune_threshold if family.prune else None,
-                "finetune_epochs": args.finetune_epochs if family.prune else None,
-                "pruning": pruning,
-                "rows": [{k: v for k, v in r.items() if k != "path"} for r in rows],
-                "targets": targets(rows),
-                "machine": machine,
-                "load_average": load,
-            },
-            indent=1,
-        )
+    write_json(
+        {
+            "dataset": args.dataset,
+            "family": args.family,
+            "model": family.label,
+            "plain_model": family.plain_label,
+            "train_images": train_images,
+            "epochs": args.epochs,
+            "sparsity_factor": factor,
+            "prune_threshold": args.prune_threshold if family.prune else None,
+            "finetune_epochs": args.finetune_epochs if family.prune else None,
+            "pruning": pruning,
+            "rows": [{k: v for k, v in r.items() if k != "path"} for r in rows],
+            "targets": targets(rows),
+            "machine": machine,
+            "load_average": load,
+        },
+        record,
     )
     print(f"\nthe table's figures: {record}")
     print(

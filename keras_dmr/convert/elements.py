@@ -17,7 +17,7 @@ import numpy as np
 
 from keras_dmr.errors import ConversionError
 from keras_dmr.layers.activations import ChannelwiseReLU
-from keras_dmr.layers.conv import GroupedConv2D
+from keras_dmr.layers.conv import GroupedConv2D, bn_weights
 from keras_dmr.layers.padding import ConstantPadding2D
 from keras_dmr.rm.kernels import fold_bn
 from keras_dmr.rm.ops import Act, ConvOp, conv_bn_op, depthwise_kernel
@@ -265,17 +265,11 @@ def _separable_conv(layer, node) -> Linear:
     return Linear(op, activation_named(name, node), pre=pre)
 
 
-def _numpy(variable) -> np.ndarray:
-    return np.asarray(keras.ops.convert_to_numpy(variable), np.float64)
-
-
 def _batch_norm(layer, node) -> Affine:
     axis = layer.axis if isinstance(layer.axis, int) else tuple(layer.axis)
     if axis not in (-1, 3, (3,), (-1,)):
         raise refuse(node, f"a BatchNormalization over axis {axis} is not supported")
-    mean, var = _numpy(layer.moving_mean), _numpy(layer.moving_variance)
-    gamma = _numpy(layer.gamma) if layer.scale else np.ones_like(mean)
-    beta = _numpy(layer.beta) if layer.center else np.zeros_like(mean)
+    gamma, beta, mean, var = bn_weights(layer)
     scale, shift = fold_bn(gamma, beta, mean, var, layer.epsilon)
     bn = np.stack([gamma, mean, var]) if layer.center and layer.scale else None
     return Affine(scale, shift, bn, float(layer.epsilon))

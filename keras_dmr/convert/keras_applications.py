@@ -17,7 +17,15 @@ from keras_dmr.convert.plain import to_plain
 
 def from_keras_application(model: keras.Model, **kwargs) -> keras.Model:
     """Deprecated: ``to_plain(model, **kwargs)``, which reads keras.applications models directly
-    (the result is the plain model, not a model of the package's blocks as before)."""
+    (the result is the plain model, not a model of the package's blocks as before).
+
+    Args:
+        model: a keras.applications model.
+        **kwargs: arguments of :func:`keras_dmr.to_plain`.
+
+    Returns:
+        The plain model.
+    """
     warnings.warn(
         "keras_dmr.convert.from_keras_application is deprecated: call keras_dmr.to_plain(model) "
         "on the keras.applications model itself",

@@ -1,4 +1,5 @@
-"""``to_plain``: the walker that asks each layer for its plain form and builds the plain model."""
+"""``to_plain``: the plain ops of a model (each block's ``plain_ops``, the rest from the graph
+walk of :mod:`keras_dmr.convert.walker`) chained, fused and emitted as a Keras model, verified."""
 
 from __future__ import annotations
 
@@ -40,7 +41,16 @@ def plain_ops(
     model: keras.Model, *, downsample: str = "dirac", relu_only: bool = False
 ) -> list[Op]:
     """The plain form of ``model`` as float64 ops (before fusing and channel ordering), read
-    from its functional graph (:mod:`keras_dmr.convert.walker`)."""
+    from its functional graph (:mod:`keras_dmr.convert.walker`).
+
+    Args:
+        model: the model to read.
+        downsample: ``"dirac"`` or ``"prelu"`` (see :func:`to_plain`).
+        relu_only: refuse signed reserved channels.
+
+    Returns:
+        The plain ops, input to output.
+    """
     return _walk(model, downsample, relu_only)[0]
 
 
@@ -263,7 +273,19 @@ def compare(
     inputs=None,
 ) -> float:
     """Max relative error ``max|a-b| / max|b|`` of ``plain`` against ``source`` over random
-    normal batches (or the given ``inputs``), in inference mode."""
+    normal batches (or the given ``inputs``), in inference mode.
+
+    Args:
+        source: the reference model.
+        plain: the model compared with it.
+        batches: random batches to run (ignored with ``inputs``).
+        batch_size: images per random batch.
+        seed: seed of the random batches.
+        inputs: a list of input arrays to use instead.
+
+    Returns:
+        The maximum relative error over all batches (float64).
+    """
     shape = list(source.inputs[0].shape[1:])
     if inputs is None and any(s is None for s in shape):
         raise ConversionError(
@@ -310,6 +332,24 @@ def to_plain(
     mixed_float16, 5e-2 for mixed_bfloat16). The result carries ``conversion_report``: the
     error, parameter and multiply-accumulate counts before and after, the options used, each
     residual block found (its addition, branch and shortcut) and what passed through unchanged.
+
+    Args:
+        model: a built functional or builder model (residual or already plain).
+        fuse_bn: fold every BN into its convolution; ``False`` keeps one BN per convolution.
+        verify: run both models and compare (see above).
+        downsample: ``"dirac"`` or ``"prelu"``.
+        relu_only: refuse signed reserved channels instead of giving them PReLU.
+        tolerance: maximum relative error allowed by ``verify`` (default by ``dtype``).
+        verify_inputs: arrays to verify on instead of random batches.
+        name: the plain model's name (default: ``<model.name>_plain``).
+        dtype: dtype policy of the plain model.
+
+    Returns:
+        The plain ``keras.Model``, with ``conversion_report``.
+
+    Raises:
+        ConversionError: a layer or structure the converter does not understand (named), or
+            a verification error above ``tolerance``.
     """
     from keras_dmr.analysis.flops import count_flops, count_flops_of_layers
 

@@ -14,6 +14,13 @@ def randomize(model_or_layer, seed: int = 0):
 
     Default BN (mean 0, variance 1, gamma 1, beta 0) would hide any conversion bug that
     mishandles them, so equivalence checks in tests and docs start from here.
+
+    Args:
+        model_or_layer: a built model or layer.
+        seed: seed of the random values.
+
+    Returns:
+        ``model_or_layer``, changed in place.
     """
     rng = np.random.default_rng(seed)
     for layer in keras_internals.all_layers(model_or_layer, include_self=True):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_dmr.layers.conv import bn_weights
 from keras_dmr.rm import kernels
 
 
 def identity_channels(bn: keras.layers.BatchNormalization, rtol: float = 1e-6) -> np.ndarray:
     """Channels where ``gamma == sqrt(variance + epsilon)``: the BN is the identity plus a
     constant there (Eq. 3), so their statistics can change without changing the output."""
-    gamma, _, _, var = (np.asarray(w, np.float64) for w in bn.get_weights())
+    gamma, _, _, var = bn_weights(bn)
     return kernels.identity_bn_channels(gamma, var, bn.epsilon, rtol) & (gamma > 0)
 
 
@@ -34,6 +35,15 @@ def recalibrate_bn(
 
     ``data``: a ``tf.data.Dataset`` or iterable of image batches or ``(images, labels)`` pairs, or
     one array. Returns the number of channels recalibrated per BN layer.
+
+    Args:
+        model: a plain model with BN layers.
+        data: the batches to take statistics from (see above).
+        steps: at most this many batches (``None``: all).
+        verbose: 1 shows a progress bar.
+
+    Returns:
+        ``{bn layer name: channels recalibrated}``.
     """
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     if not bns:
@@ -73,7 +83,7 @@ def recalibrate_bn(
     done = {}
     for bn, total, square, n in zip(bns, sums, squares, counts, strict=True):
         mask = masks[bn.name]
-        gamma, beta, mean, var = (np.asarray(w, np.float64) for w in bn.get_weights())
+        gamma, beta, mean, var = bn_weights(bn)
         new_mean = total / n
         new_var = np.maximum(square / n - new_mean**2, 0.0)
         offset = beta - mean  # an identity channel computes z - mean + beta

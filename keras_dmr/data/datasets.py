@@ -42,6 +42,17 @@ class DatasetInfo:
     ``mean`` and ``std`` are per-channel on the 0..255 pixel scale. ``train_split`` and
     ``test_split`` are the TFDS split strings that ``load(split="train" | "test")`` reads;
     ``train_examples`` is how many images ``load(split="train")`` yields.
+
+    Args:
+        name: the dataset's name in :data:`SUPPORTED`.
+        num_classes: number of labels.
+        image_shape: ``(height, width, channels)`` of the pipeline's images.
+        mean: per-channel mean, 0..255 scale.
+        std: per-channel standard deviation, 0..255 scale.
+        class_names: the labels' names.
+        train_split: TFDS split string of ``split="train"``.
+        test_split: TFDS split string of ``split="test"``.
+        train_examples: images of ``split="train"``.
     """
 
     name: str
@@ -155,6 +166,12 @@ def dataset_info(name: str) -> DatasetInfo:
     """Return the :class:`DatasetInfo` of ``name`` (one of :data:`SUPPORTED`), offline.
 
     For ``"digits"`` the mean/std are computed once (cached) from the bundled training split.
+
+    Args:
+        name: a dataset name.
+
+    Returns:
+        Its :class:`DatasetInfo`.
     """
     _check_name(name)
     if name == "digits":
@@ -285,6 +302,9 @@ def load(
             for runs that must fit a small machine. Not class-balanced by construction: the
             local sources (digits, Fashion-MNIST) are stored in a mixed class order. ``None``:
             the whole split.
+
+    Returns:
+        A ``tf.data.Dataset`` of ``(images, labels)`` batches.
     """
     _check_name(name)
     if not isinstance(split, str) or split not in SPLITS:

@@ -68,6 +68,12 @@ def load_digits_arrays(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 
     The split is fixed (stratified 80/20, ``random_state=0``): 1,437 train and 360 test images,
     every class in both. The arrays are fresh copies; edit them freely.
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+
+    Returns:
+        ``(images, labels)``.
     """
     if split not in DIGITS_SPLITS:
         raise ValueError(f"split must be one of {DIGITS_SPLITS}; got {split!r}")

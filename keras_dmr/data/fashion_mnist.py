@@ -102,7 +102,15 @@ def load_fashion_mnist_arrays(
     split: str = "train", data_dir: str | os.PathLike | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(images uint8 [N, 32, 32, 3], labels int32 [N])`` of one split from the IDX files;
-    :class:`FileNotFoundError` (saying how to install them) when they are not there."""
+    :class:`FileNotFoundError` (saying how to install them) when they are not there.
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+        data_dir: the IDX files' directory (``None``: Debian's location).
+
+    Returns:
+        ``(images, labels)``.
+    """
     if split not in FILES:
         raise ValueError(f"split must be one of {tuple(FILES)}; got {split!r}")
     directory = find_files(data_dir)

@@ -67,6 +67,22 @@ def litert(
     JSON entry ``keras_dmr`` of the flatbuffer's metadata (:func:`read_metadata`). Quantization
     is post-training only (no quantization-aware training); the input shape is fixed but for
     the batch.
+
+    Args:
+        model: the Keras model to export (converted first with ``plain=True``).
+        path: the ``.tflite`` file to write.
+        preprocessing: a dataset name, a ``(mean, std)`` pair or ``"none"`` (see
+            :func:`keras_dmr.export.saved_model`).
+        quantize: ``None``, ``"float16"`` or ``"int8"``.
+        calibration: images for int8 ranges.
+        evaluation: ``(images, labels)`` batches to measure accuracy on.
+        plain: convert a residual model with :func:`keras_dmr.to_plain` first.
+        class_names: names of the classes, stored in the metadata.
+        tolerance: maximum relative error of the conversion and of the file's float32 outputs.
+        overwrite: replace an existing file.
+
+    Returns:
+        The path written.
     """
     path = Path(path)
     check_file_destination(path, ".tflite", overwrite)

@@ -83,6 +83,25 @@ def onnx(
     ``keep_float`` (Keras layer names), ``calibration_method`` and ``weights``
     are the fixes of ``docs/quantization.md`` for a model that loses accuracy in int8: see
     :func:`quantize_int8`.
+
+    Args:
+        model: the Keras model to export (converted first with ``plain=True``).
+        path: the ``.onnx`` file to write.
+        preprocessing: a dataset name, a ``(mean, std)`` pair or ``"none"``.
+        opset: the ONNX opset.
+        plain: convert a residual model with :func:`keras_dmr.to_plain` first.
+        class_names: names of the classes, stored in the metadata.
+        tolerance: maximum relative error of the conversion and of the file's float32 outputs.
+        overwrite: replace an existing file.
+        quantize: ``None`` or ``"int8"``.
+        calibration: images for int8 ranges.
+        evaluation: ``(images, labels)`` batches to measure accuracy on.
+        keep_float: Keras layer names whose operators stay float32 in int8.
+        calibration_method: one of :data:`CALIBRATION_METHODS`.
+        weights: one of :data:`WEIGHT_TYPES`.
+
+    Returns:
+        The path written.
     """
     import onnx as onnx_lib
     import tensorflow as tf

@@ -50,6 +50,18 @@ def saved_model(
     to one ``base_dir``), the next free one; an existing version is never overwritten. The export
     is written to a hidden temporary directory in ``base_dir`` and renamed at the end, so a
     version directory is always complete.
+
+    Args:
+        model: the Keras model to export (converted first with ``plain=True``).
+        base_dir: the model's directory; versions are its numbered subdirectories.
+        preprocessing: a dataset name, a ``(mean, std)`` pair or ``"none"``.
+        version: the version number (``None``: the next free one).
+        plain: convert a residual model with :func:`keras_dmr.to_plain` first.
+        class_names: names of the classes, stored in the metadata.
+        tolerance: maximum relative error of the conversion and of the exported outputs.
+
+    Returns:
+        The version directory written.
     """
     import tensorflow as tf
 
@@ -100,7 +112,17 @@ def saved_model(
 
 def check_no_xla(export_dir: str | Path) -> None:
     """Raise if a function in the SavedModel must be XLA-compiled: TF Serving runs standard
-    kernels, and Keras' grouped Conv2D on TensorFlow compiles its convolution with XLA."""
+    kernels, and Keras' grouped Conv2D on TensorFlow compiles its convolution with XLA.
+
+    Args:
+        export_dir: a SavedModel directory.
+
+    Returns:
+        None.
+
+    Raises:
+        ExportError: a function is marked ``_XlaMustCompile``.
+    """
     from tensorflow.core.protobuf import saved_model_pb2
 
     proto = saved_model_pb2.SavedModel()

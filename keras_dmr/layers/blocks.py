@@ -491,7 +491,7 @@ class ParallelBranchBlock(keras.layers.Layer):
             w_p, b_p = [np.eye(d_in)] * len(weights["projection"] or [0]), [np.zeros(d_in)]
         d_out = w_p[0].shape[1]
         if self.mapping == "merge_and_run":
-            matrix = np.kron(np.full((k, k), 1.0 / k), w_p[0])
+            matrix = kernels.merge_and_run_matrix(k, d_in, w_p[0])
             bias = np.tile(b_p[0], k)
         elif self.mapping == "identity" and k > 1:
             blocks = w_p if len(w_p) == k else w_p * k

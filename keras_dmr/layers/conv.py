@@ -6,6 +6,7 @@ import contextlib
 import functools
 
 import keras
+import numpy as np
 
 _FORCE_SPLIT_GROUPS = [False]
 
@@ -137,4 +138,27 @@ def batch_norm(name=None, epsilon: float = BN_EPSILON, dtype=None, gamma: float 
         gamma_initializer=keras.initializers.Constant(gamma) if gamma != 1.0 else "ones",
         name=name,
         dtype=dtype,
+    )
+
+
+def bn_weights(bn: keras.layers.BatchNormalization) -> tuple[np.ndarray, ...]:
+    """``(gamma, beta, moving_mean, moving_variance)`` of a channels-last BatchNormalization as
+    float64 arrays, with ones for a BN built with ``scale=False`` and zeros for ``center=False``:
+    the one place the package reads a BN's weights.
+
+    Args:
+        bn: a built ``keras.layers.BatchNormalization``.
+
+    Returns:
+        Four arrays of the BN's channel count.
+    """
+    mean = np.asarray(keras.ops.convert_to_numpy(bn.moving_mean), np.float64)
+    var = np.asarray(keras.ops.convert_to_numpy(bn.moving_variance), np.float64)
+    gamma = np.asarray(keras.ops.convert_to_numpy(bn.gamma), np.float64) if bn.scale else None
+    beta = np.asarray(keras.ops.convert_to_numpy(bn.beta), np.float64) if bn.center else None
+    return (
+        np.ones_like(mean) if gamma is None else gamma,
+        np.zeros_like(mean) if beta is None else beta,
+        mean,
+        var,
     )

@@ -27,7 +27,8 @@ from keras import ops
 
 from keras_dmr import rm
 from keras_dmr.layers.blocks import check_choice
-from keras_dmr.layers.conv import BN_EPSILON, conv2d
+from keras_dmr.layers.conv import BN_EPSILON, bn_weights, conv2d
+from keras_dmr.rm import kernels
 
 ACTIVATIONS = ("relu", "relu6")
 PADDINGS = ("same", "keras")
@@ -221,7 +222,7 @@ class InvertedResidualBlock(keras.layers.Layer):
             branch.append(
                 rm.conv_bn_op(
                     self.expand.get_weights()[0],
-                    self.expand_bn.get_weights(),
+                    bn_weights(self.expand_bn),
                     epsilon=eps,
                     act=rm.Act.relu(self.hidden, cap),
                     name=f"{self.name}_expand",
@@ -230,7 +231,7 @@ class InvertedResidualBlock(keras.layers.Layer):
         branch.append(
             rm.conv_bn_op(
                 rm.depthwise_kernel(self.depthwise.get_weights()[0]),
-                self.depthwise_bn.get_weights(),
+                bn_weights(self.depthwise_bn),
                 epsilon=eps,
                 strides=self.strides,
                 groups=self.hidden,
@@ -242,7 +243,7 @@ class InvertedResidualBlock(keras.layers.Layer):
         branch.append(
             rm.conv_bn_op(
                 self.project.get_weights()[0],
-                self.project_bn.get_weights(),
+                bn_weights(self.project_bn),
                 epsilon=eps,
                 name=f"{self.name}_project",
             )
@@ -250,8 +251,7 @@ class InvertedResidualBlock(keras.layers.Layer):
         if not self.has_residual:
             return branch
         # The shortcut: the first C input channels onto the first C outputs.
-        matrix = np.zeros((self.c_in, self.out_channels))
-        matrix[: self.filters, : self.filters] = np.eye(self.filters)
+        matrix = kernels.partial_identity(self.c_in, self.out_channels, self.filters)
         skip = rm.ConvOp(
             matrix[None, None], np.zeros(self.out_channels), name=f"{self.name}_shortcut"
         )

@@ -25,7 +25,7 @@ import numpy as np
 from keras import ops
 
 from keras_dmr import rm
-from keras_dmr.layers.conv import batch_norm, conv2d
+from keras_dmr.layers.conv import batch_norm, bn_weights, conv2d
 from keras_dmr.rm import kernels
 
 
@@ -145,10 +145,10 @@ class RepVGGBlock(keras.layers.Layer):
             return []
         eps = self.bn3.epsilon
         k3 = rm.conv_bn_op(
-            self.conv3.get_weights()[0], self.bn3.get_weights(), epsilon=eps, strides=self.strides
+            self.conv3.get_weights()[0], bn_weights(self.bn3), epsilon=eps, strides=self.strides
         )
         k1 = rm.conv_bn_op(
-            self.conv1.get_weights()[0], self.bn1.get_weights(), epsilon=eps, strides=self.strides
+            self.conv1.get_weights()[0], bn_weights(self.bn1), epsilon=eps, strides=self.strides
         )
         # The branch: the 3×3 unit, with zero columns where the reserved channels will sit.
         branch = rm.ConvOp(
@@ -158,13 +158,12 @@ class RepVGGBlock(keras.layers.Layer):
             name=self.name,
         )
         # The linear skip: reserved channels (identity), the 1×1 unit and the identity BN.
-        matrix = np.zeros((c_in, c))
+        matrix = kernels.partial_identity(c_in, c, n)
         bias = np.zeros(c)
-        matrix[:n, :n] = np.eye(n)
         matrix[:, n:] = k1.kernel[0, 0]
         bias[n:] = k1.bias
         if self.has_identity:
-            scale, shift = kernels.fold_bn(*self.bn_id.get_weights(), eps)
+            scale, shift = kernels.fold_bn(*bn_weights(self.bn_id), eps)
             matrix[n:, n:] += np.diag(scale)
             bias[n:] += shift
         skip = rm.ConvOp(matrix[None, None], bias, strides=self.strides, name=f"{self.name}_1x1")

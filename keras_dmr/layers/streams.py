@@ -13,6 +13,7 @@ from keras import ops
 
 from keras_dmr import rm
 from keras_dmr.layers.conv import BN_EPSILON
+from keras_dmr.rm import kernels
 
 
 @keras.saving.register_keras_serializable(package="keras_dmr")
@@ -26,6 +27,11 @@ class ChannelScale(keras.layers.Layer):
     ``scale·x`` (the kernel makes up for the epsilon) and normalises like a real BN when
     fine-tuned. ``scale=False`` keeps the statistics only (the identity): the block's record of
     the sum before its ReLU, which becomes the merged channels' BN the same way.
+
+    Args:
+        scale: learn the per-channel scale (``False``: statistics only).
+        momentum: momentum of the moving statistics, as BatchNormalization's.
+        epsilon: the epsilon of the BN the statistics become after RM.
     """
 
     def __init__(self, scale: bool = True, momentum: float = 0.9, epsilon=BN_EPSILON, **kwargs):
@@ -93,7 +99,7 @@ class BranchMean(keras.layers.Layer):
             raise rm.ConversionError(f"layer {self.name!r} (BranchMean) must follow global pooling")
         convs = [op for op in ctx.chain if isinstance(op, rm.ConvOp)]
         channels = convs[-1].c_out // self.branches
-        mean = np.tile(np.eye(channels), (self.branches, 1)) / self.branches
+        mean = kernels.merge_and_run_matrix(self.branches, channels)[:, :channels]
         return [rm.DenseOp(mean, np.zeros(channels), None, self.name)]
 
     def get_config(self):

@@ -377,6 +377,16 @@ def from_keras_mobilenet_v2(
 
     Cannot: a MobileNetV2 whose layers were renamed, wrapped in another model, extended with
     other layers, or built channels_first.
+
+    Args:
+        model: a ``keras.applications.MobileNetV2``.
+        verify: compare both models' outputs.
+        tolerance: maximum relative error of ``verify``.
+        verify_inputs: arrays to verify on instead of random batches.
+        name: the new model's name.
+
+    Returns:
+        The :class:`MobileNetV2`.
     """
     if not isinstance(model, keras.Model) or not hasattr(model, "inputs"):
         raise ConversionError(f"{model!r} is not a functional keras.Model")

@@ -174,7 +174,14 @@ class DVANet(_AssemblyNet):
     """Deep vanilla-assembly network (Eq. 2): K branches read one input; outputs summed with it.
 
     Arguments as :class:`DMRNet`; ``mapping`` can only be ``"vanilla"`` (what the saved config
-    holds): anything else is an error, never silently ignored."""
+    holds): anything else is an error, never silently ignored.
+
+    Args:
+        depth: as :class:`DMRNet`.
+        branches: K, the branches that read the block's input.
+        mapping: ``"vanilla"`` only.
+        **kw: the other arguments of :class:`DMRNet`.
+    """
 
     def __init__(self, depth: int = 50, *, branches: int = 2, mapping: str = "vanilla", **kw):
         if mapping != "vanilla":
@@ -193,7 +200,15 @@ class ResNet(_AssemblyNet):
     the "wide ResNet" of the same table. ImageNet: depths 18, 34, 50, 98, 101, 152.
     Arguments as :class:`DMRNet`; ``branches`` can only be 1 and ``mapping`` only
     ``"merge_and_run"`` (what the saved config holds; with one branch every mapping is the plain
-    residual): anything else is an error, never silently ignored."""
+    residual): anything else is an error, never silently ignored.
+
+    Args:
+        depth: CIFAR 6n + 2, or an ImageNet depth (18, 34, 50, 98, 101, 152).
+        widths: output channels per stage (default: the depth's standard widths).
+        branches: 1 only.
+        mapping: ``"merge_and_run"`` only.
+        **kw: the other arguments of :class:`DMRNet`.
+    """
 
     def __init__(
         self,
@@ -223,6 +238,17 @@ class DMRNeXt(ResidualClassifier):
     From ResNeXt-29 (C×64d): the C transformed bottlenecks of a ResNeXt block are split over K
     merge-and-run branches, each a ResNeXt block of cardinality C/K. Stage widths (256, 512,
     1024) per branch; bottleneck width ``bottleneck_width·2^stage`` per group. Depth 9n + 2.
+
+    Args:
+        depth: 9n + 2 (29: ResNeXt-29).
+        branches: K, the merge-and-run branches; must divide ``cardinality``.
+        cardinality: C, the groups of the ResNeXt block the K branches share.
+        bottleneck_width: channels per group in the first stage (doubling per stage).
+        widths: output channels of each stage, per branch.
+        stem_filters: channels of the first convolution.
+        implementation: ``"auto"``, ``"split"`` or ``"grouped"`` (as :class:`DMRNet`).
+        input_shape, classes, include_top, pooling, classifier_activation, weights, compile,
+            name: as keras.applications and :class:`DMRNet`.
     """
 
     def __init__(

@@ -10,7 +10,16 @@ from keras_dmr.prune.units import macs_or_none
 
 # ------------------------------------------------------------------------------ reports
 def accuracy(model: keras.Model, data, steps: int | None = None) -> float:
-    """Top-1 accuracy of ``model`` (inference mode) on ``(images, labels)`` batches."""
+    """Top-1 accuracy of ``model`` (inference mode) on ``(images, labels)`` batches.
+
+    Args:
+        model: the model to evaluate.
+        data: an iterable of ``(images, labels)`` batches.
+        steps: at most this many batches (``None``: all).
+
+    Returns:
+        The fraction of labels predicted (0..1).
+    """
     correct = total = 0
     for i, (images, labels) in enumerate(data):
         if steps is not None and i >= steps:
@@ -34,7 +43,19 @@ def throughput(
 ) -> dict:
     """Measured images per second of each model in inference mode (one TensorFlow graph per
     model, a fixed random batch), the median over ``repeats`` with the models interleaved;
-    ``spread=True`` gives ``(median, slowest, fastest)`` repeat instead."""
+    ``spread=True`` gives ``(median, slowest, fastest)`` repeat instead.
+
+    Args:
+        models: ``{label: model}``.
+        batch_size: images per batch.
+        warmup: untimed batches first.
+        iters: batches per timed repeat.
+        repeats: timed repeats (the median is reported).
+        spread: report ``(median, slowest, fastest)``.
+
+    Returns:
+        ``{label: images/s}`` (or the triples).
+    """
     from keras_dmr.utils.timing import inference_fn, interleaved
 
     fns = {name: inference_fn(m, batch_size) for name, m in models.items()}
@@ -49,7 +70,17 @@ def throughput(
 
 def describe(models: dict[str, keras.Model], *, data=None, speed: dict | None = None) -> dict:
     """Parameters, multiply-accumulates, accuracy on ``data`` and the measured ``speed``
-    (images/s, from :func:`throughput`) of each model, side by side."""
+    (images/s, from :func:`throughput`) of each model, side by side.
+
+    Args:
+        models: ``{label: model}``.
+        data: ``(images, labels)`` batches for accuracy (``None``: not measured).
+        speed: ``{label: images/s}`` from :func:`throughput` (``None``: not shown).
+
+    Returns:
+        ``{label: {"params", "flops", "accuracy", "images_per_s"}}`` (``flops``: multiply-
+        accumulates; None where not measured).
+    """
     out = {}
     for name, model in models.items():
         out[name] = {
@@ -62,7 +93,14 @@ def describe(models: dict[str, keras.Model], *, data=None, speed: dict | None = 
 
 
 def format_table(rows: dict[str, dict]) -> str:
-    """The :func:`describe` dictionary as an aligned text table."""
+    """The :func:`describe` dictionary as an aligned text table.
+
+    Args:
+        rows: :func:`describe`'s result.
+
+    Returns:
+        The table, one line per model.
+    """
     width = max(len(n) for n in rows)
     lines = [f"{'model':<{width}}  {'params':>10}  {'MACs':>12}  {'accuracy':>8}  {'images/s':>9}"]
     for name, r in rows.items():

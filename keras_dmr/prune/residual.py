@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from keras_dmr.layers.blocks import ParallelBranchBlock
+from keras_dmr.layers.conv import bn_weights
 from keras_dmr.layers.streams import ChannelScale
 from keras_dmr.prune.slim import (
     _balance,
@@ -20,7 +21,6 @@ from keras_dmr.prune.slim import (
 )
 from keras_dmr.prune.units import (
     Unit,
-    bn_arrays,
     clone_layer,
     describe_layer,
     input_like,
@@ -191,6 +191,15 @@ def slim_residual(
     block had ``skip_bn``, a fixed ``Rescaling`` with ``fuse_bn=True``, folded into the
     projection where there is one), with
     ``pruning_report`` as :func:`slim`'s.
+
+    Args:
+        model: the residual network.
+        threshold: drop channels whose importance is below it.
+        ratio: drop the lowest ``ratio`` (0..1) of channels instead.
+        fuse_bn: fold the BNs of the result.
+
+    Returns:
+        The slimmed residual model, with ``pruning_report``.
     """
     fuse_bn = renamed_keyword(deprecated, "fold_bn", "fuse_bn", fuse_bn, "slim_residual")
     _validate(threshold, ratio)
@@ -333,7 +342,14 @@ def _build_residual_unit(unit: Unit, x, fuse_bn: bool, block_name: str):
 
 
 def fold_batchnorm(model: keras.Model) -> keras.Model:
-    """Deprecated name of :func:`fuse_batchnorm`."""
+    """Deprecated name of :func:`fuse_batchnorm`.
+
+    Args:
+        model: as :func:`fuse_batchnorm`.
+
+    Returns:
+        :func:`fuse_batchnorm`'s result.
+    """
     warnings.warn(
         "keras_dmr.prune.fold_batchnorm is deprecated, use fuse_batchnorm (same function)",
         DeprecationWarning,
@@ -347,7 +363,14 @@ def fuse_batchnorm(model: keras.Model) -> keras.Model:
     BatchNormalization folded with it into one convolution with bias, and every
     :class:`ChannelScale` a fixed ``Rescaling`` (deployment; inference outputs unchanged to
     float rounding). Other layers are copied with their weights. Layers called more than once
-    (shared) are not supported."""
+    (shared) are not supported.
+
+    Args:
+        model: a functional model.
+
+    Returns:
+        A new model without BatchNormalization after convolutions.
+    """
     layers = [lyr for lyr in model.layers if not isinstance(lyr, keras.layers.InputLayer)]
     for layer in layers:
         if len(keras_internals.call_sites(layer)) != 1:
@@ -377,7 +400,7 @@ def fuse_batchnorm(model: keras.Model) -> keras.Model:
             tensors[id(layer.output)] = args[0]  # folded into its convolution
             continue
         if layer.name in fold:
-            scale, shift = kernels.fold_bn(*bn_arrays(fold[layer.name]), fold[layer.name].epsilon)
+            scale, shift = kernels.fold_bn(*bn_weights(fold[layer.name]), fold[layer.name].epsilon)
             w = layer.get_weights()
             bias = w[1] if layer.use_bias else 0.0
             if isinstance(layer, keras.layers.DepthwiseConv2D):

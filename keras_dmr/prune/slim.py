@@ -228,7 +228,15 @@ def _validate(threshold, ratio) -> None:
 
 def threshold_for_ratio(importances: np.ndarray, ratio: float) -> float:
     """The threshold below which the lowest ``ratio`` of ``importances`` lie (global, as
-    network slimming's percentile); infinite importances do not count."""
+    network slimming's percentile); infinite importances do not count.
+
+    Args:
+        importances: channel importances (:func:`channel_importances`).
+        ratio: fraction in [0, 1].
+
+    Returns:
+        The threshold (infinite when ``ratio`` covers every channel).
+    """
     values = np.sort(np.asarray(importances, np.float64)[np.isfinite(importances)])
     if values.size == 0:
         return 0.0
@@ -237,7 +245,14 @@ def threshold_for_ratio(importances: np.ndarray, ratio: float) -> float:
 
 
 def channel_importances(plain_model: keras.Model) -> np.ndarray:
-    """The importance of every channel :func:`slim` could drop (before any is dropped)."""
+    """The importance of every channel :func:`slim` could drop (before any is dropped).
+
+    Args:
+        plain_model: as :func:`slim` takes it.
+
+    Returns:
+        A float64 vector, one entry per channel :func:`slim` ranks (infinite: never dropped).
+    """
     chains = _chains(_parse_plain(plain_model))
     found = [_priority(c) for c in chains]
     return np.concatenate(found) if found else np.zeros(0)
@@ -384,6 +399,15 @@ def slim(
     result (deployment); otherwise they stay, for fine-tuning. The result carries
     ``pruning_report``: the threshold used, channels, parameters and multiply-accumulates before
     and after.
+
+    Args:
+        plain_model: the plain model to slim.
+        threshold: drop channels whose importance is below it.
+        ratio: drop the lowest ``ratio`` (0..1) of channels instead.
+        fuse_bn: fold the BNs of the result.
+
+    Returns:
+        The slimmed model, with ``pruning_report``.
     """
     fuse_bn = renamed_keyword(deprecated, "fold_bn", "fuse_bn", fuse_bn, "slim")
     _validate(threshold, ratio)

@@ -23,7 +23,14 @@ from keras_dmr.utils import keras_internals
 # ------------------------------------------------------------------------------ sparsity
 def scale_variables(model: keras.Model) -> list:
     """The scale factors network slimming penalises: every BatchNormalization's ``gamma`` and
-    every :class:`ChannelScale`'s (the extra BN on the residual path), nested layers included."""
+    every :class:`ChannelScale`'s (the extra BN on the residual path), nested layers included.
+
+    Args:
+        model: any Keras model.
+
+    Returns:
+        The ``gamma`` variables, in layer order.
+    """
     found, seen = [], set()
     for layer in keras_internals.all_layers(model):
         var = None
@@ -38,7 +45,14 @@ def scale_variables(model: keras.Model) -> list:
 
 
 def bn_scales(model: keras.Model) -> np.ndarray:
-    """All penalised scale factors of ``model`` as one vector of ``|gamma|``."""
+    """All penalised scale factors of ``model`` as one vector of ``|gamma|``.
+
+    Args:
+        model: a model with BN layers or :class:`ChannelScale` layers.
+
+    Returns:
+        A float64 vector, one entry per scaled channel.
+    """
     variables = scale_variables(model)
     if not variables:
         return np.zeros(0)
@@ -56,6 +70,10 @@ class BNSparsity(keras.callbacks.Callback):
     paper picks ``factor`` in [1e-4, 1e-3] for 200 CIFAR epochs; the penalty applied is
     proportional to ``factor`` times the number of steps, so short runs need a larger one. The
     step bypasses momentum and weight decay (it is not part of the loss).
+
+    Args:
+        factor: the L1 factor (>= 0).
+        method: ``"proximal"`` or ``"subgradient"``.
     """
 
     def __init__(self, factor: float = 1e-4, method: str = "proximal"):
@@ -100,6 +118,12 @@ def with_skip_bn(model: keras.Model) -> keras.Model:
     ``keras.Model`` (it no longer rebuilds from builder arguments), compiled with the paper's
     recipe when ``model`` was compiled; add :class:`keras_dmr.recipe.StepDecay` to its ``fit``
     for the recipe's schedule. Blocks of other kinds are copied as they are.
+
+    Args:
+        model: a model of the package's builders (or a chain of its blocks).
+
+    Returns:
+        The functional copy.
     """
     from keras_dmr.recipe import compile_with_recipe
 

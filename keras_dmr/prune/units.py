@@ -13,6 +13,7 @@ from keras_dmr.analysis.flops import count_flops
 from keras_dmr.convert import elements
 from keras_dmr.errors import ConversionError
 from keras_dmr.layers import RESIDUAL_BLOCKS
+from keras_dmr.layers.conv import bn_weights
 from keras_dmr.rm import kernels
 
 SPARSITY_METHODS = ("proximal", "subgradient")
@@ -152,18 +153,6 @@ class Unit:
         return self.activate(np.where(exact, at_zero, self.beta))
 
 
-def bn_arrays(bn) -> tuple[np.ndarray, ...]:
-    c = int(bn.moving_mean.shape[0])
-    gamma = np.asarray(bn.gamma, np.float64) if bn.scale else np.ones(c)
-    beta = np.asarray(bn.beta, np.float64) if bn.center else np.zeros(c)
-    return (
-        gamma,
-        beta,
-        np.asarray(bn.moving_mean, np.float64),
-        np.asarray(bn.moving_variance, np.float64),
-    )
-
-
 def make_unit(conv, bn, act) -> Unit:
     if not isinstance(bn, keras.layers.BatchNormalization):
         raise ValueError(
@@ -191,7 +180,7 @@ def make_unit(conv, bn, act) -> Unit:
     if act is not None and isinstance(act, keras.layers.PReLU):
         if np.asarray(act.alpha).size != c_out:
             raise ValueError(f"{describe_layer(act)}: only per-channel alphas (shared_axes=[1, 2])")
-    gamma, beta, mean, var = bn_arrays(bn)
+    gamma, beta, mean, var = bn_weights(bn)
     return Unit(
         conv, bn, act, depthwise, groups, kernel, bias, gamma, beta, mean, var, float(bn.epsilon)
     )

@@ -1,4 +1,4 @@
-"""The package's kernel math, in one place: merge-and-run matrices, branch stacking, Dirac kernels
+"""The package's kernel math, in one place: merge-and-run matrices, branch stacking, Dirac placement
 and BatchNorm folding. Everything here is NumPy and runs in float64 unless told otherwise, so that
 conversions cast to float32 once, at the end."""
 
@@ -8,14 +8,25 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from keras_dmr.errors import ConversionError
 
-def merge_and_run_matrix(branches: int, channels: int) -> np.ndarray:
-    """The (K·d)×(K·d) skip matrix of a merge-and-run block: K×K blocks of ``I/K`` (idempotent)."""
+
+def merge_and_run_matrix(branches: int, channels: int, projection=None) -> np.ndarray:
+    """The (K·d)×(K·d) skip matrix of a merge-and-run block: K×K blocks of ``I/K`` (idempotent).
+
+    With a ``projection`` (a ``(d, d_out)`` matrix, the shortcut's 1×1 convolution shared by the
+    streams), K×K blocks of ``projection/K``: the streams' average, projected.
+    """
     if branches < 1 or channels < 1:
         raise ValueError(
             f"branches and channels must be >= 1; got branches={branches}, channels={channels}"
         )
-    return np.kron(np.full((branches, branches), 1.0 / branches), np.eye(channels))
+    block = np.eye(channels) if projection is None else np.asarray(projection, np.float64)
+    if block.shape[0] != channels:
+        raise ValueError(
+            f"a projection of {channels} channels needs {channels} rows; got {block.shape}"
+        )
+    return np.kron(np.full((branches, branches), 1.0 / branches), block)
 
 
 def stack_axis(kind: str, ndim: int) -> int:
@@ -113,17 +124,51 @@ def dirac_tap(kernel_size: int, strides: int, size: int | None) -> int:
     return same_padding_before(kernel_size, strides, size)
 
 
-def dirac_kernel(kernel_size, channels: int, taps=None, scale=None) -> np.ndarray:
-    """A ``(kh, kw, channels, channels)`` kernel copying channel c to channel c at one tap.
+def partial_identity(c_in: int, c_out: int, channels: int) -> np.ndarray:
+    """A ``(c_in, c_out)`` matrix copying the first ``channels`` inputs to the first
+    ``channels`` outputs (zeros elsewhere): the skip of a block that passes part of its input."""
+    if not 0 <= channels <= min(c_in, c_out):
+        raise ValueError(f"cannot copy {channels} channels from {c_in} to {c_out}")
+    matrix = np.zeros((c_in, c_out))
+    matrix[np.arange(channels), np.arange(channels)] = 1.0
+    return matrix
 
-    ``taps`` is the (row, column) tap, centre by default; ``scale`` multiplies each channel.
-    The depthwise form is ``dirac_kernel(...)`` diagonal, see :func:`to_grouped`.
+
+def add_at_tap(
+    target: np.ndarray, taps, matrix=None, window: int = 1, name: str = ""
+) -> np.ndarray:
+    """Add ``matrix`` (``(c_in, c_out)``; the identity, a Dirac filter, when None) into the
+    ``(kh, kw, c_in, c_out)`` kernel ``target`` at one tap, in place: every Dirac placement in
+    the package goes through here. With ``window`` > 1, ``matrix / window²`` at each tap of
+    the ``window × window`` square from that tap on (an average pool at the layer's stride, as
+    a "vd" shortcut averages). Returns ``target``.
+
+    Raises:
+        ConversionError: the square does not fit in the kernel (``name`` names the layer).
     """
-    kh, kw = (kernel_size, kernel_size) if np.isscalar(kernel_size) else kernel_size
-    r, c = taps if taps is not None else ((kh - 1) // 2, (kw - 1) // 2)
-    kernel = np.zeros((kh, kw, channels, channels))
-    kernel[r, c] = np.diag(np.ones(channels) if scale is None else np.asarray(scale, np.float64))
-    return kernel
+    kh, kw = target.shape[:2]
+    if taps[0] + window > kh or taps[1] + window > kw:
+        raise ConversionError(
+            f"{name}: its {kh}×{kw} window does not cover the {window}×{window} average the "
+            "shortcut takes, so the input cannot be carried through it"
+        )
+    diagonal = np.arange(target.shape[2])
+    values = 1.0 if matrix is None else _diagonal_of(matrix)  # the usual case: no dense add
+    for a in range(window):
+        for b in range(window):
+            if values is not False:
+                target[taps[0] + a, taps[1] + b, diagonal, diagonal] += values / window**2
+            else:
+                target[taps[0] + a, taps[1] + b] += matrix / window**2
+    return target
+
+
+def _diagonal_of(matrix: np.ndarray):
+    """The diagonal of a square diagonal matrix, else False."""
+    if matrix.shape[0] != matrix.shape[1]:
+        return False
+    diagonal = np.diagonal(matrix)
+    return diagonal.copy() if np.count_nonzero(matrix) == np.count_nonzero(diagonal) else False
 
 
 def to_dense(kernel: np.ndarray, groups: int) -> np.ndarray:

@@ -1,9 +1,10 @@
 """The plain network as data: a chain of float64 operations that blocks rewrite themselves into.
 
-Every convertible layer returns a list of these (``plain_ops``); the walker in
-:mod:`keras_dmr.convert.plain` chains them, fuses adjacent pointwise convolutions (Eq. 5), orders
-channels so that grouped and depthwise structure shows, and emits Keras layers. All arithmetic is
-float64; the cast to float32 happens once, when the Keras layers receive their weights.
+Every convertible layer returns a list of these (``plain_ops``); the converter
+(:mod:`keras_dmr.convert.walker` walks the graph, :mod:`keras_dmr.convert.plain` emits) chains
+them, fuses adjacent pointwise convolutions (Eq. 5), orders channels so that grouped and
+depthwise structure shows, and emits Keras layers. All arithmetic is float64; the cast to float32
+happens once, when the Keras layers receive their weights.
 
 The RM operation itself is :func:`reserve_and_merge`: given a residual block as a branch of
 convolutions plus a linear skip, it returns plain convolutions with the same output.
@@ -197,36 +198,6 @@ def depthwise_kernel(kernel) -> np.ndarray:
     return kernel.reshape(kh, kw, 1, c * m)
 
 
-def _diagonal_of(matrix: np.ndarray):
-    """The diagonal of a square diagonal matrix (None for the identity too), else False."""
-    if matrix.shape[0] != matrix.shape[1]:
-        return False
-    diagonal = np.diagonal(matrix)
-    return diagonal.copy() if np.count_nonzero(matrix) == np.count_nonzero(diagonal) else False
-
-
-def _add_at(target: np.ndarray, taps, matrix, window: int = 1, name: str = "") -> np.ndarray:
-    """Add ``matrix`` (``(c_in, c_out)``, or the identity when ``matrix`` is None) into the
-    ``(kh, kw, c_in, c_out)`` kernel ``target`` at one tap, in place; with ``window`` > 1,
-    ``matrix / window²`` at each tap of the ``window × window`` square from that tap on (an
-    average pool at the layer's stride, as a "vd" shortcut averages). Returns ``target``."""
-    kh, kw = target.shape[:2]
-    if taps[0] + window > kh or taps[1] + window > kw:
-        raise ConversionError(
-            f"{name}: its {kh}×{kw} window does not cover the {window}×{window} average the "
-            "shortcut takes, so the input cannot be carried through it"
-        )
-    diagonal = np.arange(target.shape[2])
-    values = 1.0 if matrix is None else _diagonal_of(matrix)  # the usual case: no dense add
-    for a in range(window):
-        for b in range(window):
-            if values is not False:
-                target[taps[0] + a, taps[1] + b, diagonal, diagonal] += values / window**2
-            else:
-                target[taps[0] + a, taps[1] + b] += matrix / window**2
-    return target
-
-
 def _extended(op: ConvOp, extra_in: int, extra_out: int) -> np.ndarray:
     """``op``'s kernel in a zero kernel with ``extra_in`` more inputs and ``extra_out`` more
     outputs (one allocation: RM's kernels are large and mostly zeros)."""
@@ -347,7 +318,7 @@ def reserve_and_merge(
         window = skip_window if last.strides > 1 else 1
         merged = dataclasses.replace(
             last,
-            kernel=_add_at(last.kernel.copy(), tap, scaled_matrix, window, last.name),
+            kernel=kernels.add_at_tap(last.kernel.copy(), tap, scaled_matrix, window, last.name),
             bias=last.bias + scaled_bias,
             act=post,
         )
@@ -372,7 +343,7 @@ def reserve_and_merge(
                 extra, res_bias, res_bn = scaled_matrix, scaled_bias, None
                 reserved_nonneg = False
             else:
-                extra = (np.eye(op.c_in) * pre_scale)[:, used]
+                extra = np.diag(pre_scale)[:, used]
                 res_bias = pre_bias[used]
                 res_bn = None if pre_bn is None else pre_bn[:, used]
                 if pre_bn is not None:  # later Dirac copies: the statistics of s·x
@@ -383,11 +354,11 @@ def reserve_and_merge(
                     np.all(pre_scale[used] >= 0) and np.all(res_bias >= 0)
                 )
             kernel = _extended(op, 0, n_res)
-            _add_at(kernel[..., op.c_out :], tap, extra, window, op.name)
+            kernels.add_at_tap(kernel[..., op.c_out :], tap, extra, window, op.name)
         else:
             n_res = ops[-1].c_out - n_hidden
             kernel = _extended(op, n_res, n_res)
-            _add_at(kernel[:, :, n_hidden:, op.c_out :], tap, None, window, op.name)
+            kernels.add_at_tap(kernel[:, :, n_hidden:, op.c_out :], tap, None, window, op.name)
             res_bias, res_bn = np.zeros(n_res), carried
         # A linear layer inside a branch (a separable conv's depthwise half) passes reserved
         # channels linearly too.
@@ -410,7 +381,7 @@ def reserve_and_merge(
         merge, merge_bias = skip_matrix[used], skip.bias
     window = skip_window if last.strides > 1 else 1
     kernel = _extended(last, n_res, 0)
-    _add_at(kernel[:, :, last.c_in :, :], tap, merge, window, last.name)
+    kernels.add_at_tap(kernel[:, :, last.c_in :, :], tap, merge, window, last.name)
     merged = dataclasses.replace(last, kernel=kernel, bias=last.bias + merge_bias, act=post)
     ops.append(merged)
     return ops

@@ -31,6 +31,11 @@ class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
     model) and reduces rank-0 values across replicas when given ``axis=0`` (Keras reduces every
     logged metric that way). Cannot: fix anything else of Keras 3 under multi-worker training;
     the loopback tests cover ``fit`` with validation and the package's callbacks.
+
+    Args:
+        cluster_resolver: as ``tf.distribute.MultiWorkerMirroredStrategy`` (``None``: read
+            ``TF_CONFIG``).
+        communication_options: as ``tf.distribute.MultiWorkerMirroredStrategy``.
     """
 
     def reduce(self, reduce_op, value, axis=None):
@@ -49,6 +54,12 @@ def make_strategy(name: str | None) -> tf.distribute.Strategy | None:
 
     ``"multiworker"`` reads ``TF_CONFIG`` (no ``TF_CONFIG``: one worker); its workers must all
     start, or the constructor waits for them.
+
+    Args:
+        name: a strategy name or None.
+
+    Returns:
+        The strategy, or None.
     """
     if name is None or name == "none":
         return None
@@ -60,7 +71,14 @@ def make_strategy(name: str | None) -> tf.distribute.Strategy | None:
 
 
 def is_multi_worker(strategy: tf.distribute.Strategy | None) -> bool:
-    """Whether ``strategy`` spans more than one worker."""
+    """Whether ``strategy`` spans more than one worker.
+
+    Args:
+        strategy: a strategy or None.
+
+    Returns:
+        True for more than one worker.
+    """
     extended = getattr(strategy, "extended", None)
     check = getattr(extended, "_in_multi_worker_mode", None)
     return bool(check and check())
@@ -73,6 +91,9 @@ class AverageBatchNormStatistics(keras.callbacks.Callback):
     The averaged variance is the mean of the workers' moving variances, not the variance of the
     pooled data (it leaves out the spread between the workers' means). Does nothing with one
     worker. All workers must run ``fit`` with this callback: the average is a collective op.
+
+    Args:
+        strategy: the run's ``tf.distribute`` strategy.
     """
 
     def __init__(self, strategy: tf.distribute.Strategy):

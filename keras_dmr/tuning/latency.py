@@ -34,6 +34,15 @@ class PlainLatencyObjective(kt.Objective):
     Give the same object to the hypermodel (``latency_objective=``) and to the tuner
     (``objective=``): the hypermodel's ``fit`` trains, converts, times and returns the trial's
     metrics, the tuner ranks trials by the score.
+
+    Args:
+        budget_ms: the latency budget, ms per batch.
+        accuracy: the metric scored.
+        batch_size: images per timed batch.
+        warmup: untimed batches first.
+        iters: batches per timed repeat.
+        repeats: timed repeats (the median counts).
+        name: the objective's name.
     """
 
     def __init__(
@@ -125,7 +134,19 @@ def plain_latency_objective(
     repeats: int = 5,
 ) -> PlainLatencyObjective:
     """An objective scoring ``accuracy`` under a latency budget (ms per batch of ``batch_size``)
-    of the converted plain model; see the module docstring for the score and what is timed."""
+    of the converted plain model; see the module docstring for the score and what is timed.
+
+    Args:
+        budget_ms: the latency budget, ms per batch.
+        accuracy: the metric scored.
+        batch_size: images per timed batch.
+        warmup: untimed batches first.
+        iters: batches per timed repeat.
+        repeats: timed repeats (the median counts).
+
+    Returns:
+        A :class:`PlainLatencyObjective`.
+    """
     return PlainLatencyObjective(
         budget_ms,
         accuracy=accuracy,

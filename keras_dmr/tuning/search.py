@@ -17,7 +17,11 @@ TUNERS = ("random", "bayesian", "hyperband")
 def tuner_role() -> str:
     """``"chief"``, ``"worker"`` or ``"single"``: this process's part in Keras Tuner's
     distributed mode, read from the environment as Keras Tuner reads it (``KERASTUNER_ORACLE_IP``
-    set: distributed; ``KERASTUNER_TUNER_ID`` containing ``"chief"``: the oracle)."""
+    set: distributed; ``KERASTUNER_TUNER_ID`` containing ``"chief"``: the oracle).
+
+    Returns:
+        The role.
+    """
     if "KERASTUNER_ORACLE_IP" not in os.environ:
         return "single"
     return "chief" if "chief" in os.environ.get("KERASTUNER_TUNER_ID", "") else "worker"
@@ -45,6 +49,22 @@ def make_tuner(
     ``distribution_strategy`` runs every trial under that strategy (Keras Tuner builds the
     model, and so compiles it, under its scope). ``overwrite=False`` resumes the project in
     ``directory/project_name``. Other keyword arguments go to the tuner class.
+
+    Args:
+        hypermodel: the search space.
+        tuner: ``"random"``, ``"bayesian"`` or ``"hyperband"``.
+        objective: what to maximise (see above).
+        max_trials: trials at most.
+        max_epochs: Hyperband's epochs per trial.
+        seed: the search's seed.
+        directory: where trials are stored.
+        project_name: the project's folder in ``directory``.
+        overwrite: start afresh instead of resuming.
+        distribution_strategy: a ``tf.distribute`` strategy for every trial.
+        **kwargs: passed to the tuner class.
+
+    Returns:
+        The tuner.
     """
     if tuner not in TUNERS:
         raise ValueError(f"`tuner` must be one of {TUNERS}; got {tuner!r}")
@@ -82,6 +102,14 @@ def serve_oracle(tuner: kt.Tuner, *, verbose: int = 1, poll_seconds: float = 0.5
     the end: Keras Tuner 1.4.8's loop checks only every 20 s once the search is stopping. Built on
     Keras Tuner's servicer (``keras_tuner.src.distribute``); where that is missing it falls back
     to ``tuner.search()``.
+
+    Args:
+        tuner: the chief's tuner.
+        verbose: 1 prints progress.
+        poll_seconds: how often the end of the search is checked.
+
+    Returns:
+        None.
     """
     try:
         from concurrent import futures
@@ -110,7 +138,14 @@ def serve_oracle(tuner: kt.Tuner, *, verbose: int = 1, poll_seconds: float = 0.5
 
 def best_trial(tuner: kt.Tuner) -> kt.engine.trial.Trial:
     """The best completed trial; ties go to the earliest trial (Keras Tuner's own order of equal
-    scores depends on the order its files are listed in, so it can change on reload)."""
+    scores depends on the order its files are listed in, so it can change on reload).
+
+    Args:
+        tuner: a Keras Tuner tuner.
+
+    Returns:
+        The trial.
+    """
     trials = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
     if not trials:
         raise ValueError("the search has no completed trial")
@@ -120,7 +155,14 @@ def best_trial(tuner: kt.Tuner) -> kt.engine.trial.Trial:
 
 def best_summary(tuner: kt.Tuner) -> dict:
     """The best completed trial (:func:`best_trial`): id, score, hyperparameter values and last
-    metric values. Reload its model with ``tuner.load_model(best_trial(tuner))``."""
+    metric values. Reload its model with ``tuner.load_model(best_trial(tuner))``.
+
+    Args:
+        tuner: a Keras Tuner tuner.
+
+    Returns:
+        ``{"trial_id", "score", "objective", "hyperparameters", "metrics"}``.
+    """
     trial = best_trial(tuner)
     metrics = {name: trial.metrics.get_last_value(name) for name in sorted(trial.metrics.metrics)}
     return {

@@ -48,3 +48,16 @@ def write_json(obj, path: str | Path) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_text(text: str, path: str | Path) -> None:
+    """Write ``text`` to ``path`` atomically (complete or absent)."""
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def save_figure(figure, path: str | Path, **kwargs) -> None:
+    """``figure.savefig(path, **kwargs)`` atomically; the format follows ``path``'s suffix."""
+    path = Path(path)
+    with atomic_output(path, suffix=path.suffix) as tmp:
+        figure.savefig(tmp, **kwargs)

@@ -1,14 +1,14 @@
-"""``keras-dmr bench``: the arguments and the run (registered in :mod:`keras_dmr.cli`)."""
+"""``keras-dmr bench``: the arguments and the run of the suite in :mod:`keras_dmr.bench`."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
 from keras_dmr.utils.arguments import int_at_least as _int_at_least
 from keras_dmr.utils.arguments import output_path
+from keras_dmr.utils.files import write_json
 
 HELP = "time every family: residual vs plain, TF vs ONNX"
 DESCRIPTION = (
@@ -147,11 +147,10 @@ def run_bench(args: argparse.Namespace, *, inference_groups=None, training_group
         message = re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), str(err))
         raise UsageError(message) from None
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     partial = out / "benchmarks.partial.json"
 
     def save(result):
-        partial.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(result, partial)
 
     result = suite.run(
         settings,
