@@ -43,11 +43,29 @@ def _ratio_target(result, name, fast, slow, threshold, paper, engines=None) -> d
 
 
 def evaluate_targets(result: dict) -> list[dict]:
-    """The issue's targets, from whatever the run measured (missing groups are skipped)."""
-    targets = []
-    add = targets.append
-    for base in ("RepVGG-21", "RM+RepVGG-21 (r=0.25)"):
-        t = _ratio_target(
+    """The issue's targets, from whatever the run measured (missing groups are skipped).
+
+    Args:
+        result: a ``keras-dmr bench`` result.
+
+    Returns:
+        One record per target measured: ``target``, ``rule``, ``values`` (each ``what``,
+        ``value``, ``met``) and ``paper``.
+    """
+    found = [
+        *_throughput_targets(result),
+        _keras_against_saved_model(result),
+        *_training_targets(result),
+        _peak_fraction_target(result),
+        conversion_target(result.get("conversion", [])),
+    ]
+    return [t for t in found if t]
+
+
+def _throughput_targets(result: dict) -> list:
+    """Deploy forms against their training forms, side by side (None where not measured)."""
+    found = [
+        _ratio_target(
             result,
             f"{base}: deploy form against training form (throughput)",
             f"{base} deploy",
@@ -55,41 +73,52 @@ def evaluate_targets(result: dict) -> list[dict]:
             2.0,
             "RepVGG's motivation; no figure in the RMNet paper",
         )
-        t and add(t)
-    t = _ratio_target(
-        result,
-        "RMNetV1 against MobileNetV2 (CIFAR, its training form; throughput)",
-        "RMNetV1",
-        "MobileNetV2 (CIFAR, f=8)",
-        1.3,
-        "1.45× (RMNet paper Table 2, V100)",
+        for base in ("RepVGG-21", "RM+RepVGG-21 (r=0.25)")
+    ]
+    found.append(
+        _ratio_target(
+            result,
+            "RMNetV1 against MobileNetV2 (CIFAR, its training form; throughput)",
+            "RMNetV1",
+            "MobileNetV2 (CIFAR, f=8)",
+            1.3,
+            "1.45× (RMNet paper Table 2, V100)",
+        )
     )
-    t and add(t)
-    t = _ratio_target(
-        result,
-        "RMNet 26×3_32 plain against CIFAR ResNet-34, exported (throughput)",
-        "RMNet 26×3_32 plain",
-        "CIFAR ResNet-34",
-        1.5,
-        "1.23× (RMNet paper Table 3, V100)",
+    found.append(
+        _ratio_target(
+            result,
+            "RMNet 26×3_32 plain against CIFAR ResNet-34, exported (throughput)",
+            "RMNet 26×3_32 plain",
+            "CIFAR ResNet-34",
+            1.5,
+            "1.23× (RMNet paper Table 3, V100)",
+        )
     )
-    t and add(t)
+    return found
+
+
+def _keras_against_saved_model(result: dict) -> dict | None:
     values = []
     for label in ("RMNet 26×3_32 plain", "CIFAR ResNet-34"):
         a, b = _find(result, label, "keras"), _find(result, label, "saved_model")
         if a and b:
             ratio = a["images_per_s"] / b["images_per_s"]
             values.append({"what": label, "value": ratio, "met": abs(ratio - 1) <= 0.1})
-    if values:
-        add(
-            {
-                "target": "In-process Keras model (TF graph) against its exported SavedModel",
-                "rule": "within ±10% (ratio 0.9–1.1)",
-                "values": values,
-                "paper": "–",
-            }
-        )
+    if not values:
+        return None
+    return {
+        "target": "In-process Keras model (TF graph) against its exported SavedModel",
+        "rule": "within ±10% (ratio 0.9–1.1)",
+        "values": values,
+        "paper": "–",
+    }
+
+
+def _training_targets(result: dict) -> list[dict]:
+    """DMRNet's training step and inference time against its Table 2 ResNet."""
     on_gpu = bool(result.get("machine", {}).get("gpus"))
+    found = []
     for group in result.get("training", []):
         train_values, infer_values = [], []
         for p in group["pairs"]:
@@ -101,54 +130,51 @@ def evaluate_targets(result: dict) -> list[dict]:
             train_values.append({"what": what, "value": r, "met": r <= limit})
             r = p["inference_time_ratio"]
             infer_values.append({"what": what, "value": r, "met": r <= 1.0})
-        if train_values:
-            add(
-                {
-                    "target": "DMRNet training step against its Table 2 ResNet (time)",
-                    "rule": "≤ 1.0× (parity)"
-                    + (f"; grouped on a GPU ≤ {TRAIN_STEP_GROUPED_GPU:g}×" if on_gpu else ""),
-                    "values": train_values,
-                    "paper": "DMRNet paper: faster convergence, no timing; same convolutions "
-                    "and MACs as its ResNet (the withdrawn ≤ 0.6× came from a prototype never "
-                    "reproduced)",
-                }
-            )
-            add(
-                {
-                    "target": "DMRNet inference against its Table 2 ResNet (time, compiled graph)",
-                    "rule": "≤ 1.0×",
-                    "values": infer_values,
-                    "paper": "DMRNet paper: same time complexity",
-                }
-            )
-    values = []
+        if not train_values:
+            continue
+        found.append(
+            {
+                "target": "DMRNet training step against its Table 2 ResNet (time)",
+                "rule": "≤ 1.0× (parity)"
+                + (f"; grouped on a GPU ≤ {TRAIN_STEP_GROUPED_GPU:g}×" if on_gpu else ""),
+                "values": train_values,
+                "paper": "DMRNet paper: faster convergence, no timing; same convolutions "
+                "and MACs as its ResNet (the withdrawn ≤ 0.6× came from a prototype never "
+                "reproduced)",
+            }
+        )
+        found.append(
+            {
+                "target": "DMRNet inference against its Table 2 ResNet (time, compiled graph)",
+                "rule": "≤ 1.0×",
+                "values": infer_values,
+                "paper": "DMRNet paper: same time complexity",
+            }
+        )
+    return found
+
+
+def _peak_fraction_target(result: dict) -> dict | None:
+    """Plain dense-conv models at batch 128: the best engine's fraction of the matmul peak."""
+    best = {}
     for group in result.get("inference", []):
         if group["batch_size"] != 128:
             continue
         for r in group["results"]:
             if r["form"] == "plain" and r["dense"] and "peak_fraction" in r:
-                what = f"{r['label']} ({r['engine']})"
-                values.append({"what": what, "value": r["peak_fraction"], "met": None})
-    if values:
-        best = {}
-        for v in values:
-            model = v["what"].rsplit(" (", 1)[0]
-            if model not in best or v["value"] > best[model]["value"]:
-                best[model] = v
-        values = [dict(v, met=v["value"] >= 0.8) for v in best.values()]
-        add(
-            {
-                "target": "Plain dense-conv models at batch 128 (best engine): fraction of the "
-                "matrix-product peak",
-                "rule": "≥ 80%",
-                "values": values,
-                "paper": "",
-                "percent": True,
-            }
-        )
-    t = conversion_target(result.get("conversion", []))
-    t and add(t)
-    return targets
+                value = r["peak_fraction"]
+                if r["label"] not in best or value > best[r["label"]]["value"]:
+                    best[r["label"]] = {"what": f"{r['label']} ({r['engine']})", "value": value}
+    if not best:
+        return None
+    return {
+        "target": "Plain dense-conv models at batch 128 (best engine): fraction of the "
+        "matrix-product peak",
+        "rule": "≥ 80%",
+        "values": [dict(v, met=v["value"] >= 0.8) for v in best.values()],
+        "paper": "",
+        "percent": True,
+    }
 
 
 def merge(parts: Sequence[dict]) -> dict:

@@ -61,7 +61,9 @@ class Family:
 
     label: str  # the residual network, as the README names it
     plain_label: str  # its plain form
-    train_args: tuple[str, ...]
+    model: str  # a `keras-dmr train --model`
+    depth: int | None
+    options: dict  # builder options, as `keras-dmr train` names them
     checkpoint: str  # runs/<checkpoint>_<dataset>.keras
     shipped_name: str  # savedmodels/<shipped_name>_<dataset>/<version>/
     prune: bool
@@ -71,7 +73,9 @@ FAMILIES = {
     "mobilenetv2": Family(
         "MobileNetV2 (CIFAR, width 0.5)",
         "RMNetV1 (MobileNetV1, width 0.5)",
-        ("--model", "mobilenetv2", "--width", "0.5"),
+        "mobilenetv2",
+        None,
+        {"width": 0.5},
         "mobilenetv2_w0.5",
         "rmnetv1_w0.5",
         prune=False,
@@ -79,7 +83,9 @@ FAMILIES = {
     "resnet20": Family(
         "ResNet-20",
         "ResNet-20 plain, slimmed",
-        ("--model", "resnet", "--depth", "20"),
+        "resnet",
+        20,
+        {},
         "resnet20_slim",
         "resnet20_pruned",
         prune=True,
@@ -203,14 +209,7 @@ def _prune(resnet, args, train) -> tuple:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from keras_dmr import data
-    from keras_dmr.bench import deploy
-    from keras_dmr.bench.engines import available_engines
-    from keras_dmr.cli import common as cli
-    from keras_dmr.cli.train import train_command
-    from keras_dmr.convert import to_plain
     from keras_dmr.errors import UsageError
-    from keras_dmr.utils.timing import load_average, machine_description
 
     family = FAMILIES[args.family]
     if not family.prune and (args.finetune_epochs or args.prune_threshold != PRUNE_THRESHOLD):
@@ -218,90 +217,14 @@ def run_demo(args: argparse.Namespace) -> int:
             f"--prune-threshold and --finetune-epochs apply to --family resnet20 only; "
             f"--family {args.family} ships its plain form unpruned"
         )
-    checkpoint = args.runs / f"{family.checkpoint}_{args.dataset}.keras"
-    available = data.dataset_info(args.dataset).train_examples
-    train_images = min(args.train_images or TRAIN_IMAGES, available)
-    factor = sparsity_factor(SPARSITY_BUDGET, train_images, args.epochs) if family.prune else None
-    argv = [*family.train_args, "--dataset", args.dataset]
-    argv += ["--epochs", str(args.epochs), "--output", str(checkpoint)]
-    argv += ["--batch-size", str(BATCH_SIZE)]
-    argv += ["--sparsity", f"{factor:.4g}"] if factor is not None else []
-    subset = train_images < available
-    argv += ["--train-images", str(train_images)] if subset else []
-    argv += ["--data-dir", args.data_dir] if args.data_dir else []
-    argv += ["--fresh"] if args.fresh else []
-    how = (
-        f"trained for slimming: sparsity factor {factor:.4g} (shrinks a BN scale by at most "
-        f"{SPARSITY_BUDGET:g} over the run)"
-        if factor is not None
-        else "its plain form ships unpruned"
-    )
-    print(
-        f"\n== {family.label} on {args.dataset} ({train_images:,} of {available:,} training "
-        f"images), {how}",
-        flush=True,
-    )
-    if train_command(argv) != 0:
-        return 2
-    residual = cli.load_checkpoint(checkpoint)
-
-    pruning = None
-    if family.prune:
-        print("\n== RM: the plain Conv-ReLU form, then network slimming", flush=True)
-        train = data.load(
-            args.dataset,
-            "train",
-            batch_size=BATCH_SIZE,
-            data_dir=args.data_dir,
-            drop_remainder=True,
-            take=train_images if subset else None,
-        )
-        plain, shipped_model, pruning = _prune(residual, args, train)
-        forms = {"residual": residual, "plain": plain, "pruned plain": shipped_model}
-    else:
-        print(f"\n== RM: {family.plain_label}", flush=True)
-        plain = shipped_model = to_plain(residual)
-        forms = {"residual": residual, "plain": plain}
-    print(cli.describe_report(plain.conversion_report))
-    shipped_form = list(forms)[-1]
-
-    print(
-        "\n== every form exported and measured side by side (batch 128, interleaved; accuracy "
-        "on the test split)",
-        flush=True,
-    )
-    calibration = np.concatenate(
-        [x for x, _ in _uint8_batches(args.dataset, args.data_dir, "train", 64, take=512)]
-    )
-    labelled = _uint8_batches(args.dataset, args.data_dir, "test", 128)
-    images = np.concatenate([x for x, _ in labelled])[:128]
-    engines = available_engines(MEASURED_ENGINES)
-    precisions = deploy.PRECISIONS + ((deploy.BFLOAT16,) if deploy.bfloat16_supported() else ())
-    with tempfile.TemporaryDirectory(prefix="keras_dmr_demo_") as tmp:
-        exported = deploy.export_artifacts(
-            {"residual": residual, shipped_form: shipped_model},
-            tmp,
-            preprocessing=args.dataset,
-            calibration=calibration,
-            engines=engines,
-            precisions=precisions,
-            log=lambda m: None,
-        )
-        in_process = {
-            form: deploy.keras_artifact(model, form, args.dataset) for form, model in forms.items()
-        }
-        # The baseline first (every ratio is to it), then each form's rows together.
-        artifacts = [
-            row
-            for form in forms
-            for row in [in_process[form], *(a for a in exported if a.form == form)]
-        ]
-        rows = deploy.measure(artifacts, images, labelled=labelled)
-    machine, load = machine_description(), load_average()
+    residual, run, factor = _train_residual(family, args)
+    forms, plain, pruning = _plain_forms(residual, family, args, run)
+    rows, calibration, machine, load = _measure_forms(forms, args)
     print("\n== summary")
     print(summary(rows, machine, load))
 
     print("\n== exports of the shipped model", flush=True)
+    shipped_model = list(forms.values())[-1]
     shipped = _export_shipped(shipped_model, shipped_row(rows), family, args, calibration)
     for kind, path in shipped.items():
         print(f"{kind:<20} {path}")
@@ -312,7 +235,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "family": args.family,
             "model": family.label,
             "plain_model": family.plain_label,
-            "train_images": train_images,
+            "train_images": run.train_images or data_size(args.dataset),
             "epochs": args.epochs,
             "sparsity_factor": factor,
             "prune_threshold": args.prune_threshold if family.prune else None,
@@ -332,6 +255,155 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     print("shipped: " + ", ".join(str(p) for p in shipped.values()))
     return 0
+
+
+def data_size(dataset: str) -> int:
+    """Images in ``dataset``'s training split."""
+    from keras_dmr import data
+
+    return data.dataset_info(dataset).train_examples
+
+
+def _train_residual(family: Family, args: argparse.Namespace) -> tuple:
+    """Step 1: the residual network trained (or its checkpoint resumed) by the training
+    library, with sparsity training when the family is slimmed; ``(model, run, factor)``."""
+    import keras
+
+    from keras_dmr import data
+    from keras_dmr.cli.common import RESUME_KEYS
+    from keras_dmr.cli.train import new_model
+    from keras_dmr.training.run import TrainingRun, train
+
+    available = data_size(args.dataset)
+    train_images = min(args.train_images or TRAIN_IMAGES, available)
+    factor = sparsity_factor(SPARSITY_BUDGET, train_images, args.epochs) if family.prune else None
+    if factor is not None:
+        factor = float(f"{factor:.4g}")  # what the checkpoint records, as `train --sparsity`
+    subset = train_images if train_images < available else None
+    settings = dict.fromkeys(RESUME_KEYS)
+    settings.update(family.options)
+    settings.update(
+        model=family.model,
+        depth=family.depth,
+        dataset=args.dataset,
+        batch_size=BATCH_SIZE,
+        seed=0,
+        sparsity=factor,
+        train_images=subset,
+    )
+    run = TrainingRun(
+        args.runs / f"{family.checkpoint}_{args.dataset}.keras",
+        args.dataset,
+        args.epochs,
+        batch_size=BATCH_SIZE,
+        data_dir=args.data_dir,
+        train_images=subset,
+        settings=settings,
+    )
+    how = (
+        f"trained for slimming: sparsity factor {factor:.4g} (shrinks a BN scale by at most "
+        f"{SPARSITY_BUDGET:g} over the run)"
+        if factor is not None
+        else "its plain form ships unpruned"
+    )
+    print(
+        f"\n== {family.label} on {args.dataset} ({train_images:,} of {available:,} training "
+        f"images), {how}",
+        flush=True,
+    )
+    callbacks = []
+    if factor is not None:
+        from keras_dmr.prune import BNSparsity
+
+        callbacks.append(BNSparsity(factor))
+    keras.utils.set_random_seed(0)
+    classes = data.dataset_info(args.dataset).num_classes
+    residual, result = train(
+        run,
+        lambda: new_model(
+            family.model,
+            family.depth,
+            classes=classes,
+            sparsity=factor is not None,
+            **family.options,
+        ),
+        fresh=args.fresh,
+        callbacks=callbacks,
+        log=lambda line: print(line, flush=True),
+    )
+    print(f"test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f})")
+    return residual, run, factor
+
+
+def _plain_forms(residual, family: Family, args: argparse.Namespace, run) -> tuple:
+    """Step 2: the RM conversion (and slimming); ``(forms, plain, pruning report)``, the
+    forms in table order, the shipped one last."""
+    from keras_dmr import data
+    from keras_dmr.cli import common as cli
+    from keras_dmr.convert import to_plain
+
+    pruning = None
+    if family.prune:
+        print("\n== RM: the plain Conv-ReLU form, then network slimming", flush=True)
+        train = data.load(
+            args.dataset,
+            "train",
+            batch_size=BATCH_SIZE,
+            data_dir=args.data_dir,
+            drop_remainder=True,
+            take=run.train_images,
+        )
+        plain, shipped_model, pruning = _prune(residual, args, train)
+        forms = {"residual": residual, "plain": plain, "pruned plain": shipped_model}
+    else:
+        print(f"\n== RM: {family.plain_label}", flush=True)
+        plain = to_plain(residual)
+        forms = {"residual": residual, "plain": plain}
+    print(cli.describe_report(plain.conversion_report))
+    return forms, plain, pruning
+
+
+def _measure_forms(forms: dict, args: argparse.Namespace) -> tuple:
+    """Step 3: the residual and the shipped form exported to every engine and precision and
+    measured side by side with the Keras models; ``(rows, calibration, machine, load)``."""
+    from keras_dmr.bench import deploy
+    from keras_dmr.bench.engines import available_engines
+    from keras_dmr.utils.timing import load_average, machine_description
+
+    print(
+        "\n== every form exported and measured side by side (batch 128, interleaved; accuracy "
+        "on the test split)",
+        flush=True,
+    )
+    calibration = np.concatenate(
+        [x for x, _ in _uint8_batches(args.dataset, args.data_dir, "train", 64, take=512)]
+    )
+    labelled = _uint8_batches(args.dataset, args.data_dir, "test", 128)
+    images = np.concatenate([x for x, _ in labelled])[:128]
+    engines = available_engines(MEASURED_ENGINES)
+    precisions = deploy.PRECISIONS + ((deploy.BFLOAT16,) if deploy.bfloat16_supported() else ())
+    shipped_form = list(forms)[-1]
+    with tempfile.TemporaryDirectory(prefix="keras_dmr_demo_") as tmp:
+        exported = deploy.export_artifacts(
+            {"residual": forms["residual"], shipped_form: forms[shipped_form]},
+            tmp,
+            preprocessing=args.dataset,
+            calibration=calibration,
+            engines=engines,
+            precisions=precisions,
+            log=lambda m: None,
+        )
+        in_process = {
+            form: deploy.keras_artifact(model, form, args.dataset) for form, model in forms.items()
+        }
+        # The baseline first (every ratio is to it), then each form's rows together.
+        artifacts = [
+            row
+            for form in forms
+            for row in [in_process[form], *(a for a in exported if a.form == form)]
+        ]
+        rows = deploy.measure(artifacts, images, labelled=labelled)
+    return rows, calibration, machine_description(), load_average()
 
 
 def _export_shipped(model, row: dict | None, family: Family, args, calibration) -> dict:

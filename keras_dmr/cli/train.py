@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import sys
 from pathlib import Path
 
 import keras
@@ -23,9 +21,9 @@ from keras_dmr.cli.common import (
     build_model,
 )
 from keras_dmr.errors import UsageError
-from keras_dmr.recipe import compile_with_recipe, with_recipe_callbacks
-from keras_dmr.training.checkpoints import EpochCheckpoint, read_state
+from keras_dmr.recipe import compile_with_recipe
 from keras_dmr.training.distribute import STRATEGIES
+from keras_dmr.training.run import TrainingRun, train
 from keras_dmr.utils.arguments import output_path
 
 # --------------------------------------------------------------------------------------------
@@ -117,118 +115,86 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def train_command(argv: list[str]) -> int:
-    """``keras-dmr train ARGV`` in this process (the demo's training step), without going
-    through the top-level parser; usage errors raise :class:`UsageError` to the caller's."""
-    parser = argparse.ArgumentParser(prog="keras-dmr train")
-    add_train_arguments(parser)
-    return run_train(parser.parse_args(argv))
-
-
 def run_train(args: argparse.Namespace) -> int:
     depth = args.depth or TRAIN_DEPTHS[args.model]
     output = args.output or Path("runs") / f"{args.model}{depth or ''}_{args.dataset}.keras"
     if output.suffix != ".keras":
         raise UsageError(f"argument --output: must end in .keras; got {str(output)!r}")
-    config = {**{k: getattr(args, k) for k in RESUME_KEYS}, "depth": depth}
-    info = data.dataset_info(args.dataset)
+    run = TrainingRun(
+        output,
+        args.dataset,
+        args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        train_images=args.train_images,
+        settings={**{k: getattr(args, k) for k in RESUME_KEYS}, "depth": depth},
+    )
+    data.dataset_info(args.dataset)  # an unknown or unavailable dataset fails before building
     keras.utils.set_random_seed(args.seed)
-
     strategy = _make_strategy(args.strategy)
-    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-    state = None if args.fresh else read_state(output)
-    with scope:  # variables, optimizer and compile under the strategy
-        model, state, completed = _train_model(args, output, config, info, state)
-    state["args"] = {**config, "epochs": args.epochs}
-    callbacks = [EpochCheckpoint(output, state)]
-    if args.sparsity is not None:
-        from keras_dmr.prune import BNSparsity
-
-        callbacks.insert(0, BNSparsity(args.sparsity))
-    # The recipe's schedule: a builder's model adds it in `fit`; a functional copy made for
-    # slimming (`with_skip_bn`), fresh or resumed, needs it given.
-    callbacks = with_recipe_callbacks(model, callbacks)
+    callbacks = []
     if args.strategy == "multiworker":
         from keras_dmr.training.distribute import AverageBatchNormStatistics
 
-        callbacks.insert(0, AverageBatchNormStatistics(strategy))
+        callbacks.append(AverageBatchNormStatistics(strategy))
+    if args.sparsity is not None:
+        from keras_dmr.prune import BNSparsity
 
-    test = data.load(args.dataset, "test", batch_size=args.batch_size, data_dir=args.data_dir)
-    if completed < args.epochs:
-        if completed:
-            print(f"Resuming {output} after epoch {completed} of {args.epochs}", flush=True)
-        else:
-            print(
-                f"Training {model.name} ({model.count_params():,} parameters) on {args.dataset} "
-                f"for {args.epochs} epoch{'s' if args.epochs > 1 else ''}; checkpoint: {output}",
-                flush=True,
-            )
-        if strategy is not None:
-            print(
-                f"Strategy {args.strategy}: {strategy.num_replicas_in_sync} replica(s), global "
-                f"batch {args.batch_size}",
-                flush=True,
-            )
-        output.parent.mkdir(parents=True, exist_ok=True)
-        for stale in output.parent.glob(f".{output.name}.*"):  # temporaries of a killed save
-            stale.unlink(missing_ok=True)
-        # A resumed run reshuffles from a different seed than epoch 0 did, not from the same.
-        train = data.load(
-            args.dataset,
-            "train",
-            batch_size=args.batch_size,
-            data_dir=args.data_dir,
-            seed=args.seed + completed,
-            take=args.train_images,
+        callbacks.append(BNSparsity(args.sparsity))
+    if strategy is not None:
+        print(
+            f"Strategy {args.strategy}: {strategy.num_replicas_in_sync} replica(s), global "
+            f"batch {args.batch_size}",
+            flush=True,
         )
-        model.fit(
-            train,
-            validation_data=test,
-            initial_epoch=completed,
-            epochs=args.epochs,
-            shuffle=False,  # the pipeline shuffles; Keras would warn that it cannot
-            verbose=1 if sys.stdout.isatty() else 2,
-            callbacks=callbacks,
-        )
-    else:
-        print(f"{output} is already trained for {completed} epochs; evaluating it", flush=True)
-    result = model.evaluate(test, verbose=0, return_dict=True)
+    _, result = train(
+        run,
+        lambda: new_model(
+            args.model,
+            depth,
+            classes=data.dataset_info(args.dataset).num_classes,
+            sparsity=args.sparsity is not None,
+            learning_rate=args.learning_rate,
+            **_model_options(args),
+        ),
+        fresh=args.fresh,
+        callbacks=callbacks,
+        strategy=strategy,
+        log=lambda line: print(line, flush=True),
+    )
     print(f"test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f})")
     return 0
 
 
-def _train_model(args, output: Path, config: dict, info, state: dict | None):
-    """``(model, state, completed epochs)``: the checkpoint resumed, or a new compiled model."""
-    if state is not None:
-        stored = state.get("args", {})
-        differ = [k for k in RESUME_KEYS if stored.get(k) != config[k]]
-        if differ:
-            was = ", ".join(
-                f"--{k.replace('_', '-')} {'(default)' if stored.get(k) is None else stored[k]}"
-                for k in differ
-            )
-            raise UsageError(
-                f"{output} was trained with {was}; pass the same arguments to resume it, "
-                "--fresh to overwrite it, or --output to write elsewhere"
-            )
-        try:
-            model = keras.saving.load_model(output)
-        except Exception as e:  # not ours to diagnose: any unreadable file
-            raise UsageError(f"cannot load {output} ({e}); pass --fresh to overwrite it") from None
-        completed = int(state["completed_epochs"])
-    else:
-        model = build_model(
-            args.model,
-            config["depth"],
-            classes=info.num_classes,
-            compile=True,
-            **_model_options(args),
-        )
-        if args.sparsity is not None:
-            from keras_dmr.prune import with_skip_bn
+def new_model(
+    model: str,
+    depth: int | None,
+    *,
+    classes: int,
+    sparsity: bool = False,
+    learning_rate: float | None = None,
+    **options,
+) -> keras.Model:
+    """A compiled ``--model`` to train: with the extra BN on the residual path for sparsity
+    training (``prune.with_skip_bn``), at ``learning_rate`` instead of the recipe's 0.1.
 
-            model = with_skip_bn(model)
-        if args.learning_rate is not None:
-            compile_with_recipe(model, learning_rate=args.learning_rate)
-        state, completed = {"args": config, "completed_epochs": 0, "history": []}, 0
-    return model, state, completed
+    Args:
+        model: a name of :data:`TRAIN_MODELS`.
+        depth: its depth (None: the model's only one).
+        classes: output classes.
+        sparsity: prepare it for network slimming.
+        learning_rate: initial learning rate (None: the recipe's).
+        **options: the builder's options (None: its default).
+
+    Returns:
+        The compiled model.
+    """
+    built = build_model(model, depth, classes=classes, compile=True, **options)
+    if sparsity:
+        from keras_dmr.prune import with_skip_bn
+
+        built = with_skip_bn(built)
+    if learning_rate is not None:
+        compile_with_recipe(built, learning_rate=learning_rate)
+    return built

@@ -211,8 +211,17 @@ def slim_residual(
         threshold = threshold_for_ratio(np.concatenate(streams + hidden), ratio)
     t = float(threshold)
     stream_drop = [_keep_best(imp < t, imp) for imp in streams]
+    dropped, values = _plan_residual(stem, blocks, stream_drop, t)
+    pruned, channels = _build_residual(model, stem, blocks, head, dropped, values, fuse_bn)
+    pruned.pruning_report = _report(model, pruned, t, ratio, *channels)
+    return pruned
 
-    # Plan: walk the units in order, folding constants forward.
+
+def _plan_residual(stem, blocks, stream_drop, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """Decide every unit's kept channels in order, folding dropped channels' constants forward
+    (each unit's ``keep_in``/``keep_out``); the stream's dropped channels and their constant
+    values at the head."""
+
     def decide(unit, dropped, values, force=None):
         unit.fold_inputs(dropped, values)
         unit.keep_in = ~dropped
@@ -223,7 +232,7 @@ def slim_residual(
         return drop, np.where(drop, unit.dropped_values(exact), 0.0)
 
     stem_units = [u for u in stem if isinstance(u, Unit)]
-    dropped, values = np.zeros(stem_units[0].kernel.shape[2], bool), None
+    dropped = np.zeros(stem_units[0].kernel.shape[2], bool)
     values = np.zeros(len(dropped))
     for k, unit in enumerate(stem_units):
         force = stream_drop[0] if k == len(stem_units) - 1 else None
@@ -245,48 +254,29 @@ def slim_residual(
         else:
             out_vals = _relu(block.units[-1].beta + skip_vals)
         dropped, values = out_drop, np.where(out_drop, out_vals, 0.0)
+    return dropped, values
 
-    # Build.
+
+def _build_residual(model, stem, blocks, head, dropped, values, fuse_bn: bool):
+    """The planned network as a functional ResNet; ``(model, (channels before, after))``."""
     inputs = input_like(model)
     x = inputs
-    channels_before = channels_after = 0
+    counts = [0, 0]
 
     def count(unit):
-        nonlocal channels_before, channels_after
-        channels_before += unit.c_out
-        channels_after += int(unit.keep_out.sum())
+        counts[0] += unit.c_out
+        counts[1] += int(unit.keep_out.sum())
 
     for item in stem:
         if isinstance(item, Unit):
             count(item)
             x = _build_unit_layers(item, x, fuse_bn)
         else:
-            new = clone_layer(item[1])
-            x = new(x)
+            x = clone_layer(item[1])(x)
     for block in blocks:
-        name = block.layer.name
-        keep_x = block.units[0].keep_in
-        h = x
-        for unit in block.units:
+        for unit in (*block.units, *([block.projection] if block.projection else [])):
             count(unit)
-            h = _build_residual_unit(unit, h, fuse_bn, name)
-        if block.projection is not None:
-            unit = block.projection
-            count(unit)
-            unit.kernel = unit.kernel * block.scale[:, None][None, None]  # s folded in
-            skip = _build_residual_unit(unit, x, fuse_bn, name)
-        elif block.scale_stats is not None and fuse_bn:  # deployment: a fixed scale
-            scale = [float(v) for v in block.scale[keep_x]]
-            skip = keras.layers.Rescaling(scale, name=f"{name}_skip_scale")(x)
-        elif block.scale_stats is not None:
-            layer = ChannelScale(epsilon=block.layer.bn_epsilon, name=f"{name}_skip_bn")
-            skip = layer(x)
-            arrays = (block.scale, *block.scale_stats)
-            layer.set_weights([np.asarray(a[keep_x], "float32") for a in arrays])
-        else:
-            skip = x
-        x = keras.layers.Add(name=f"{name}_add")([h, skip])
-        x = keras.layers.ReLU(name=f"{name}_out")(x)
+        x = _build_residual_block(block, x, fuse_bn)
     for kind, layer in head:
         if kind == "dense":
             w = layer.get_weights()
@@ -298,11 +288,34 @@ def slim_residual(
             new.set_weights([np.asarray(kernel[~dropped], "float32"), bias.astype("float32")])
             dropped = np.zeros(layer.units, bool)
         else:
-            new = clone_layer(layer)
-            x = new(x)
-    pruned = keras.Model(inputs, x, name=f"{model.name}_slim")
-    pruned.pruning_report = _report(model, pruned, t, ratio, channels_before, channels_after)
-    return pruned
+            x = clone_layer(layer)(x)
+    return keras.Model(inputs, x, name=f"{model.name}_slim"), tuple(counts)
+
+
+def _build_residual_block(block, x, fuse_bn: bool):
+    """One planned residual block: its branch, its shortcut (projection, skip scale or the
+    identity), the addition and the ReLU."""
+    name = block.layer.name
+    keep_x = block.units[0].keep_in
+    h = x
+    for unit in block.units:
+        h = _build_residual_unit(unit, h, fuse_bn, name)
+    if block.projection is not None:
+        unit = block.projection
+        unit.kernel = unit.kernel * block.scale[:, None][None, None]  # s folded in
+        skip = _build_residual_unit(unit, x, fuse_bn, name)
+    elif block.scale_stats is not None and fuse_bn:  # deployment: a fixed scale
+        scale = [float(v) for v in block.scale[keep_x]]
+        skip = keras.layers.Rescaling(scale, name=f"{name}_skip_scale")(x)
+    elif block.scale_stats is not None:
+        layer = ChannelScale(epsilon=block.layer.bn_epsilon, name=f"{name}_skip_bn")
+        skip = layer(x)
+        arrays = (block.scale, *block.scale_stats)
+        layer.set_weights([np.asarray(a[keep_x], "float32") for a in arrays])
+    else:
+        skip = x
+    x = keras.layers.Add(name=f"{name}_add")([h, skip])
+    return keras.layers.ReLU(name=f"{name}_out")(x)
 
 
 def _build_residual_unit(unit: Unit, x, fuse_bn: bool, block_name: str):

@@ -281,6 +281,25 @@ def reserve_and_merge(
     """
     if method not in ("dirac", "prelu"):
         raise ValueError(f"`downsample` must be 'dirac' or 'prelu'; got {method!r}")
+    _check_block(branch, skip, skip_window)
+    scaled = _ScaledSkip.of(skip, skip_scale, branch[0].epsilon)
+    last = branch[-1]
+    if len(branch) == 1:  # re-parameterisation: the skip lands in the one convolution
+        window = skip_window if last.strides > 1 else 1
+        kernel = kernels.add_at_tap(
+            last.kernel.copy(), _taps(last, input_hw), scaled.matrix, window, last.name
+        )
+        return [dataclasses.replace(last, kernel=kernel, bias=last.bias + scaled.bias, act=post)]
+    # A projection applied early (Fig. 9a) only where the first convolution has the stride.
+    early = method == "prelu" and not _is_identity(skip) and branch[0].strides == skip.strides
+    ops, hw = _reserving_ops(
+        branch[:-1], skip, scaled, early, input_nonnegative, input_hw, skip_window
+    )
+    return [*ops, _merging_op(last, ops[-1], skip, early, hw, skip_window, post)]
+
+
+def _check_block(branch: Sequence[ConvOp], skip: ConvOp, skip_window: int) -> None:
+    """Refuse a block :func:`reserve_and_merge` cannot rewrite exactly, naming its layer."""
     last = branch[-1]
     if last.act is not None:
         raise ConversionError(f"{last.name}: the last layer of a residual branch has an activation")
@@ -296,62 +315,83 @@ def reserve_and_merge(
             f"{skip.name}: an average-pool shortcut needs exactly one convolution of stride "
             f"{skip_window} in the branch"
         )
-    skip_matrix = skip.kernel[0, 0]  # (c_in, c_out)
-    pre_scale, pre_bias, pre_bn = np.ones(skip.c_in), np.zeros(skip.c_in), None
-    if skip_scale is not None:
-        pre = skip_scale.kernel[0, 0]
-        pre_scale, pre_bias = np.diagonal(pre).copy(), skip_scale.bias
-        if (
-            skip_scale.kernel_size != (1, 1)
-            or skip_scale.strides != 1
-            or not np.array_equal(pre, np.diag(pre_scale))
-        ):
-            raise ConversionError(f"{skip_scale.name}: a skip scale must be a diagonal 1×1 op")
-        gamma, mean, var = skip_scale.bn  # re-expressed with the branch's BN epsilon
-        eps = branch[0].epsilon
-        gamma = gamma * np.sqrt(var + eps) / np.sqrt(var + skip_scale.epsilon)
-        pre_bn = np.stack([gamma, mean, var])
-    scaled_matrix = pre_scale[:, None] * skip_matrix  # the skip of the scaled input
-    scaled_bias = skip.bias + pre_bias @ skip_matrix
-    if len(branch) == 1:  # re-parameterisation: the skip lands in the one convolution
-        tap = _taps(last, input_hw)
-        window = skip_window if last.strides > 1 else 1
-        merged = dataclasses.replace(
-            last,
-            kernel=kernels.add_at_tap(last.kernel.copy(), tap, scaled_matrix, window, last.name),
-            bias=last.bias + scaled_bias,
-            act=post,
-        )
-        return [merged]
 
-    # A projection applied early (Fig. 9a) only where the first convolution has the stride.
-    apply_early = method == "prelu" and not _is_identity(skip) and branch[0].strides == skip.strides
-    used = np.any(skip_matrix != 0, axis=1)
+
+@dataclasses.dataclass
+class _ScaledSkip:
+    """The skip applied to the block's input after its optional per-channel scale ``s·x + b``:
+    ``matrix``/``bias`` of the whole shortcut, the scale itself, and its BN record re-expressed
+    with the branch's BN epsilon (None without a scale)."""
+
+    matrix: np.ndarray
+    bias: np.ndarray
+    pre_scale: np.ndarray
+    pre_bias: np.ndarray
+    pre_bn: np.ndarray | None
+
+    @classmethod
+    def of(cls, skip: ConvOp, skip_scale: ConvOp | None, epsilon: float) -> _ScaledSkip:
+        skip_matrix = skip.kernel[0, 0]  # (c_in, c_out)
+        pre_scale, pre_bias, pre_bn = np.ones(skip.c_in), np.zeros(skip.c_in), None
+        if skip_scale is not None:
+            pre = skip_scale.kernel[0, 0]
+            pre_scale, pre_bias = np.diagonal(pre).copy(), skip_scale.bias
+            if (
+                skip_scale.kernel_size != (1, 1)
+                or skip_scale.strides != 1
+                or not np.array_equal(pre, np.diag(pre_scale))
+            ):
+                raise ConversionError(f"{skip_scale.name}: a skip scale must be a diagonal 1×1 op")
+            gamma, mean, var = skip_scale.bn
+            gamma = gamma * np.sqrt(var + epsilon) / np.sqrt(var + skip_scale.epsilon)
+            pre_bn = np.stack([gamma, mean, var])
+        return cls(
+            pre_scale[:, None] * skip_matrix,
+            skip.bias + pre_bias @ skip_matrix,
+            pre_scale,
+            pre_bias,
+            pre_bn,
+        )
+
+
+def _reserving_ops(
+    hidden: Sequence[ConvOp],
+    skip: ConvOp,
+    scaled: _ScaledSkip,
+    early: bool,
+    input_nonnegative: bool,
+    input_hw,
+    skip_window: int,
+) -> tuple[list[ConvOp], tuple | None]:
+    """Every branch convolution but the last, each widened by the reserved channels (Dirac
+    filters; the first one takes the skip instead when it is applied ``early``); the ops and
+    the spatial size after them."""
+    used = np.any(skip.kernel[0, 0] != 0, axis=1)
     ops: list[ConvOp] = []
     hw = input_hw
     reserved_nonneg = input_nonnegative
-    n_hidden = branch[0].c_in
+    n_hidden = hidden[0].c_in
     carried = None  # BN record of the reserved channels after their first layer (skip_scale)
-    for j, op in enumerate(branch[:-1]):
+    for j, op in enumerate(hidden):
         tap = _taps(op, hw)
         window = skip_window if op.strides > 1 else 1
         if j == 0:
             # Reserve only the input channels the shortcut reads (a partial identity, as in a
             # MobileNetV2 with a wide bottleneck, reserves fewer than it receives).
-            n_res = skip.c_out if apply_early else int(np.sum(used))
-            if apply_early:
-                extra, res_bias, res_bn = scaled_matrix, scaled_bias, None
+            n_res = skip.c_out if early else int(np.sum(used))
+            if early:
+                extra, res_bias, res_bn = scaled.matrix, scaled.bias, None
                 reserved_nonneg = False
             else:
-                extra = np.diag(pre_scale)[:, used]
-                res_bias = pre_bias[used]
-                res_bn = None if pre_bn is None else pre_bn[:, used]
-                if pre_bn is not None:  # later Dirac copies: the statistics of s·x
-                    _, mean, var = pre_bn[:, used]
-                    scale = pre_scale[used]
+                extra = np.diag(scaled.pre_scale)[:, used]
+                res_bias = scaled.pre_bias[used]
+                res_bn = None if scaled.pre_bn is None else scaled.pre_bn[:, used]
+                if scaled.pre_bn is not None:  # later Dirac copies: the statistics of s·x
+                    _, mean, var = scaled.pre_bn[:, used]
+                    scale = scaled.pre_scale[used]
                     carried = np.stack([np.abs(scale) * np.sqrt(var), scale * mean, scale**2 * var])
                 reserved_nonneg = reserved_nonneg and bool(
-                    np.all(pre_scale[used] >= 0) and np.all(res_bias >= 0)
+                    np.all(scaled.pre_scale[used] >= 0) and np.all(res_bias >= 0)
                 )
             kernel = _extended(op, 0, n_res)
             kernels.add_at_tap(kernel[..., op.c_out :], tap, extra, window, op.name)
@@ -372,19 +412,24 @@ def reserve_and_merge(
         )
         n_hidden = op.c_out
         hw = output_hw(op, hw)
+    return ops, hw
 
-    n_res = ops[-1].c_out - n_hidden
-    tap = _taps(last, hw)
-    if apply_early:
+
+def _merging_op(
+    last: ConvOp, previous: ConvOp, skip: ConvOp, early: bool, hw, skip_window: int, post
+) -> ConvOp:
+    """The branch's last convolution reading ``[hidden, reserved]``: the skip (or a Dirac
+    filter, when it was applied early) on the reserved part, plus the skip's bias."""
+    n_res = previous.c_out - last.c_in
+    if early:
         merge, merge_bias = None, np.zeros(last.c_out)
     else:
-        merge, merge_bias = skip_matrix[used], skip.bias
+        used = np.any(skip.kernel[0, 0] != 0, axis=1)
+        merge, merge_bias = skip.kernel[0, 0][used], skip.bias
     window = skip_window if last.strides > 1 else 1
     kernel = _extended(last, n_res, 0)
-    kernels.add_at_tap(kernel[:, :, last.c_in :, :], tap, merge, window, last.name)
-    merged = dataclasses.replace(last, kernel=kernel, bias=last.bias + merge_bias, act=post)
-    ops.append(merged)
-    return ops
+    kernels.add_at_tap(kernel[:, :, last.c_in :, :], _taps(last, hw), merge, window, last.name)
+    return dataclasses.replace(last, kernel=kernel, bias=last.bias + merge_bias, act=post)
 
 
 def _is_identity(op: ConvOp) -> bool:
