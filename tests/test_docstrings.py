@@ -30,7 +30,11 @@ def _parameters(function) -> list[str]:
 def missing_sections(obj) -> list[str]:
     doc = inspect.getdoc(obj) or ""
     if inspect.isclass(obj):
-        return ["Args"] if _parameters(obj.__init__) and "Args:" not in doc else []
+        # A constructor inherited from Keras (ResidualClassifier's) documents itself there; once
+        # other tests have built Functional models its signature reads differently, so only the
+        # package's own constructors are held to the rule.
+        own = (getattr(obj.__init__, "__module__", None) or "").startswith("keras_dmr")
+        return ["Args"] if own and _parameters(obj.__init__) and "Args:" not in doc else []
     missing = ["Args"] if _parameters(obj) and "Args:" not in doc else []
     return missing + ([] if "Returns:" in doc or "Yields:" in doc else ["Returns"])
 

@@ -35,10 +35,17 @@ def randomize(model_or_layer, seed: int = 0):
                 ]
             )
         elif layer.weights and not keras_internals.has_sublayers(layer):
-            layer.set_weights(
-                [
-                    rng.normal(0, 1.0 / np.sqrt(max(1, np.prod(w.shape[:-1]))), w.shape)
-                    for w in layer.get_weights()
-                ]
-            )
+            layer.set_weights([_random_like(v, rng) for v in layer.weights])
     return model_or_layer
+
+
+def _random_like(variable, rng) -> np.ndarray:
+    """A variance stays positive, and so does a scale constrained to be (ChannelScale's
+    ``gamma``); anything else is He-scaled normal noise."""
+    name = variable.name.rsplit("/", 1)[-1]
+    shape = tuple(variable.shape)
+    if name == "moving_variance":
+        return rng.uniform(0.5, 2.0, shape)
+    if name == "gamma" and getattr(variable, "constraint", None) is not None:
+        return rng.uniform(0.5, 1.5, shape)
+    return rng.normal(0, 1.0 / np.sqrt(max(1, np.prod(shape[:-1]))), shape)
