@@ -544,12 +544,36 @@ def test_conversion_rows_render_and_meet_or_miss_the_target():
         "params_after": 94_996_456,
     }
     table = conversion.table([row, {"source": "other", "error": "boom"}])
-    assert "| 8.0 | 3.50 | 1.00 | 25.6M | 95.0M | 2.0e-06 |" in table and "failed" in table
+    assert "| 8.0 | 3.50 | 1.00 | 25.6M | 95.0M | max rel. error 2.0e-06 |" in table
+    assert "| other | to_plain + verify | failed |" in table
     target = conversion.target([row])
     assert [v["met"] for v in target["values"]] == [True, False]  # fast enough, too much memory
     assert conversion.target([]) is None and "not measured" in conversion.table([])
     rendered = report.targets_table({"conversion": [row]})  # evaluated from the rows
     assert "time: 8.0 s; peak memory: 3.5 GB ✗" in rendered and "partly (1/2)" in rendered
+
+
+def test_pruning_row_renders_and_meets_or_misses_its_target():
+    from keras_dmr.bench import conversion
+
+    row = {
+        "source": conversion.PRUNE_TARGET["source"],
+        "operation": conversion.PRUNE_OPERATION,
+        "seconds": 11.0,
+        "peak_gb": 2.3,
+        "rss_before_gb": 1.9,
+        "params_before": 95_143_336,
+        "params_after": 65_817_321,
+        "macs_fraction": 0.49995,
+    }
+    assert "| 11.0 | 2.30 | 1.90 | 95.1M | 65.8M | MACs kept 50.0% |" in conversion.table([row])
+    target = conversion.pruning_target([row])
+    assert [v["met"] for v in target["values"]] == [False, True]  # too slow, memory within
+    assert conversion.target([row]) is None  # not the conversion's row
+    failed = {"source": row["source"], "operation": row["operation"], "error": "boom"}
+    assert conversion.pruning_target([failed]) is None
+    rendered = report.targets_table({"conversion": [row]})
+    assert "Graph pruning of ResNet-50" in rendered and "time: 11.0 s ✗" in rendered
 
 
 def test_deploy_reports_a_file_its_engine_cannot_run_instead_of_failing(tmp_path):

@@ -428,7 +428,10 @@ def test_cli_prune_end_to_end(tmp_path, with_prune, capsys):
         (["--threshold", "-1"], "--threshold: must be a number >= 0"),
         (["--ratio", "1"], "--ratio: must be a number in [0, 1)"),
         (["--ratio", "0.1", "--threshold", "0.1"], "not allowed with argument"),
-        ([], "one of the arguments --threshold --ratio is required"),
+        ([], "one of the arguments --threshold --ratio --macs is required"),
+        (["--macs", "0"], "--macs: must be the fraction of MACs to keep"),
+        (["--macs", "1.5"], "--macs: must be the fraction of MACs to keep"),
+        (["--macs", "0.5", "--criterion", "l1"], "--criterion: invalid choice"),
         (["--ratio", "0.1", "--dataset", "cifar100"], "--dataset: cifar100 has 100 classes"),
     ],
 )
@@ -437,6 +440,42 @@ def test_cli_prune_usage_errors(tmp_path, with_prune, capsys, extra, message):
     keras_dmr.ResNet(depth=8, widths=(4, 4, 4), compile=False).save(checkpoint)
     assert cli.main(["prune", str(checkpoint), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def user_resnet() -> keras.Model:
+    """A hand-written functional ResNet (no block of this package), as a user would save."""
+    L = keras.layers
+    x = inputs = keras.Input((32, 32, 3))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, padding="same", use_bias=False)(x)))
+    for filters, strides in ((8, 1), (16, 2)):
+        y = L.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)(x)
+        y = L.Conv2D(filters, 3, padding="same", use_bias=False)(
+            L.ReLU()(L.BatchNormalization()(y))
+        )
+        y = L.BatchNormalization()(y)
+        if strides != 1:
+            x = L.BatchNormalization()(L.Conv2D(filters, 1, strides=strides, use_bias=False)(x))
+        x = L.ReLU()(L.Add()([x, y]))
+    outputs = L.Dense(10)(L.GlobalAveragePooling2D()(x))
+    return randomize(keras.Model(inputs, outputs, name="user_resnet"), 0)
+
+
+@pytest.mark.parametrize("extra", [[], ["--residual", "--criterion", "l2"]], ids=["plain", "as-is"])
+def test_cli_prune_by_macs_takes_a_user_graph(tmp_path, with_prune, capsys, extra):
+    """``--macs`` on a CNN written by hand: its plain form (or itself, ``--residual``) pruned
+    over the whole graph to the budget, saved, loadable in safe mode."""
+    model = user_resnet()
+    checkpoint, output = tmp_path / "user.keras", tmp_path / "user_pruned.keras"
+    model.save(checkpoint)
+    argv = ["prune", str(checkpoint), "--macs", "0.5", "--finetune-epochs", "0"]
+    argv += ["--batch-size", "256", "--output", str(output), *extra]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "MACs budget 0.5" in printed and "wrote" in printed
+    pruned = keras.saving.load_model(output, safe_mode=True)
+    source = model if extra else to_plain(model, fuse_bn=False)
+    assert count_flops(pruned) <= 0.5 * count_flops(source)
+    assert any(isinstance(layer, keras.layers.Add) for layer in pruned.layers) == bool(extra)
 
 
 def test_fold_through_a_padded_spatial_convolution_is_exact_inside_the_image():

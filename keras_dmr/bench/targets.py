@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from keras_dmr.bench.conversion import pruning_target
 from keras_dmr.bench.conversion import target as conversion_target
 from keras_dmr.bench.engines import ENGINES
 
@@ -58,6 +59,7 @@ def evaluate_targets(result: dict) -> list[dict]:
         *_training_targets(result),
         _peak_fraction_target(result),
         conversion_target(result.get("conversion", [])),
+        pruning_target(result.get("conversion", [])),
     ]
     return [t for t in found if t]
 

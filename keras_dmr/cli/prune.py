@@ -11,10 +11,12 @@ import keras
 
 from keras_dmr.layers import RESIDUAL_BLOCKS
 from keras_dmr.prune import (
+    CRITERIA,
     accuracy,
     describe,
     format_table,
     fuse_batchnorm,
+    prune_channels,
     slim,
     slim_residual,
     throughput,
@@ -27,11 +29,15 @@ from keras_dmr.utils.files import atomic_output
 PRUNE_HELP = "prune a checkpoint by network slimming (Sec. 4.2)"
 PRUNE_DESCRIPTION = (
     "Convert the model in CHECKPOINT (.keras) to its plain form with BN kept, drop the channels "
-    "whose BN scale is below --threshold (or the lowest --ratio of them), fine-tune for "
-    "--finetune-epochs, print parameters, MACs, accuracy and measured throughput before and "
-    "after, and save the pruned model atomically. --residual prunes the residual network "
-    "itself instead (channels tied by a shortcut go together): the baseline of Fig. 7. Train "
-    "with keras_dmr.prune.BNSparsity (and skip_bn) first for channels worth dropping."
+    "whose BN scale is below --threshold (or the lowest --ratio of them, or the least important "
+    "until --macs of the multiply-accumulates are left), fine-tune for --finetune-epochs, print "
+    "parameters, MACs, accuracy and measured throughput before and after, and save the pruned "
+    "model atomically. --residual prunes the model as it is instead (channels tied by a shortcut "
+    "go together): the baseline of Fig. 7, and the way to prune a CNN that has no plain form. "
+    "--macs and --criterion l2 prune by channel groups over the whole graph "
+    "(keras_dmr.prune.prune_channels), which takes any functional CNN; --threshold and --ratio "
+    "with the bn criterion use network slimming of the plain chain (keras_dmr.prune.slim). "
+    "Train with keras_dmr.prune.BNSparsity (and skip_bn) first for channels worth dropping."
 )
 
 
@@ -52,6 +58,18 @@ def _ratio_arg(text: str) -> float:
         value = float("nan")
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1); got {text!r}")
+    return value
+
+
+def _macs_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"must be the fraction of MACs to keep, a number in (0, 1]; got {text!r}"
+        )
     return value
 
 
@@ -80,10 +98,25 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument(
         "--ratio", type=_ratio_arg, metavar="R", help="drop the lowest fraction R of channels"
     )
+    how.add_argument(
+        "--macs",
+        type=_macs_arg,
+        metavar="M",
+        help="drop the least important channel groups until at most the fraction M of the "
+        "multiply-accumulates is left (0.4: 40%%)",
+    )
+    parser.add_argument(
+        "--criterion",
+        choices=CRITERIA,
+        default="bn",
+        help="channel importance: bn (BN scale, after sparsity training; default) or l2 "
+        "(filter norm, no sparsity training needed)",
+    )
     parser.add_argument(
         "--residual",
         action="store_true",
-        help="prune the residual network itself (the baseline) instead of its plain form",
+        help="prune the model as it is (the residual baseline, or a CNN without a plain form) "
+        "instead of its plain form",
     )
     parser.add_argument(
         "--finetune-epochs",
@@ -147,34 +180,35 @@ def run_prune(args: argparse.Namespace) -> int:
     if output.exists() and not args.overwrite:
         raise UsageError(f"argument --output: {output} exists; pass --overwrite to replace it")
     model = load_checkpoint(args.checkpoint)
-    residual = any(isinstance(layer, RESIDUAL_BLOCKS) for layer in model.layers)
-    if args.residual and not residual:
-        raise UsageError(f"argument --residual: {args.checkpoint} holds no residual blocks")
     info = data.dataset_info(args.dataset)
     if model.outputs[0].shape[-1] != info.num_classes:
         raise UsageError(
             f"argument --dataset: {args.dataset} has {info.num_classes} classes, the model "
             f"{model.outputs[0].shape[-1]} outputs"
         )
-    how = {"threshold": args.threshold, "ratio": args.ratio}
-    source = model
+    over_graph = args.macs is not None or args.criterion != "bn"
     try:
-        if args.residual:
-            pruned = slim_residual(model, **how)
+        source = (
+            model if args.residual else to_plain(model, fuse_bn=False, downsample=args.downsample)
+        )
+        if over_graph:
+            how = {"threshold": args.threshold, "ratio": args.ratio, "macs": args.macs}
+            pruned = prune_channels(source, criterion=args.criterion, **how)
+        elif args.residual:
+            if not any(isinstance(layer, RESIDUAL_BLOCKS) for layer in model.layers):
+                raise UsageError(
+                    f"argument --residual: {args.checkpoint} holds none of this package's "
+                    "residual blocks; --macs or --criterion l2 prune any graph as it is"
+                )
+            pruned = slim_residual(model, threshold=args.threshold, ratio=args.ratio)
         else:
-            if residual:
-                source = to_plain(model, fuse_bn=False, downsample=args.downsample)
-            pruned = slim(source, **how)
+            pruned = slim(source, threshold=args.threshold, ratio=args.ratio)
     except (ConversionError, ValueError) as e:
-        raise UsageError(f"cannot prune {args.checkpoint}: {e}") from None
+        hint = "" if args.residual else " (--residual prunes the model as it is)"
+        raise UsageError(f"cannot prune {args.checkpoint}: {e}{hint}") from None
     report = pruned.pruning_report
     test = data.load(args.dataset, "test", batch_size=args.batch_size, data_dir=args.data_dir)
-    print(
-        f"{model.name}: kept {report['channels_after']:,} of {report['channels_before']:,} "
-        f"channels (BN scale threshold {report['threshold']:.3g}); "
-        f"{report['pruned_params_ratio']:.1%} of the parameters pruned",
-        flush=True,
-    )
+    print(_summary(model.name, report), flush=True)
     pruned_accuracy = accuracy(pruned, test)
     if args.finetune_epochs:
         # Whole batches: TensorFlow 2.21's oneDNN CPU kernels can crash training a pruned
@@ -212,6 +246,24 @@ def run_prune(args: argparse.Namespace) -> int:
         final.save(tmp)
     print(f"wrote {output}")
     return 0
+
+
+def _summary(name: str, report: dict) -> str:
+    """One line of what was dropped (slimming's and graph pruning's reports differ)."""
+    kept = f"{name}: kept {report['channels_after']:,} of {report['channels_before']:,} channels"
+    if "macs_after" in report:
+        how = {"macs": "MACs budget", "ratio": "ratio", "threshold": "threshold"}
+        given = next(k for k in ("macs_target", "ratio", "threshold") if report[k] is not None)
+        value = report[given]
+        return (
+            f"{kept} ({report['criterion']} importance, {how[given.removesuffix('_target')]} "
+            f"{value:.3g}); MACs {report['macs_after']:,} of {report['macs_before']:,} "
+            f"({report['macs_after'] / report['macs_before']:.1%})"
+        )
+    return (
+        f"{kept} (BN scale threshold {report['threshold']:.3g}); "
+        f"{report['pruned_params_ratio']:.1%} of the parameters pruned"
+    )
 
 
 def prune_command():

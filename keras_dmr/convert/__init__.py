@@ -4,6 +4,7 @@ from keras_dmr.convert.keras_applications import from_keras_application
 from keras_dmr.convert.plain import compare, plain_ops, to_plain
 from keras_dmr.convert.randomize import randomize
 from keras_dmr.convert.recalibrate import recalibrate_bn
+from keras_dmr.convert.unfold import unfold
 from keras_dmr.errors import ConversionError
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "randomize",
     "recalibrate_bn",
     "to_plain",
+    "unfold",
 ]

@@ -180,7 +180,7 @@ class ParallelBranchBlock(keras.layers.Layer):
             stride_on=self.stride_on,
         )
 
-    def _make_unit_layers(self, unit: Unit, copies: int, prefix: str) -> list:
+    def unit_layers(self, unit: Unit, copies: int, prefix: str) -> list:
         """Layers of one unit for ``copies`` stacked branches (1 = split form), computing in the
         block's dtype policy."""
         bias, dtype = self.use_bias, self.dtype_policy
@@ -237,13 +237,12 @@ class ParallelBranchBlock(keras.layers.Layer):
         stacked = (*input_shape[:-1], k * d_in)
         if self.implementation == "split":
             self.paths = [
-                [self._make_unit_layers(u, 1, f"b{b}_{i}") for i, u in enumerate(units)]
-                for b in range(k)
+                [self.unit_layers(u, 1, f"b{b}_{i}") for i, u in enumerate(units)] for b in range(k)
             ]
             for path in self.paths:
                 self._build_path(path, per_branch)
         else:
-            self.paths = [[self._make_unit_layers(u, k, f"{i}") for i, u in enumerate(units)]]
+            self.paths = [[self.unit_layers(u, k, f"{i}") for i, u in enumerate(units)]]
             self._build_path(self.paths[0], stacked)
         self.projection = []
         if self.needs_projection:
@@ -251,12 +250,10 @@ class ParallelBranchBlock(keras.layers.Layer):
             if self.mapping == "identity":  # K separate streams: one projection per stream
                 copies = 1 if self.implementation == "split" else k
                 count = k if self.implementation == "split" else 1
-                self.projection = [
-                    self._make_unit_layers(proj, copies, f"proj{b}") for b in range(count)
-                ]
+                self.projection = [self.unit_layers(proj, copies, f"proj{b}") for b in range(count)]
                 shape = per_branch if copies == 1 else stacked
             else:
-                self.projection = [self._make_unit_layers(proj, 1, "proj")]
+                self.projection = [self.unit_layers(proj, 1, "proj")]
                 shape = per_branch
             for unit in self.projection:
                 self._build_path([unit], shape)

@@ -20,6 +20,14 @@ SPARSITY_METHODS = ("proximal", "subgradient")
 _WEIGHTED = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
 
 
+def bn_importance(gamma, variance, epsilon: float) -> np.ndarray:
+    """Network slimming's channel importance, ``|gamma|·sqrt(var / (var + eps))``: ``|gamma|``
+    up to the epsilon term, the spread of the channel that the BN's statistics estimate (so a BN
+    that only records statistics, ``gamma = sqrt(var + eps)``, ranks by its channel's spread)."""
+    var = np.maximum(np.asarray(variance, np.float64), 0.0)
+    return np.abs(np.asarray(gamma, np.float64)) * np.sqrt(var / (var + float(epsilon)))
+
+
 def layer_kind(layer):
     """The converter's reading of ``layer`` (:func:`keras_dmr.convert.elements.of_layer`), or
     None for a convolution or dense layer (read by :func:`make_unit` instead) and for a layer the
@@ -117,8 +125,7 @@ class Unit:
         return np.count_nonzero(k, axis=(0, 1, 2))
 
     def importance(self) -> np.ndarray:
-        var = np.maximum(self.var, 0.0)
-        return np.abs(self.gamma) * np.sqrt(var / (var + self.eps))
+        return bn_importance(self.gamma, self.var, self.eps)
 
     def identity(self) -> np.ndarray:
         """Channels whose BN is the identity plus a constant (Eq. 3): no recorded scale."""

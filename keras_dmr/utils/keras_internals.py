@@ -33,7 +33,11 @@ _REQUIRED = (
     (ops_nn, "Relu"),
     (ops_nn, "Relu6"),
     (ops_nn, "LeakyRelu"),
+    (ops_nn, "Sigmoid"),
+    (ops_nn, "Silu"),
     (ops_numpy, "Add"),
+    (ops_numpy, "Subtract"),
+    (ops_numpy, "Multiply"),
     (ops_numpy, "Pad"),
 )
 
