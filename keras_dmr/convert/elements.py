@@ -19,6 +19,7 @@ from keras_dmr.errors import ConversionError
 from keras_dmr.layers.activations import ChannelwiseReLU
 from keras_dmr.layers.conv import GroupedConv2D, bn_weights
 from keras_dmr.layers.padding import ConstantPadding2D
+from keras_dmr.layers.streams import ChannelScale
 from keras_dmr.rm.kernels import fold_bn
 from keras_dmr.rm.ops import Act, ConvOp, conv_bn_op, depthwise_kernel
 from keras_dmr.utils.keras_internals import ops_nn, ops_numpy
@@ -112,6 +113,29 @@ class OutputActivation:
     name: str
 
 
+@dataclasses.dataclass
+class SkipScale:
+    """A :class:`~keras_dmr.layers.ChannelScale`, the extra BN on the residual path (Sec. 4.2):
+    ``gamma·x`` per channel with the moving statistics of ``x``; ``gamma`` None: the statistics
+    only (the identity), a block's record of its sum before the activation."""
+
+    gamma: np.ndarray | None
+    mean: np.ndarray
+    var: np.ndarray
+    epsilon: float
+
+    def scale_op(self, name: str) -> ConvOp:
+        """The scale as a diagonal 1×1 op with the BN record its reserved copies keep:
+        ``gamma·sqrt(var)`` (their standard deviation), the input's mean and variance."""
+        return ConvOp(
+            np.diag(self.gamma)[None, None],
+            np.zeros_like(self.gamma),
+            bn=np.stack([self.gamma * np.sqrt(self.var), self.mean, self.var]),
+            epsilon=self.epsilon,
+            name=name,
+        )
+
+
 class Flatten:
     pass
 
@@ -145,6 +169,7 @@ Element = (
     | Identity
     | Add
     | Block
+    | SkipScale
 )
 
 
@@ -344,6 +369,10 @@ def _layer(layer, node) -> Element:
         return _conv(layer, node)
     if isinstance(layer, keras.layers.BatchNormalization):
         return _batch_norm(layer, node)
+    if isinstance(layer, ChannelScale):
+        weights = [np.asarray(w, np.float64) for w in layer.get_weights()]
+        gamma = weights.pop(0) if layer.scale else None
+        return SkipScale(gamma, weights[0], weights[1], float(layer.epsilon))
     if isinstance(layer, keras.layers.Rescaling):
         return _rescaling(layer, node)
     if isinstance(

@@ -214,3 +214,18 @@ def read_graph(model) -> Graph:
         for position, value in enumerate(node.inputs):
             consumers.setdefault(value.index, []).append((node, position))
     return Graph(model.name, source, output[0], recorder.nodes, consumers)
+
+
+def copy_call(node: Node, args: list, name: str | None = None, *, weights: bool = True, **changes):
+    """Call ``node``'s operation again on ``args`` (Keras tensors): a fresh copy of its layer,
+    same config (with ``changes``) and, with ``weights``, the same weights, named ``name``
+    (default: its own), or the same operation. What graph rewriters
+    (:mod:`keras_dmr.convert.unfold`, :func:`keras_dmr.prune.with_skip_bn`) replay a node with."""
+    op = node.operation
+    if not node.is_layer:
+        return op(*args, *node.constants)
+    layer = type(op).from_config({**op.get_config(), "name": name or op.name, **changes})
+    out = layer(args if len(args) > 1 else args[0])
+    if weights and op.get_weights():
+        layer.set_weights(op.get_weights())
+    return out

@@ -8,7 +8,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from keras_dmr.convert.graph import read_graph
+from keras_dmr.convert.graph import Graph, read_graph
 from keras_dmr.convert.walker import GraphWalker, PlainContext
 from keras_dmr.layers.activations import ChannelwiseReLU
 from keras_dmr.layers.padding import ConstantPadding2D
@@ -54,7 +54,25 @@ def plain_ops(
     return _walk(model, downsample, relu_only)[0]
 
 
-def _walk(model, downsample: str, relu_only: bool):
+def residual_shortcuts(model: keras.Model) -> tuple[Graph, dict]:
+    """Where the converter finds ``model``'s residual blocks: its flattened graph and, per
+    joining addition (by node index), the uses ``(node index, argument position)`` of the
+    fork's tensor that start the block's linear shortcuts (identity: the addition itself).
+
+    Args:
+        model: a model the converter reads.
+
+    Returns:
+        ``(graph, shortcuts)``.
+
+    Raises:
+        ConversionError: what :func:`to_plain` would refuse.
+    """
+    walker = _walk(model, "dirac", False, keep_walker=True)
+    return walker.graph, walker.report.shortcuts
+
+
+def _walk(model, downsample: str, relu_only: bool, keep_walker: bool = False):
     if downsample not in DOWNSAMPLE_METHODS:
         raise ValueError(f"`downsample` must be one of {DOWNSAMPLE_METHODS}; got {downsample!r}")
     graph = read_graph(model)
@@ -64,7 +82,8 @@ def _walk(model, downsample: str, relu_only: bool):
             f"model {model.name!r}: input shape {shape} is not (height, width, channels)"
         )
     walker = GraphWalker(graph, shape, downsample, relu_only)
-    return walker.run(), walker.report
+    ops = walker.run()
+    return walker if keep_walker else (ops, walker.report)
 
 
 # ------------------------------------------------------------------------------- emission

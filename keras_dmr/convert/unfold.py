@@ -23,7 +23,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_dmr.convert.graph import Node, read_graph
+from keras_dmr.convert.graph import Node, copy_call, read_graph
 from keras_dmr.errors import ConversionError
 from keras_dmr.layers.blocks import ParallelBranchBlock, Unit
 from keras_dmr.layers.streams import BranchMean, ChannelScale, TileBranches
@@ -93,13 +93,7 @@ def _unfold_node(node: Node, args: list):
     args = [
         L.Concatenate(name=f"{node.name}_streams")(a) if isinstance(a, list) else a for a in args
     ]
-    if not node.is_layer:
-        return op(*args, *node.constants)
-    layer = _copy(op, op.name)
-    out = layer(args if len(args) > 1 else args[0])
-    if op.get_weights():
-        layer.set_weights(op.get_weights())
-    return out
+    return copy_call(node, args)
 
 
 def _copy(layer, name: str):

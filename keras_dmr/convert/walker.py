@@ -73,6 +73,7 @@ class Chain:
         self.pending: tuple[Node, el.Padding] | None = None
         self.keepdims = False  # pooled, and the tensor is still a 1×1 map (a conv head reads it)
         self.flattened: Node | None = None  # a Flatten of a spatial map, awaiting its Dense
+        self.skip_scale: ConvOp | None = None  # a ChannelScale that starts this path
 
     # -- helpers
     def last(self):
@@ -130,6 +131,8 @@ class Chain:
         self._no_pending(node)
         if isinstance(element, el.Affine):
             return self._affine(node, element)
+        if isinstance(element, el.SkipScale):
+            return self._skip_scale(node, element)
         if isinstance(element, el.Activation):
             return self._activation(node, element.make)
         if isinstance(element, el.OutputActivation):
@@ -254,6 +257,25 @@ class Chain:
             return
         self.append(el.affine_op(element, node.name))
 
+    def _skip_scale(self, node: Node, element: el.SkipScale) -> None:
+        """A ChannelScale. With a scale, at the start of a path: kept apart as that path's
+        ``skip_scale`` (a shortcut's, whose BN record the reserved channels take); elsewhere
+        a per-channel scale. Statistics only, after a linear convolution (a block's sum): that
+        convolution's BN record becomes the statistics, as a ``skip_bn`` block's merged
+        channels have; elsewhere it computes the identity and adds nothing."""
+        if self.pooled:
+            raise el.refuse(node, "a ChannelScale after global pooling")
+        if element.gamma is not None:
+            if not self.ops:
+                self.skip_scale = element.scale_op(node.name)
+                self.ops.append(self.skip_scale)
+                return
+            return self._affine(node, el.Affine(element.gamma, np.zeros_like(element.gamma)))
+        last = self.last()
+        if isinstance(last, ConvOp) and last.act is None:
+            mean, var = element.mean, element.var
+            last.bn, last.epsilon = np.stack([np.sqrt(var), mean - last.bias, var]), element.epsilon
+
     def _activation(self, node: Node, make) -> None:
         last = self.last()
         if isinstance(last, DenseOp):
@@ -352,6 +374,9 @@ class Chain:
 class Report:
     blocks: list = dataclasses.field(default_factory=list)
     passed: list = dataclasses.field(default_factory=list)
+    # join node index → the uses (node index, argument position) of the fork's value that
+    # start its linear shortcuts (where with_skip_bn puts the extra BN of the residual path)
+    shortcuts: dict = dataclasses.field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------- the walk
@@ -438,7 +463,8 @@ class GraphWalker:
                 sub.apply(node, element, self.report)
             sub.finish()
             built.append((nodes, sub))
-        ops, kinds = self._merge(join, built, chain)
+        ops, kinds, shortcut_paths = self._merge(join, built, chain)
+        self.report.shortcuts[join.index] = [(uses[i][0].index, uses[i][1]) for i in shortcut_paths]
         for op in ops:
             chain.append(op)
         self.report.blocks.append(
@@ -454,13 +480,17 @@ class GraphWalker:
 
     def _merge(self, join: Node, built, chain: Chain):
         channels = chain.c
-        skips, branches, kinds, windows = [], [], [], set()
-        for nodes, sub in built:
-            skip, window, kind = _as_skip(sub.ops, channels, chain.hw)
+        skips, branches, kinds, windows, scales, shortcut_paths = [], [], [], set(), [], []
+        for i, (nodes, sub) in enumerate(built):
+            scale = sub.skip_scale if sub.ops and sub.ops[0] is sub.skip_scale else None
+            linear = sub.ops[1:] if scale is not None else sub.ops
+            skip, window, kind = _as_skip(linear, channels, chain.hw)
             if skip is not None:
                 skips.append(skip)
-                kinds.append(kind)
+                kinds.append(f"{kind} (scaled)" if scale is not None else kind)
                 windows.add(window)
+                scales.append(scale)
+                shortcut_paths.append(i)
             else:
                 branches.append((nodes, sub))
         branches = _sum_linear(branches)
@@ -485,6 +515,9 @@ class GraphWalker:
         window = windows.pop() if windows else 1
         if not branches and window > 1:
             raise el.refuse(join, "adds an average-pooled shortcut to no convolution")
+        if len(skips) > 1 or not branches:  # no extra BN to keep apart: scales fold in
+            skips = [_scaled(s, scale) for s, scale in zip(skips, scales, strict=True)]
+            scales = [None] * len(skips)
         if not branches:  # every path is linear and 1×1: their sum is one convolution
             total = skips[0]
             for s in skips[1:]:
@@ -492,7 +525,7 @@ class GraphWalker:
                     total, kernel=total.kernel + s.kernel, bias=total.bias + s.bias
                 )
             total.name = join.name
-            return [total], {"branch": [], "shortcut": " + ".join(kinds)}
+            return [total], {"branch": [], "shortcut": " + ".join(kinds)}, shortcut_paths
         nodes, sub = branches[0]
         branch_ops = list(sub.ops)
         for op in branch_ops:
@@ -523,11 +556,13 @@ class GraphWalker:
                 input_nonnegative=chain.nonnegative,
                 input_hw=chain.hw,
                 method=self.options["downsample"],
+                skip_scale=scales[0],
                 skip_window=window,
             )
         except ConversionError as err:
             raise el.refuse(join, str(err)) from None
-        return ops, {"branch": [n.name for n in nodes], "shortcut": " + ".join(kinds)}
+        kinds = {"branch": [n.name for n in nodes], "shortcut": " + ".join(kinds)}
+        return ops, kinds, shortcut_paths
 
 
 def _as_skip(ops: list, channels: int, hw) -> tuple[ConvOp | None, int, str]:
@@ -576,6 +611,14 @@ def _as_skip(ops: list, channels: int, hw) -> tuple[ConvOp | None, int, str]:
             name=step.name,
         )
     return op, window, " → ".join(kinds) if kinds else "identity"
+
+
+def _scaled(skip: ConvOp, scale: ConvOp | None) -> ConvOp:
+    """``skip`` applied after the diagonal ``scale`` (the record of the scale is dropped)."""
+    if scale is None:
+        return skip
+    matrix = np.diagonal(scale.kernel[0, 0])[:, None] * skip.kernel[0, 0]
+    return dataclasses.replace(skip, kernel=matrix[None, None])
 
 
 def _sum_linear(branches: list) -> list:

@@ -12,8 +12,9 @@ from keras_dmr.prune.channel_groups import ChannelGraph, build_channel_graph
 from keras_dmr.prune.graph_prune import CRITERIA, group_importance, prune_channels
 from keras_dmr.prune.report import accuracy, describe, format_table, throughput
 from keras_dmr.prune.residual import fold_batchnorm, fuse_batchnorm, slim_residual
+from keras_dmr.prune.skip_bn import with_skip_bn
 from keras_dmr.prune.slim import channel_importances, slim, threshold_for_ratio
-from keras_dmr.prune.sparsity import BNSparsity, bn_scales, scale_variables, with_skip_bn
+from keras_dmr.prune.sparsity import BNSparsity, bn_scales, scale_variables
 
 __all__ = [
     "BNSparsity",

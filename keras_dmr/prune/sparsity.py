@@ -1,5 +1,5 @@
-"""Sparsity training for network slimming: an L1 penalty on the BN scales (:class:`BNSparsity`)
-and the extra BN on the residual path (:func:`with_skip_bn`)."""
+"""Sparsity training for network slimming: an L1 penalty on the BN scales (:class:`BNSparsity`);
+the extra BN on the residual path is :mod:`keras_dmr.prune.skip_bn`'s."""
 
 from __future__ import annotations
 
@@ -9,13 +9,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_dmr.layers.blocks import ParallelBranchBlock
 from keras_dmr.layers.streams import ChannelScale
 from keras_dmr.prune.units import (
     SPARSITY_METHODS,
-    clone_layer,
-    input_like,
-    layer_chain,
 )
 from keras_dmr.utils import keras_internals
 
@@ -108,40 +104,3 @@ class BNSparsity(keras.callbacks.Callback):
 
     def get_config(self):
         return {"factor": self.factor, "method": self.method}
-
-
-def with_skip_bn(model: keras.Model) -> keras.Model:
-    """A copy of ``model`` (a chain of layers, as the package's builders make) whose residual
-    blocks have the extra BN on the residual path (``ParallelBranchBlock(skip_bn=True)``).
-
-    Same weights and, with the new scales at 1, the same function. The copy is a functional
-    ``keras.Model`` (it no longer rebuilds from builder arguments), compiled with the paper's
-    recipe when ``model`` was compiled; add :class:`keras_dmr.recipe.StepDecay` to its ``fit``
-    for the recipe's schedule. Blocks of other kinds are copied as they are.
-
-    Args:
-        model: a model of the package's builders (or a chain of its blocks).
-
-    Returns:
-        The functional copy.
-    """
-    from keras_dmr.recipe import compile_with_recipe
-
-    layers = layer_chain(model, "model")
-    inputs = input_like(model)
-    x = inputs
-    for layer in layers:
-        if isinstance(layer, ParallelBranchBlock):
-            new = clone_layer(layer, skip_bn=True)
-            x = new(x)
-            new.set_branch_weights(layer.branch_weights())
-        else:
-            new = clone_layer(layer)
-            x = new(x)
-            new.set_weights(layer.get_weights())
-    copy = keras.Model(inputs, x, name=model.name)
-    if getattr(model, "optimizer", None) is not None:
-        last = layers[-1]
-        linear = getattr(last, "activation", None) in (None, keras.activations.linear)
-        compile_with_recipe(copy, from_logits=linear)
-    return copy
