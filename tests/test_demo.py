@@ -55,17 +55,22 @@ def test_demo_trains_converts_quantizes_exports_and_reruns(tmp_path, capfd):
 @pytest.mark.slow
 def test_demo_resnet20_family_trains_for_slimming_prunes_and_fine_tunes(tmp_path, capsys):
     argv = ["demo", "--family", "resnet20", "--epochs", "1", "--finetune-epochs", "1"]
+    argv += ["--prune-steps", "2"]
     argv += ["--runs", str(tmp_path / "runs"), "--base-dir", str(tmp_path / "savedmodels")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "slimmed the plain model at threshold 0.001" in out and "fine-tuning 1 epochs" in out
+    assert "pruning the plain model to 0.5× the residual model's MACs" in out
+    assert "cut 2/2" in out and "fine-tuned 1 epoch(s)" in out
     base = tmp_path / "savedmodels"
     assert (base / "resnet20_pruned_digits" / "1" / "saved_model.pb").is_file()
     assert (base / "resnet20_pruned_digits_v1_int8.onnx").is_file()
     assert not (tmp_path / "runs" / "demo_digits.json").exists()  # the default family's record
     record = json.loads((tmp_path / "runs" / "demo_digits_resnet20.json").read_text())
     assert record["family"] == "resnet20" and record["sparsity_factor"] > 0
-    assert record["pruning"]["channels_after"] <= record["pruning"]["channels_before"]
+    residual = next(r for r in record["rows"] if r["form"] == "residual")
+    pruned = next(r for r in record["rows"] if r["form"] == "pruned plain")
+    assert pruned["macs"] <= 0.5 * residual["macs"]  # the budget, against the residual model
+    assert record["pruning"]["macs_after"] < record["pruning"]["macs_before"]
     assert {r["form"] for r in record["rows"]} == {"residual", "plain", "pruned plain"}
     assert shipped_row(record["rows"])["form"] == "pruned plain"
 
@@ -151,3 +156,18 @@ def test_summary_ships_only_what_ran_and_misses_every_target_when_nothing_did():
     assert "the residual model did not run in ONNX Runtime" in text
     text = summary([rows[0], rows[1], failed], MACHINE, None)
     assert text.count("MISSED") == 3 and "no pruned plain file ran" in text
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prune-macs", "0.3"], "apply to --family resnet20, dmrnet14 only"),
+        (["--family", "resnet20", "--prune-macs", "0"], "--prune-macs: must be a fraction"),
+        (["--family", "dmrnet14", "--prune-steps", "0"], "--prune-steps"),
+    ],
+)
+def test_demo_pruning_arguments_are_checked_before_training(tmp_path, capsys, extra, message):
+    argv = ["demo", *extra, "--runs", str(tmp_path / "runs"), "--base-dir", str(tmp_path / "sm")]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -252,3 +252,52 @@ def test_dmrnet_prunes_as_residual_and_as_plain_model_to_a_macs_budget():
             report = prune_channels(source, criterion=criterion, macs=0.5).pruning_report
             assert 0.45 <= report["macs_after"] / report["macs_before"] <= 0.5
             assert report["macs_before"] == count_flops(source)
+
+
+# ------------------------------------------------------------------ statistics and budgets
+def test_reestimated_statistics_are_the_data_statistics_and_identities_stay():
+    """After reestimate_bn, a BN's moving mean and variance are those of its input over the
+    batches (each BN normalising with batch statistics before it, as in training), and an
+    identity BN channel still computes the identity plus its constant."""
+    x = keras.Input((8, 8, 3))
+    y = L.Conv2D(4, 3, padding="same", name="conv")(x)
+    bn = L.BatchNormalization(name="bn")
+    model = keras.Model(x, L.GlobalAveragePooling2D()(bn(y)))
+    randomize(model, seed=8)
+    gamma, beta, mean, var = (np.array(w) for w in bn.get_weights())
+    gamma[0] = np.sqrt(var[0] + bn.epsilon)  # channel 0: the identity plus (beta - mean)
+    bn.set_weights([gamma, beta, mean, var])
+    offset = beta[0] - mean[0]
+    batches = [RNG.standard_normal((16, 8, 8, 3)).astype("float32") for _ in range(4)]
+    assert keras_dmr.convert.reestimate_bn(model, batches) == 4
+    conv = keras.Model(x, y)
+    z = np.concatenate([np.asarray(conv(b)) for b in batches]).reshape(-1, 4)
+    _, beta2, mean2, var2 = (np.array(w) for w in bn.get_weights())
+    np.testing.assert_allclose(mean2, z.mean(0), rtol=1e-4, atol=1e-5)
+    batch_vars = np.mean([np.asarray(conv(b)).reshape(-1, 4).var(0) for b in batches], axis=0)
+    np.testing.assert_allclose(var2, batch_vars, rtol=1e-4)
+    assert np.isclose(beta2[0] - mean2[0], offset, atol=1e-5)  # still identity + constant
+    assert np.isclose(np.asarray(bn.gamma)[0], np.sqrt(var2[0] + bn.epsilon), rtol=1e-6)
+
+
+def test_prune_to_budget_reaches_the_macs_in_steps_and_fine_tunes():
+    model = randomize(keras_dmr.ResNet(depth=8, widths=(8, 16, 32), compile=False), seed=9)
+    plain = keras_dmr.to_plain(model, fuse_bn=False)
+    images = RNG.standard_normal((64, 32, 32, 3)).astype("float32")
+    labels = RNG.integers(0, 10, 64)
+    import tensorflow as tf
+
+    train = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
+    lines = []
+    pruned = keras_dmr.prune.prune_to_budget(
+        plain, train, macs=0.4, steps=2, epochs=1, criterion="l2", log=lines.append
+    )
+    report = pruned.pruning_report
+    assert [cut["step"] for cut in report["steps"]] == [1, 2] and len(lines) == 2
+    first, second = (cut["macs"] / report["macs_before"] for cut in report["steps"])
+    assert 0.6 <= first <= np.sqrt(0.4) + 1e-9 and 0.36 <= second <= 0.4
+    assert report["macs_after"] == count_flops(pruned)
+    assert all(np.isfinite(cut["loss"]) for cut in report["steps"])
+    assert pruned.optimizer is not None  # compiled with the recipe, ready to train further
+    with pytest.raises(ValueError, match="`macs` must be a fraction"):
+        keras_dmr.prune.prune_to_budget(plain, train, macs=0.0)

@@ -47,7 +47,15 @@ def section(found: dict[str, dict]) -> str:
         )
         if p is None:
             how = f"{trained}; its plain form, {r['plain_model']}, ships unpruned."
-        else:
+        elif "prune_macs" in r:
+            how = (
+                f"{trained} with sparsity factor {r['sparsity_factor']:.4g}; its plain form "
+                f"pruned over the whole graph to {r['prune_macs']:g}× the residual model's MACs "
+                f"in {r['prune_steps']} cut(s) with {r['finetune_epochs']} fine-tuning epoch(s) "
+                f"after each ({p['params_before']:,} → {p['params_after']:,} parameters, "
+                f"{p['macs_before']:,} → {p['macs_after']:,} MACs before BN fusion)."
+            )
+        else:  # records of the threshold slimming the demo did before issue 28
             how = (
                 f"{trained} with sparsity factor {r['sparsity_factor']:.4g}; slimming at "
                 f"threshold {r['prune_threshold']:g} kept {p['channels_after']:,} of "

@@ -6,15 +6,18 @@ by side against the residual model as trained: one table with accuracy, paramete
 images/s and the ratio to that baseline, the shipped artifact, and the deployment targets met or
 missed.
 
-Two families (``--family``), chosen by measurement (README, ``docs/benchmarks.md``):
+Three families (``--family``), chosen by measurement (README, ``docs/benchmarks.md``):
 
 * ``mobilenetv2`` (default): the RMNet paper's CIFAR MobileNetV2 at width 0.5, whose plain form
   is MobileNetV1 — RM removes the shortcut and fuses each projection with the next expansion, so
   the plain model has about a quarter of the residual model's MACs before any pruning. It wins
   without pruning, so the demo does not prune it.
-* ``resnet20``: a ResNet-20 trained for network slimming, then slimmed and fine-tuned: a plain
-  ResNet alone is slower than the residual one (its blocks carry their input through reserved
-  channels: 1.9× the MACs), so it can only win by pruning below the residual model's MACs.
+* ``resnet20`` and ``dmrnet14``: a ResNet-20 or DMRNet-14 trained for network slimming (the
+  extra BN on the residual path, sparsity on the BN scales), its plain form pruned over the whole
+  graph to a MACs budget in steps with fine-tuning between them
+  (:func:`keras_dmr.prune.prune_to_budget`): a plain ResNet alone is slower than the residual
+  one (its blocks carry their input through reserved channels: 1.9× the MACs, 2.8× for
+  DMRNet-14), so it can only win by pruning below the residual model's MACs.
 
 The shipped artifact is the fastest exported file of the plain (or pruned plain) model whose
 accuracy is within :data:`TARGET_ACCURACY_POINTS` of the baseline on the test split (the fastest
@@ -45,9 +48,14 @@ TRAIN_IMAGES = 10_000
 # learning rate × factor (proximal BNSparsity): the factor is derived from it for the run's
 # steps and schedule, so a longer run (more images, more epochs) is not pruned to nothing.
 SPARSITY_BUDGET = 0.95
+# The pruned plain model's MACs as a fraction of the residual model's, reached in PRUNE_STEPS
+# cuts with FINETUNE_EPOCHS of fine-tuning after each.
+PRUNE_MACS = 0.5
+PRUNE_STEPS = 3
+FINETUNE_EPOCHS = 2
+FINETUNE_LEARNING_RATE = 0.01
 # Targets of the shipped artifact (issue 17): against the residual Keras model as trained, and
 # against the residual model under the same engine; accuracy loss in points.
-PRUNE_THRESHOLD = 1e-3
 TARGET_SPEEDUP = 5.0
 TARGET_SAME_ENGINE = 1.2
 TARGET_ACCURACY_POINTS = 0.5
@@ -90,6 +98,16 @@ FAMILIES = {
         "resnet20_pruned",
         prune=True,
     ),
+    "dmrnet14": Family(
+        "DMRNet-14",
+        "DMRNet-14 plain, pruned",
+        "dmrnet",
+        14,
+        {},
+        "dmrnet14_slim",
+        "dmrnet14_pruned",
+        prune=True,
+    ),
 }
 DEFAULT_FAMILY = "mobilenetv2"
 
@@ -104,8 +122,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         choices=tuple(FAMILIES),
         default=DEFAULT_FAMILY,
         help="mobilenetv2: the CIFAR MobileNetV2 (width 0.5) whose plain form is MobileNetV1, "
-        "shipped unpruned; resnet20: a ResNet-20 trained for slimming, its plain form pruned "
-        f"(default: {DEFAULT_FAMILY}, chosen by measurement: see the README)",
+        "shipped unpruned; resnet20, dmrnet14: trained for slimming, the plain form pruned to "
+        f"--prune-macs (default: {DEFAULT_FAMILY}, chosen by measurement: see the README)",
     )
     parser.add_argument(
         "--dataset",
@@ -126,21 +144,27 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "digits, a sixth of Fashion-MNIST); the test split stays whole",
     )
     parser.add_argument(
-        "--prune-threshold",
-        type=_non_negative,
-        default=PRUNE_THRESHOLD,
-        metavar="T",
-        help="resnet20: slimming drops the plain model's channels whose BN scale is below T "
-        "(default 1e-3: those sparsity training set to zero, which changes almost no "
-        "prediction)",
+        "--prune-macs",
+        type=_fraction,
+        default=PRUNE_MACS,
+        metavar="F",
+        help="resnet20, dmrnet14: prune the plain model until its MACs are F times the residual "
+        f"model's (default {PRUNE_MACS:g})",
+    )
+    parser.add_argument(
+        "--prune-steps",
+        type=_positive_int,
+        default=PRUNE_STEPS,
+        metavar="N",
+        help=f"resnet20, dmrnet14: reach --prune-macs in N cuts (default {PRUNE_STEPS})",
     )
     parser.add_argument(
         "--finetune-epochs",
         type=_natural,
-        default=0,
+        default=FINETUNE_EPOCHS,
         metavar="N",
-        help="resnet20: fine-tuning epochs of the pruned model, learning rate 1e-3 (default 0: "
-        "at the default threshold pruning changes almost nothing to fine-tune away)",
+        help="resnet20, dmrnet14: fine-tuning epochs after each cut, learning rate "
+        f"{FINETUNE_LEARNING_RATE:g} (default {FINETUNE_EPOCHS})",
     )
     parser.add_argument(
         "--runs", type=output_path("dir"), default="runs", help="checkpoint folder (default: runs)"
@@ -156,13 +180,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _non_negative(text: str) -> float:
+def _fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {text!r}")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1]; got {text!r}")
     return value
 
 
@@ -185,26 +209,31 @@ def _uint8_batches(dataset: str, data_dir, split: str, batch_size: int, **kw) ->
     return [(np.asarray(x, np.uint8), np.asarray(y)) for x, y in pipeline]
 
 
-def _prune(resnet, args, train) -> tuple:
-    """The plain model (BN kept, verified) slimmed at ``--prune-threshold``, fine-tuned, BN
-    fused."""
+def _prune(residual, args, train) -> tuple:
+    """The plain model (BN kept, verified) pruned over its whole graph to ``--prune-macs`` of
+    the residual model's MACs in ``--prune-steps`` cuts, fine-tuned after each, BN fused."""
     from keras_dmr import prune
+    from keras_dmr.analysis import count_flops
     from keras_dmr.convert import to_plain
-    from keras_dmr.recipe import StepDecay, compile_with_recipe
 
-    plain = to_plain(resnet, fuse_bn=False)
-    pruned = prune.slim(plain, threshold=args.prune_threshold)
-    report = pruned.pruning_report
+    plain = to_plain(residual, fuse_bn=False)
+    fraction = min(1.0, args.prune_macs * count_flops(residual) / count_flops(plain))
     print(
-        f"slimmed the plain model at threshold {args.prune_threshold:g}: "
-        f"{report['channels_before']:,} → {report['channels_after']:,} channels, "
-        f"{report['params_before']:,} → {report['params_after']:,} parameters",
+        f"pruning the plain model to {args.prune_macs:g}× the residual model's MACs "
+        f"({fraction:.1%} of its own) in {args.prune_steps} cut(s), {args.finetune_epochs} "
+        f"fine-tuning epoch(s) at learning rate {FINETUNE_LEARNING_RATE:g} after each",
         flush=True,
     )
-    if args.finetune_epochs:
-        print(f"fine-tuning {args.finetune_epochs} epochs (learning rate 1e-3)", flush=True)
-        compile_with_recipe(pruned, learning_rate=1e-3)
-        pruned.fit(train, epochs=args.finetune_epochs, verbose=2, callbacks=[StepDecay()])
+    pruned = prune.prune_to_budget(
+        plain,
+        train,
+        macs=fraction,
+        steps=args.prune_steps,
+        epochs=args.finetune_epochs,
+        learning_rate=FINETUNE_LEARNING_RATE,
+        log=lambda line: print(line, flush=True),
+    )
+    report = pruned.pruning_report
     return plain, prune.fuse_batchnorm(pruned), report
 
 
@@ -212,10 +241,16 @@ def run_demo(args: argparse.Namespace) -> int:
     from keras_dmr.errors import UsageError
 
     family = FAMILIES[args.family]
-    if not family.prune and (args.finetune_epochs or args.prune_threshold != PRUNE_THRESHOLD):
+    changed = (args.prune_macs, args.prune_steps, args.finetune_epochs) != (
+        PRUNE_MACS,
+        PRUNE_STEPS,
+        FINETUNE_EPOCHS,
+    )
+    if not family.prune and changed:
+        pruned = ", ".join(name for name, f in FAMILIES.items() if f.prune)
         raise UsageError(
-            f"--prune-threshold and --finetune-epochs apply to --family resnet20 only; "
-            f"--family {args.family} ships its plain form unpruned"
+            f"--prune-macs, --prune-steps and --finetune-epochs apply to --family {pruned} "
+            f"only; --family {args.family} ships its plain form unpruned"
         )
     residual, run, factor = _train_residual(family, args)
     forms, plain, pruning = _plain_forms(residual, family, args, run)
@@ -238,7 +273,8 @@ def run_demo(args: argparse.Namespace) -> int:
             "train_images": run.train_images or data_size(args.dataset),
             "epochs": args.epochs,
             "sparsity_factor": factor,
-            "prune_threshold": args.prune_threshold if family.prune else None,
+            "prune_macs": args.prune_macs if family.prune else None,
+            "prune_steps": args.prune_steps if family.prune else None,
             "finetune_epochs": args.finetune_epochs if family.prune else None,
             "pruning": pruning,
             "rows": [{k: v for k, v in r.items() if k != "path"} for r in rows],
@@ -344,7 +380,7 @@ def _plain_forms(residual, family: Family, args: argparse.Namespace, run) -> tup
 
     pruning = None
     if family.prune:
-        print("\n== RM: the plain Conv-ReLU form, then network slimming", flush=True)
+        print("\n== RM: the plain Conv-ReLU form, then pruning to a MACs budget", flush=True)
         train = data.load(
             args.dataset,
             "train",

@@ -3,7 +3,7 @@
 from keras_dmr.convert.keras_applications import from_keras_application
 from keras_dmr.convert.plain import compare, plain_ops, to_plain
 from keras_dmr.convert.randomize import randomize
-from keras_dmr.convert.recalibrate import recalibrate_bn
+from keras_dmr.convert.recalibrate import recalibrate_bn, reestimate_bn
 from keras_dmr.convert.unfold import unfold
 from keras_dmr.errors import ConversionError
 
@@ -14,6 +14,7 @@ __all__ = [
     "plain_ops",
     "randomize",
     "recalibrate_bn",
+    "reestimate_bn",
     "to_plain",
     "unfold",
 ]

@@ -93,3 +93,56 @@ def recalibrate_bn(
         bn.set_weights([gamma, beta, mean, var])
         done[bn.name] = int(mask.sum())
     return done
+
+
+def reestimate_bn(model: keras.Model, data, *, steps: int | None = None) -> int:
+    """Re-estimate the moving mean and variance of every BatchNormalization (and
+    :class:`~keras_dmr.layers.ChannelScale`) of ``model`` from ``data``, as the average over the
+    batches of each layer's batch statistics in a training-mode forward pass (no weight
+    changes): the statistics of the network as it is now, after pruning removed channels that
+    the next layers' statistics still counted (RMNet Appendix A.2; EagleEye's adaptive BN).
+    Identity channels (:func:`identity_channels`) stay identities with their new statistics,
+    as :func:`recalibrate_bn` leaves them. Nested layers included; Dropout runs in training
+    mode during the passes.
+
+    Args:
+        model: any Keras model with BatchNormalization layers.
+        data: the batches (as :func:`recalibrate_bn` takes them).
+        steps: at most this many batches (``None``: all).
+
+    Returns:
+        The number of batches used.
+    """
+    from keras_dmr.layers.streams import ChannelScale
+    from keras_dmr.utils import keras_internals
+
+    layers = [
+        layer
+        for layer in keras_internals.all_layers(model)
+        if isinstance(layer, keras.layers.BatchNormalization | ChannelScale)
+    ]
+    if not layers:
+        raise ValueError(f"model {model.name!r} has no BatchNormalization to re-estimate")
+    bns = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    identity = {id(bn): (identity_channels(bn), bn_weights(bn)) for bn in bns}
+    momenta = [layer.momentum for layer in layers]
+    used = 0
+    try:
+        for i, images in enumerate(_batches(data, steps)):
+            for layer in layers:
+                layer.momentum = i / (i + 1)  # a running average of the batches' statistics
+            model(images, training=True)
+            used += 1
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+    if not used:
+        raise ValueError("`data` yielded no batches")
+    for bn in bns:
+        mask, (_, old_beta, old_mean, _) = identity[id(bn)]
+        if mask.any() and bn.scale and bn.center:
+            gamma, beta, mean, var = bn_weights(bn)
+            gamma[mask] = np.sqrt(var[mask] + bn.epsilon)
+            beta[mask] = old_beta[mask] - old_mean[mask] + mean[mask]
+            bn.set_weights([gamma, beta, mean, var])
+    return used

@@ -10,6 +10,7 @@ over the whole graph of any functional CNN by channel groups (:func:`prune_chann
 from keras_dmr.layers.streams import ChannelScale
 from keras_dmr.prune.channel_groups import ChannelGraph, build_channel_graph
 from keras_dmr.prune.graph_prune import CRITERIA, group_importance, prune_channels
+from keras_dmr.prune.progressive import prune_to_budget
 from keras_dmr.prune.report import accuracy, describe, format_table, throughput
 from keras_dmr.prune.residual import fold_batchnorm, fuse_batchnorm, slim_residual
 from keras_dmr.prune.skip_bn import with_skip_bn
@@ -31,6 +32,7 @@ __all__ = [
     "format_table",
     "group_importance",
     "prune_channels",
+    "prune_to_budget",
     "scale_variables",
     "slim",
     "slim_residual",
