@@ -301,3 +301,22 @@ def test_prune_to_budget_reaches_the_macs_in_steps_and_fine_tunes():
     assert pruned.optimizer is not None  # compiled with the recipe, ready to train further
     with pytest.raises(ValueError, match="`macs` must be a fraction"):
         keras_dmr.prune.prune_to_budget(plain, train, macs=0.0)
+
+
+@pytest.mark.parametrize("round_to", [4, 8])
+def test_round_to_keeps_a_multiple_of_filters_in_every_layer(round_to):
+    model = randomize(
+        keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10), seed=10
+    )
+    plain = keras_dmr.to_plain(model, fuse_bn=False, verify=False)  # grouped convolutions too
+    pruned = prune_channels(plain, criterion="l2", macs=0.5, round_to=round_to)
+    assert count_flops(pruned) <= 0.5 * count_flops(plain)
+    widths = {
+        layer.name: (layer.filters, plain.get_layer(layer.name).filters)
+        for layer in pruned.layers
+        if isinstance(layer, L.Conv2D) and not isinstance(layer, L.DepthwiseConv2D)
+    }
+    assert all(kept % round_to == 0 or kept == was for kept, was in widths.values()), widths
+    assert any(kept < was for kept, was in widths.values())
+    with pytest.raises(ValueError, match="`round_to` must be an integer >= 1"):
+        prune_channels(plain, macs=0.5, round_to=0)

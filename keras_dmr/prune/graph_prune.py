@@ -188,15 +188,33 @@ class _Macs:
         return True
 
 
-def balance_groups(cg: ChannelGraph, drop: np.ndarray, importance: np.ndarray) -> np.ndarray:
+def _bring_back(drop: np.ndarray, labels: np.ndarray, missing: int, importance) -> bool:
+    """Un-drop the most important dropped groups among ``labels`` until ``missing`` more of
+    its positions are kept; whether anything came back."""
+    dropped = np.unique(labels[drop[labels]])
+    changed = False
+    for g in dropped[np.argsort(-importance[dropped], kind="stable")]:
+        if missing <= 0:
+            break
+        drop[g] = False
+        missing -= int(np.count_nonzero(labels == g))
+        changed = True
+    return changed
+
+
+def balance_groups(
+    cg: ChannelGraph, drop: np.ndarray, importance: np.ndarray, round_to: int = 1
+) -> np.ndarray:
     """``drop`` with every grouped convolution keeping as many input and as many output
-    channels in each of its groups: in a group that keeps fewer, its most important dropped
-    channel groups come back (repeated until every grouped convolution is even).
+    channels in each of its groups, and (``round_to`` > 1) every convolution and Dense layer
+    keeping a multiple of ``round_to`` filters (or all): where a layer or group keeps too few,
+    its most important dropped channel groups come back, until nothing changes.
 
     Args:
         cg: the channel graph.
         drop: a boolean per group.
         importance: :func:`group_importance`'s result.
+        round_to: the multiple of filters every producing layer keeps (1: any number).
 
     Returns:
         A new boolean per group (``drop`` minus what came back).
@@ -207,20 +225,25 @@ def balance_groups(cg: ChannelGraph, drop: np.ndarray, importance: np.ndarray) -
         for node in cg.grouped
         for value in (node.inputs[0], node.output)
     ]
-    changed = bool(parts)
+    produced = []
+    if round_to > 1:
+        produced = [
+            cg.label[cg.ids[node.output.index]]
+            for node in cg.graph.nodes
+            if isinstance(node.operation, L.Conv2D | L.SeparableConv2D | L.Dense)
+        ]
+    changed = bool(parts or produced)
     while changed:
         changed = False
         for labels in parts:
             counts = np.count_nonzero(~drop[labels], axis=1)
             for j in np.flatnonzero(counts < counts.max()):
-                missing = counts.max() - counts[j]
-                dropped = np.unique(labels[j][drop[labels[j]]])
-                for g in dropped[np.argsort(-importance[dropped], kind="stable")]:
-                    if missing <= 0:
-                        break
-                    drop[g] = False
-                    missing -= int(np.count_nonzero(labels[j] == g))
-                    changed = True
+                changed |= _bring_back(drop, labels[j], counts.max() - counts[j], importance)
+        for labels in produced:
+            kept = int(np.count_nonzero(~drop[labels]))
+            if kept % round_to and kept < len(labels):
+                missing = min(round_to - kept % round_to, len(labels) - kept)
+                changed |= _bring_back(drop, labels, missing, importance)
     return drop
 
 
@@ -231,6 +254,7 @@ def select_groups(
     threshold: float | None = None,
     ratio: float | None = None,
     macs: float | None = None,
+    round_to: int = 1,
 ) -> np.ndarray:
     """The groups to drop (a boolean per group).
 
@@ -242,10 +266,14 @@ def select_groups(
             channels.
         macs: drop the least important groups until at most this fraction of the model's
             multiply-accumulates is left (or none can go).
+        round_to: every convolution and Dense layer keeps a multiple of this many filters
+            (or all of them; see :func:`balance_groups`).
 
     Returns:
         A boolean per group.
     """
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"`round_to` must be an integer >= 1; got {round_to!r}")
     chosen = {"threshold": threshold, "ratio": ratio, "macs": macs}
     given = [name for name, value in chosen.items() if value is not None]
     if len(given) != 1:
@@ -259,6 +287,7 @@ def select_groups(
     budget = None if macs is None else macs * counter.total()
     total_channels = sum(cg.group_size(g) for g in order)
     accepted, within_budget, dropped_channels = [], None, 0
+    settles = bool(cg.grouped) or round_to > 1  # balancing may bring channels back
     for g in order:
         if threshold is not None and importance[g] >= threshold:
             break
@@ -267,7 +296,7 @@ def select_groups(
             break
         if budget is not None and within_budget is None and counter.total() <= budget:
             within_budget = len(accepted)
-            if not cg.grouped:
+            if not settles:
                 break
         if counter.remove(g):
             accepted.append(g)
@@ -278,12 +307,12 @@ def select_groups(
     def dropping(n: int) -> np.ndarray:
         drop = np.zeros(len(importance), bool)
         drop[accepted[:n]] = True
-        return balance_groups(cg, drop, importance)
+        return balance_groups(cg, drop, importance, round_to)
 
-    if budget is None or not cg.grouped:
+    if budget is None or not settles:
         return dropping(len(accepted) if within_budget is None else within_budget)
-    # Balancing brings channels back: the smallest prefix of the ranking that, balanced,
-    # meets the budget (the MACs fall as the prefix grows, up to the balancing's steps).
+    # Balancing and rounding bring channels back: the smallest prefix of the ranking that,
+    # settled, meets the budget (the MACs fall as the prefix grows, up to their steps).
     low = len(accepted) if within_budget is None else within_budget
     high = len(accepted)
     while low < high:
@@ -405,6 +434,7 @@ def prune_channels(
     threshold: float | None = None,
     ratio: float | None = None,
     macs: float | None = None,
+    round_to: int = 1,
 ) -> keras.Model:
     """Prune channel groups of any functional CNN (see the module docstring). This package's
     DMRNet, DVANet and ResNet models are first spelled out in standard layers
@@ -416,6 +446,9 @@ def prune_channels(
         threshold: drop groups whose importance is below it.
         ratio: drop the least important groups up to this fraction of the prunable channels.
         macs: keep at most this fraction of the multiply-accumulates (``macs=0.4``: 40%).
+        round_to: every convolution and Dense layer keeps a multiple of this many filters (or
+            all): int8 and float kernels run channel counts that are multiples of 8 or 16
+            faster than the odd counts a free ranking leaves.
 
     Returns:
         The pruned model (not compiled), with ``pruning_report``: channels, parameters and
@@ -426,7 +459,9 @@ def prune_channels(
     """
     cg = build_channel_graph(unfold(model))
     importance = group_importance(cg, criterion)
-    drop = select_groups(cg, importance, threshold=threshold, ratio=ratio, macs=macs)
+    drop = select_groups(
+        cg, importance, threshold=threshold, ratio=ratio, macs=macs, round_to=round_to
+    )
     pruned = rebuild(cg, drop, f"{model.name}_pruned", model.inputs[0].name)
     prunable = cg.prunable()
     sizes = np.array([cg.group_size(g) for g in range(len(drop))])
@@ -436,6 +471,7 @@ def prune_channels(
         "threshold": threshold,
         "ratio": ratio,
         "macs_target": macs,
+        "round_to": round_to,
         "groups": int(len(drop)),
         "groups_prunable": int(prunable.sum()),
         "groups_dropped": int(drop.sum()),

@@ -7,7 +7,8 @@ each time), each a whole-graph pruning (:func:`~keras_dmr.prune.prune_channels`,
 functional CNN: a plain model from ``to_plain(fuse_bn=False)``, a residual model as it is),
 followed by a re-estimation of every BN's statistics on training batches
 (:func:`keras_dmr.convert.reestimate_bn`, RMNet Appendix A.2) and ``epochs`` of fine-tuning
-under the paper's recipe at ``learning_rate``, optionally with sparsity training
+under the paper's recipe from ``learning_rate`` (its step decay within each cut's epochs: the
+last ones at a tenth and a hundredth, where the network settles), optionally with sparsity training
 (:class:`~keras_dmr.prune.BNSparsity`) so that the next cut finds small scales.
 
 What the papers did: RMNet (Sec. 4.2, Fig. 7) and network slimming cut once, at a BN-scale
@@ -44,6 +45,7 @@ def prune_to_budget(
     criterion: str = "bn",
     learning_rate: float = 0.01,
     sparsity: float | None = None,
+    round_to: int = 1,
     log: Callable[[str], None] = print,
 ) -> keras.Model:
     """Prune ``model`` to ``macs`` of its multiply-accumulates in ``steps`` cuts, re-estimating
@@ -60,6 +62,8 @@ def prune_to_budget(
         criterion: ``"bn"`` or ``"l2"``.
         learning_rate: the recipe's SGD learning rate while fine-tuning.
         sparsity: a :class:`~keras_dmr.prune.BNSparsity` factor while fine-tuning (None: none).
+        round_to: every layer keeps a multiple of this many filters (as
+            :func:`~keras_dmr.prune.prune_channels`).
         log: where a line per cut goes.
 
     Returns:
@@ -67,7 +71,7 @@ def prune_to_budget(
         and parameters before and after, and one record per cut.
     """
     from keras_dmr.prune.sparsity import BNSparsity
-    from keras_dmr.recipe import compile_with_recipe
+    from keras_dmr.recipe import StepDecay, compile_with_recipe
 
     if not 0 < macs <= 1:
         raise ValueError(f"`macs` must be a fraction in (0, 1]; got {macs!r}")
@@ -81,9 +85,8 @@ def prune_to_budget(
     current, cuts = model, []
     for step in range(1, steps + 1):
         goal = before * macs ** (step / steps)
-        pruned = prune_channels(
-            current, criterion=criterion, macs=min(1.0, goal / count_flops(current))
-        )
+        keep = min(1.0, goal / count_flops(current))
+        pruned = prune_channels(current, criterion=criterion, macs=keep, round_to=round_to)
         reestimate_bn(pruned, train, steps=REESTIMATE_BATCHES)
         record = {
             "step": step,
@@ -93,7 +96,7 @@ def prune_to_budget(
         }
         compile_with_recipe(pruned, learning_rate=learning_rate, from_logits=from_logits)
         if epochs:
-            callbacks = [BNSparsity(sparsity)] if sparsity else []
+            callbacks = [StepDecay()] + ([BNSparsity(sparsity)] if sparsity else [])
             history = pruned.fit(
                 train,
                 epochs=epochs,
@@ -113,6 +116,7 @@ def prune_to_budget(
         "source": model.name,
         "criterion": criterion,
         "macs_target": macs,
+        "round_to": round_to,
         "macs_before": before,
         "macs_after": count_flops(current),
         "params_before": model.count_params(),
