@@ -53,23 +53,27 @@ def test_demo_trains_converts_quantizes_exports_and_reruns(tmp_path, capfd):
 
 
 @pytest.mark.slow
-def test_demo_resnet20_family_trains_for_slimming_prunes_and_fine_tunes(tmp_path, capsys):
-    argv = ["demo", "--family", "resnet20", "--epochs", "1", "--finetune-epochs", "1"]
+@pytest.mark.parametrize("family, budget", [("resnet20", 0.5), ("dmrnet14", 0.75)])
+def test_demo_pruned_families_train_for_slimming_prune_and_fine_tune(
+    tmp_path, capsys, family, budget
+):
+    argv = ["demo", "--family", family, "--epochs", "1", "--finetune-epochs", "1"]
     argv += ["--prune-steps", "2"]
     argv += ["--runs", str(tmp_path / "runs"), "--base-dir", str(tmp_path / "savedmodels")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "pruning the plain model to 0.5× the residual model's MACs" in out
+    assert f"pruning the plain model to {budget:g}× the residual model's MACs" in out
     assert "cut 2/2" in out and "fine-tuned 1 epoch(s)" in out
     base = tmp_path / "savedmodels"
-    assert (base / "resnet20_pruned_digits" / "1" / "saved_model.pb").is_file()
-    assert (base / "resnet20_pruned_digits_v1_int8.onnx").is_file()
+    assert (base / f"{family}_pruned_digits" / "1" / "saved_model.pb").is_file()
+    assert (base / f"{family}_pruned_digits_v1_int8.onnx").is_file()
     assert not (tmp_path / "runs" / "demo_digits.json").exists()  # the default family's record
-    record = json.loads((tmp_path / "runs" / "demo_digits_resnet20.json").read_text())
-    assert record["family"] == "resnet20" and record["sparsity_factor"] > 0
+    record = json.loads((tmp_path / "runs" / f"demo_digits_{family}.json").read_text())
+    assert record["family"] == family and record["sparsity_factor"] > 0
+    assert record["prune_macs"] == budget and record["pruning"]["round_to"] == 8
     residual = next(r for r in record["rows"] if r["form"] == "residual")
     pruned = next(r for r in record["rows"] if r["form"] == "pruned plain")
-    assert pruned["macs"] <= 0.5 * residual["macs"]  # the budget, against the residual model
+    assert pruned["macs"] <= budget * residual["macs"]  # the budget, against the residual model
     assert record["pruning"]["macs_after"] < record["pruning"]["macs_before"]
     assert {r["form"] for r in record["rows"]} == {"residual", "plain", "pruned plain"}
     assert shipped_row(record["rows"])["form"] == "pruned plain"

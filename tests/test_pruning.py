@@ -460,7 +460,9 @@ def user_resnet() -> keras.Model:
     return randomize(keras.Model(inputs, outputs, name="user_resnet"), 0)
 
 
-@pytest.mark.parametrize("extra", [[], ["--residual", "--criterion", "l2"]], ids=["plain", "as-is"])
+@pytest.mark.parametrize(
+    "extra", [[], ["--residual", "--criterion", "l2", "--round-to", "4"]], ids=["plain", "as-is"]
+)
 def test_cli_prune_by_macs_takes_a_user_graph(tmp_path, with_prune, capsys, extra):
     """``--macs`` on a CNN written by hand: its plain form (or itself, ``--residual``) pruned
     over the whole graph to the budget, saved, loadable in safe mode."""
@@ -476,6 +478,11 @@ def test_cli_prune_by_macs_takes_a_user_graph(tmp_path, with_prune, capsys, extr
     source = model if extra else to_plain(model, fuse_bn=False)
     assert count_flops(pruned) <= 0.5 * count_flops(source)
     assert any(isinstance(layer, keras.layers.Add) for layer in pruned.layers) == bool(extra)
+    if extra:  # --round-to 4: every convolution keeps a multiple of 4 filters (or all)
+        for layer in pruned.layers:
+            if isinstance(layer, keras.layers.Conv2D):
+                was = model.get_layer(layer.name).filters
+                assert layer.filters % 4 == 0 or layer.filters == was
 
 
 def test_fold_through_a_padded_spatial_convolution_is_exact_inside_the_image():

@@ -29,11 +29,11 @@ from keras_dmr.layers.blocks import ParallelBranchBlock, Unit
 from keras_dmr.layers.streams import BranchMean, ChannelScale, TileBranches
 
 L = keras.layers
-# Weightless layers that act on each channel alone: they run on each stream separately.
+# Weightless layers that act on each channel alone: they run on each stream separately (an
+# Activation layer is not among them: softmax mixes channels; it reads the concatenation).
 PER_STREAM = (
     L.ReLU,
     L.LeakyReLU,
-    L.Activation,
     L.Dropout,
     L.SpatialDropout2D,
     L.MaxPooling2D,
