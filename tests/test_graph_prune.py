@@ -320,3 +320,17 @@ def test_round_to_keeps_a_multiple_of_filters_in_every_layer(round_to):
     assert any(kept < was for kept, was in widths.values())
     with pytest.raises(ValueError, match="`round_to` must be an integer >= 1"):
         prune_channels(plain, macs=0.5, round_to=0)
+
+
+def test_sparsity_factor_spreads_the_budget_over_the_runs_steps_and_schedule():
+    # 130 images in batches of 64: 3 steps an epoch; 4 epochs under the recipe's schedule
+    # (x0.1 at half and three quarters of the run): learning rates 0.1, 0.1, 0.01, 0.001.
+    factor = keras_dmr.prune.sparsity_factor(0.95, images=130, epochs=4, batch_size=64)
+    assert factor == pytest.approx(0.95 / (3 * (0.1 + 0.1 + 0.01 + 0.001)), rel=1e-12)
+    # 260 images are 5 steps an epoch: the same budget over 5/3 as many steps.
+    longer = keras_dmr.prune.sparsity_factor(0.95, images=260, epochs=4, batch_size=64)
+    assert longer == pytest.approx(factor * 3 / 5)
+    # The demo's Fashion-MNIST record was trained with this function's factor.
+    assert f"{keras_dmr.prune.sparsity_factor(0.95, 10_000, 8):.4g}" == "0.01437"
+    with pytest.raises(ValueError, match="`epochs` must be an integer >= 1"):
+        keras_dmr.prune.sparsity_factor(0.95, images=130, epochs=0)

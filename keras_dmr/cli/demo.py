@@ -31,7 +31,6 @@ shipped accuracy slightly optimistic; the table shows every candidate.
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,16 +197,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def sparsity_factor(budget: float, images: int, epochs: int, batch_size: int = BATCH_SIZE) -> float:
-    """The BNSparsity factor whose proximal steps shrink a scale by at most ``budget`` in all
-    over a run of ``epochs`` on ``images`` images under the recipe's learning-rate schedule."""
-    from keras_dmr.recipe import RecipeSGD
-
-    schedule = RecipeSGD(learning_rate=0.1)
-    per_step = sum(schedule.learning_rate_at(e, epochs) for e in range(epochs))
-    return budget / (math.ceil(images / batch_size) * per_step)
-
-
 def _uint8_batches(dataset: str, data_dir, split: str, batch_size: int, **kw) -> list:
     from keras_dmr import data
 
@@ -319,11 +308,16 @@ def _train_residual(family: Family, args: argparse.Namespace) -> tuple:
     from keras_dmr import data
     from keras_dmr.cli.common import RESUME_KEYS
     from keras_dmr.cli.train import new_model
+    from keras_dmr.prune import sparsity_factor
     from keras_dmr.training.run import TrainingRun, train
 
     available = data_size(args.dataset)
     train_images = min(args.train_images or TRAIN_IMAGES, available)
-    factor = sparsity_factor(SPARSITY_BUDGET, train_images, args.epochs) if family.prune else None
+    factor = (
+        sparsity_factor(SPARSITY_BUDGET, train_images, args.epochs, BATCH_SIZE)
+        if family.prune
+        else None
+    )
     if factor is not None:
         factor = float(f"{factor:.4g}")  # what the checkpoint records, as `train --sparsity`
     subset = train_images if train_images < available else None

@@ -15,7 +15,7 @@ from keras_dmr.prune.report import accuracy, describe, format_table, throughput
 from keras_dmr.prune.residual import fold_batchnorm, fuse_batchnorm, slim_residual
 from keras_dmr.prune.skip_bn import with_skip_bn
 from keras_dmr.prune.slim import channel_importances, slim, threshold_for_ratio
-from keras_dmr.prune.sparsity import BNSparsity, bn_scales, scale_variables
+from keras_dmr.prune.sparsity import BNSparsity, bn_scales, scale_variables, sparsity_factor
 
 __all__ = [
     "BNSparsity",
@@ -36,6 +36,7 @@ __all__ = [
     "scale_variables",
     "slim",
     "slim_residual",
+    "sparsity_factor",
     "threshold_for_ratio",
     "throughput",
     "with_skip_bn",

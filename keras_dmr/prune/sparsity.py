@@ -55,6 +55,34 @@ def bn_scales(model: keras.Model) -> np.ndarray:
     return np.concatenate([np.abs(np.asarray(v, np.float64)) for v in variables])
 
 
+def sparsity_factor(
+    budget: float, images: int, epochs: int, batch_size: int = 64, learning_rate: float = 0.1
+) -> float:
+    """The :class:`BNSparsity` factor whose proximal steps shrink a scale by at most ``budget``
+    in all over a run: Σ over its steps of learning rate × factor, under the recipe's step
+    schedule (:class:`~keras_dmr.recipe.RecipeSGD`), so that a longer run (more images, more
+    epochs) is not pruned to nothing and a short one still zeroes scales.
+
+    Args:
+        budget: the total shrinkage, e.g. 0.95 (a scale of about 1 at most reaches 0).
+        images: training images per epoch.
+        epochs: epochs of the run.
+        batch_size: images per step (a partial last batch counts as a step).
+        learning_rate: the recipe's initial learning rate.
+
+    Returns:
+        The factor.
+    """
+    from keras_dmr.recipe import RecipeSGD
+
+    for name, value in (("images", images), ("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}")
+    schedule = RecipeSGD(learning_rate=learning_rate)
+    per_step = sum(schedule.learning_rate_at(e, epochs) for e in range(epochs))
+    return budget / (math.ceil(images / batch_size) * per_step)
+
+
 class BNSparsity(keras.callbacks.Callback):
     """Sparsity training: an L1 penalty ``factor·Σ|gamma|`` on every BN scale (and every
     :class:`ChannelScale`), applied after each training batch with the optimizer's current
