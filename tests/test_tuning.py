@@ -460,11 +460,9 @@ def test_best_trial_follows_the_direction_and_breaks_ties_by_the_earliest_trial(
         tuning.best_trial(_fake_tuner("max", {"00": 1.0}, {"00": "RUNNING"}))
 
 
-def test_the_command_line_offers_the_library_s_tuners_and_strategies():
+def test_the_command_line_offers_the_library_s_tuners():
     """keras-dmr keeps its own tuple of tuners (importing keras_dmr.tuning would load Keras
     Tuner for every command); it must stay the library's."""
     from keras_dmr.cli.tune import TUNERS
-    from keras_dmr.training.distribute import STRATEGIES
 
     assert TUNERS == tuning.TUNERS
-    assert STRATEGIES == tuning.STRATEGIES

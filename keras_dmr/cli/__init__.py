@@ -145,6 +145,20 @@ def _register_late_commands() -> None:
 _register_late_commands()
 
 
+# What a command may import that `keras-dmr[jax]` does not install, and the extra that does.
+OPTIONAL_MODULES = {
+    "tensorflow": "TensorFlow",
+    "tensorflow_datasets": "TensorFlow Datasets",
+    "tf2onnx": "tf2onnx",
+    "onnxruntime": "ONNX Runtime",
+    "ai_edge_litert": "LiteRT",
+    "keras_tuner": "Keras Tuner",
+    "openvino": "OpenVINO",
+    "matplotlib": "matplotlib",
+}
+COMMAND_EXTRAS = {"export": "export", "tune": "tune", "bench": "all", "demo": "all"}
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The ``keras-dmr`` parser, one subparser per entry of :data:`COMMANDS`."""
     parser = _Parser(
@@ -172,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ``--help`` still raises ``SystemExit(0)`` as argparse does.
     """
+    args = None
     try:
         args = make_parser().parse_args(argv)
         return args.run(args)
@@ -182,6 +197,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (DatasetUnavailableError, IDXError) as e:  # data that is missing or damaged
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional dependency (train runs on JAX alone)
+        root = (e.name or "").split(".")[0]
+        if args is None or root not in OPTIONAL_MODULES:
+            raise
+        extra = COMMAND_EXTRAS.get(args.command, "all")
+        print(
+            f"{PROG}: error: {args.command} needs {OPTIONAL_MODULES[root]}, which is not "
+            f'installed here (pip install "keras-dmr[{extra}]")',
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -191,10 +191,9 @@ def describe_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _make_strategy(name: str):
-    """The ``--strategy``; ``None`` for ``none`` (keras_dmr.tuning is imported only if needed)."""
-    if name == "none":
-        return None
-    from keras_dmr.training.distribute import make_strategy
+def _make_strategy(name: str, batch_size: int | None = None):
+    """The ``--strategy`` for this backend; ``None`` for ``none`` (TensorFlow's strategies are
+    imported only when named)."""
+    from keras_dmr.training.parallel import make_strategy
 
-    return make_strategy(name)
+    return make_strategy(name, batch_size=batch_size)

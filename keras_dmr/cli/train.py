@@ -22,7 +22,7 @@ from keras_dmr.cli.common import (
 )
 from keras_dmr.errors import UsageError
 from keras_dmr.recipe import compile_with_recipe
-from keras_dmr.training.distribute import STRATEGIES
+from keras_dmr.training.parallel import STRATEGIES
 from keras_dmr.training.run import TrainingRun, train
 from keras_dmr.utils.arguments import output_path
 
@@ -96,9 +96,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--strategy",
         choices=STRATEGIES,
         default="none",
-        help="tf.distribute strategy: mirrored (all local GPUs) or multiworker (the cluster of "
-        "TF_CONFIG; start every worker with its own TF_CONFIG and --output); --batch-size is the "
-        "global batch, split over all replicas (default: none)",
+        help="training on several devices: under TensorFlow, mirrored (all local GPUs) or "
+        "multiworker (the cluster of TF_CONFIG; start every worker with its own TF_CONFIG and "
+        "--output); under JAX, data-parallel (keras.distribution over every local device). "
+        "--batch-size is the global batch, split over all replicas (default: none)",
     )
     group = parser.add_argument_group("checkpointing")
     group.add_argument(
@@ -132,7 +133,7 @@ def run_train(args: argparse.Namespace) -> int:
     )
     data.dataset_info(args.dataset)  # an unknown or unavailable dataset fails before building
     keras.utils.set_random_seed(args.seed)
-    strategy = _make_strategy(args.strategy)
+    strategy = _make_strategy(args.strategy, args.batch_size)
     callbacks = []
     if args.strategy == "multiworker":
         from keras_dmr.training.distribute import AverageBatchNormStatistics
@@ -148,6 +149,8 @@ def run_train(args: argparse.Namespace) -> int:
             f"batch {args.batch_size}",
             flush=True,
         )
+    if args.strategy == "data-parallel":  # Keras' global distribution covers build and fit
+        strategy = None
     _, result = train(
         run,
         lambda: new_model(

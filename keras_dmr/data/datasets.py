@@ -15,6 +15,12 @@ its serving graph):
   channels, so every builder's CIFAR variant applies; its constants are those of the padded
   training images.
 
+Two pipelines, the same batches: ``tf.data`` (the default under the TensorFlow backend) and a
+``keras.utils.PyDataset`` in NumPy (:mod:`keras_dmr.data.sampling`: any backend, no TensorFlow).
+For the in-memory sources (digits, Fashion-MNIST's files, :func:`from_arrays`) both follow one
+:func:`~keras_dmr.data.sampling.epoch_plan` per epoch, drawn from ``(seed, epoch)``; TFDS sources
+are tf.data only.
+
 A dataset that is neither on disk nor downloadable raises :class:`DatasetUnavailableError`,
 which says how to get it.
 """
@@ -22,16 +28,20 @@ which says how to get it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import itertools
 import os
 
-import tensorflow as tf
+import keras
+import numpy as np
 
 from keras_dmr.data import fashion_mnist
 from keras_dmr.data.digits import digits_mean_std, load_digits_arrays
+from keras_dmr.data.sampling import PAD, ArrayBatches, epoch_plan
 
 SUPPORTED = ("digits", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
 SPLITS = ("train", "test")
-PAD = 4  # pixels of zero padding per side before the random crop
+PIPELINES = ("auto", "tf.data", "pydataset")
 _TFDS_SHUFFLE_BUFFER = 10_000
 
 
@@ -190,14 +200,17 @@ def dataset_info(name: str) -> DatasetInfo:
     return _TFDS_INFOS[name]
 
 
-def augment_image(image: tf.Tensor, seed: tf.Tensor, *, flip: bool, pad: int = PAD) -> tf.Tensor:
+def augment_image(image, seed, *, flip: bool, pad: int = PAD):
     """Zero-pad ``pad`` pixels per side, take a random crop of the original size, maybe flip.
 
     ``image`` is one ``(H, W, C)`` image on the raw pixel scale (padding with 0 = black, as in the
     ResNet/DMRNet papers, so it must run before normalisation). ``seed`` is a stateless ``[2]``
     int seed: the same seed always gives the same crop and flip. With ``flip=False`` the result is
-    a pure translation of the input (vacated pixels are zero).
+    a pure translation of the input (vacated pixels are zero). TFDS sources only: in-memory ones
+    follow :func:`~keras_dmr.data.sampling.epoch_plan`.
     """
+    import tensorflow as tf
+
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
     out = tf.image.stateless_random_crop(padded, size=tf.shape(image), seed=crop_seed)
@@ -206,21 +219,54 @@ def augment_image(image: tf.Tensor, seed: tf.Tensor, *, flip: bool, pad: int = P
     return out
 
 
-def _source(
-    name: str, tfds_split: str, *, shuffle: bool, data_dir: str | None, seed: int | None
-) -> tuple[tf.data.Dataset, int]:
-    """The unbatched uint8 ``(image, label)`` source and a suitable shuffle-buffer size."""
+def _arrays(name: str, split: str, data_dir: str | None) -> tuple | None:
+    """The uint8 ``(images, labels)`` of an in-memory source, or None (a TFDS one)."""
     if name == "digits":
-        images, labels = load_digits_arrays(tfds_split)
-        return tf.data.Dataset.from_tensor_slices((images, labels)), len(labels)
+        return load_digits_arrays(split)
     if name == "fashion_mnist" and fashion_mnist.find_files(data_dir) is not None:
-        images, labels = fashion_mnist.load_fashion_mnist_arrays(tfds_split, data_dir)
-        return tf.data.Dataset.from_tensor_slices((images, labels)), len(labels)
-    return _tfds_source(name, tfds_split, shuffle=shuffle, data_dir=data_dir, seed=seed)
+        return fashion_mnist.load_fashion_mnist_arrays(split, data_dir)
+    return None
+
+
+def _planned_dataset(images, labels, *, shuffle, augment, flip, seed):
+    """The unbatched uint8 ``(image, label)`` tf.data source that follows
+    :func:`~keras_dmr.data.sampling.epoch_plan`: a new plan each time it is iterated (each
+    epoch of ``fit``), applied by TensorFlow ops that move the same pixels as
+    :class:`~keras_dmr.data.sampling.ArrayBatches`."""
+    import tensorflow as tf
+
+    n = len(labels)
+    epochs = itertools.count()
+
+    def plans():
+        plan = epoch_plan(n, next(epochs), seed=seed, shuffle=shuffle, augment=augment, flip=flip)
+        yield plan.order, plan.rows, plan.cols, plan.flips
+
+    spec = (
+        tf.TensorSpec([n], tf.int64),
+        tf.TensorSpec([n], tf.int32),
+        tf.TensorSpec([n], tf.int32),
+        tf.TensorSpec([n], tf.bool),
+    )
+    all_images, all_labels = tf.constant(images), tf.constant(labels)
+
+    def pick(i, row, col, flipped):
+        image = tf.gather(all_images, i)
+        if augment:
+            padded = tf.pad(image, [[PAD, PAD], [PAD, PAD], [0, 0]])
+            image = tf.slice(padded, tf.stack([row, col, 0]), tf.shape(image))
+            image = tf.cond(flipped, lambda: tf.reverse(image, [1]), lambda: image)
+        return image, tf.gather(all_labels, i)
+
+    ds = tf.data.Dataset.from_generator(plans, output_signature=spec).unbatch()
+    ds = ds.apply(tf.data.experimental.assert_cardinality(n))  # as a tensor-slices source
+    return ds.map(pick, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _tfds_source(name, tfds_split, *, shuffle, data_dir, seed):
+    """The unbatched uint8 ``(image, label)`` source of a TFDS dataset and its shuffle buffer."""
     # Imported lazily: TFDS is slow to import and not needed for local data.
+    import tensorflow as tf
     import tensorflow_datasets as tfds
 
     try:
@@ -266,6 +312,34 @@ def _check_flag(value: bool | None, arg: str) -> None:
         raise ValueError(f"{arg} must be True, False or None; got {value!r}")
 
 
+def tensorflow_available() -> bool:
+    """Whether TensorFlow can be imported here (without importing it)."""
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):  # a broken or blocked installation
+        return False
+
+
+def default_pipeline() -> str:
+    """The pipeline ``pipeline="auto"`` picks for the in-memory sources.
+
+    Returns:
+        ``"tf.data"`` under the TensorFlow backend (with TensorFlow installed), else
+        ``"pydataset"`` (JAX, PyTorch: no TensorFlow needed).
+    """
+    if keras.backend.backend() == "tensorflow" and tensorflow_available():
+        return "tf.data"
+    return "pydataset"
+
+
+def _check_positive(value, arg: str, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        prefix = "None or " if optional else ""
+        raise ValueError(f"{arg} must be {prefix}an integer >= 1; got {value!r}")
+
+
 def load(
     name: str = "digits",
     split: str = "train",
@@ -278,8 +352,17 @@ def load(
     drop_remainder: bool = False,
     normalize: bool = True,
     take: int | None = None,
-) -> tf.data.Dataset:
-    """Batched, prefetched ``(images float32 [B, 32, 32, 3], labels int32 [B])`` pipeline.
+    pipeline: str = "auto",
+    workers: int = 1,
+):
+    """Batched ``(images float32 [B, 32, 32, 3], labels int32 [B])`` of a dataset.
+
+    Two pipelines yield the same batches for the same arguments: ``tf.data`` (a prefetched
+    ``tf.data.Dataset``) and ``pydataset`` (a ``keras.utils.PyDataset`` in NumPy, for any
+    backend, without TensorFlow). For the in-memory sources (digits, Fashion-MNIST from its
+    files) both follow :func:`~keras_dmr.data.sampling.epoch_plan`: order, crops and flips drawn
+    from ``(seed, epoch)``. TFDS sources (CIFAR, SVHN, Fashion-MNIST without its files) stream
+    through tf.data only, shuffled by TFDS, and need TensorFlow.
 
     Args:
         name: one of :data:`SUPPORTED`; ``"digits"`` is bundled, ``"fashion_mnist"`` is read
@@ -302,21 +385,26 @@ def load(
             for runs that must fit a small machine. Not class-balanced by construction: the
             local sources (digits, Fashion-MNIST) are stored in a mixed class order. ``None``:
             the whole split.
+        pipeline: ``"tf.data"``, ``"pydataset"`` or ``"auto"`` (:func:`default_pipeline` for
+            the in-memory sources: tf.data under the TensorFlow backend; tf.data for TFDS).
+        workers: threads preparing batches of the ``pydataset`` pipeline.
 
     Returns:
-        A ``tf.data.Dataset`` of ``(images, labels)`` batches.
+        A ``tf.data.Dataset`` or a :class:`~keras_dmr.data.sampling.ArrayBatches` of
+        ``(images, labels)`` batches (``Model.fit`` takes either).
     """
     _check_name(name)
     if not isinstance(split, str) or split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    _check_positive(batch_size, "batch_size")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be None or an integer >= 0; got {seed!r}")
     _check_flag(augment, "augment")
     _check_flag(shuffle, "shuffle")
-    if take is not None and (isinstance(take, bool) or not isinstance(take, int) or take < 1):
-        raise ValueError(f"take must be None or an integer >= 1; got {take!r}")
+    _check_positive(take, "take", optional=True)
+    _check_positive(workers, "workers")
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline must be one of {PIPELINES}; got {pipeline!r}")
     if data_dir is not None:
         if not isinstance(data_dir, str | os.PathLike):
             raise ValueError(f"data_dir must be None or a path; got {data_dir!r}")
@@ -327,10 +415,167 @@ def load(
     augment = training if augment is None else augment
     shuffle = training if shuffle is None else shuffle
     tfds_split = info.train_split if training else info.test_split
+    arrays = _arrays(name, tfds_split, data_dir)
+    if pipeline == "auto":  # TFDS sources stream through tf.data whatever the backend
+        pipeline = default_pipeline() if arrays is not None else "tf.data"
+    _check_pipeline(pipeline, streamed=name if arrays is None else None)
+    if pipeline == "pydataset" and arrays is None:
+        raise DatasetUnavailableError(
+            f"dataset {name!r} streams from TensorFlow Datasets, which needs TensorFlow and the "
+            "tf.data pipeline; the pydataset pipeline reads digits and Fashion-MNIST from its "
+            f"IDX files ({fashion_mnist.INSTALL_HINT})"
+        )
+    if arrays is not None:
+        images, labels = arrays
+        if take is not None:
+            images, labels = images[:take], labels[:take]
+        return _in_memory(
+            images,
+            labels,
+            pipeline,
+            mean=info.mean if normalize else None,
+            std=info.std if normalize else None,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            augment=augment,
+            flip=_FLIP[name] and augment,
+            seed=seed,
+            drop_remainder=drop_remainder,
+            workers=workers,
+        )
+    return _tfds_pipeline(
+        name,
+        info,
+        tfds_split,
+        batch_size=batch_size,
+        augment=augment,
+        shuffle=shuffle,
+        data_dir=data_dir,
+        seed=seed,
+        drop_remainder=drop_remainder,
+        normalize=normalize,
+        take=take,
+    )
+
+
+def from_arrays(
+    images,
+    labels,
+    *,
+    batch_size: int = 64,
+    shuffle: bool = False,
+    augment: bool = False,
+    flip: bool = True,
+    seed: int | None = 0,
+    drop_remainder: bool = False,
+    normalize: bool = True,
+    pipeline: str = "auto",
+    workers: int = 1,
+):
+    """Batches of images a user holds in memory, as :func:`load` makes them: the same epoch
+    plans (order, pad-4 crops, flips), the same two pipelines.
+
+    Args:
+        images: ``[N, H, W, C]`` pixels on the 0..255 scale (uint8 or float).
+        labels: ``[N]`` integer labels.
+        batch_size: images per batch.
+        shuffle: a new order every epoch.
+        augment: pad-4 random crops every epoch.
+        flip: random horizontal flips too (with ``augment``).
+        seed: seeds the plans (None: fresh randomness).
+        drop_remainder: drop the last, smaller batch.
+        normalize: ``(x - mean) / std`` per channel, with these images' own statistics
+            (``False``: raw pixels as float32).
+        pipeline: ``"tf.data"``, ``"pydataset"`` or ``"auto"`` (as :func:`load`).
+        workers: threads of the ``pydataset`` pipeline.
+
+    Returns:
+        A ``tf.data.Dataset`` or a :class:`~keras_dmr.data.sampling.ArrayBatches`.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 4 or labels.shape != images.shape[:1]:
+        raise ValueError(
+            f"images must be [N, H, W, C] and labels [N]; got {images.shape} and {labels.shape}"
+        )
+    if len(labels) == 0:
+        raise ValueError("images is empty")
+    _check_positive(batch_size, "batch_size")
+    _check_positive(workers, "workers")
+    for value, arg in ((shuffle, "shuffle"), (augment, "augment"), (flip, "flip")):
+        if not isinstance(value, bool):
+            raise ValueError(f"{arg} must be True or False; got {value!r}")
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline must be one of {PIPELINES}; got {pipeline!r}")
+    pipeline = default_pipeline() if pipeline == "auto" else pipeline
+    _check_pipeline(pipeline)
+    mean = std = None
+    if normalize:
+        pixels = images.reshape(-1, images.shape[-1]).astype(np.float64)
+        mean, std = tuple(pixels.mean(0)), tuple(np.maximum(pixels.std(0), 1e-6))
+    return _in_memory(
+        images,
+        labels,
+        pipeline,
+        mean=mean,
+        std=std,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        augment=augment,
+        flip=flip and augment,
+        seed=seed,
+        drop_remainder=drop_remainder,
+        workers=workers,
+    )
+
+
+def _check_pipeline(pipeline: str, streamed: str | None = None) -> None:
+    """Refuse tf.data without TensorFlow; ``streamed``: the TFDS dataset asked for, if any."""
+    if pipeline == "tf.data" and not tensorflow_available():
+        if streamed:
+            raise DatasetUnavailableError(
+                f"dataset {streamed!r} streams from TensorFlow Datasets, which needs TensorFlow "
+                '(`pip install "keras-dmr[data]"`); without it, digits, Fashion-MNIST from its '
+                "IDX files and data.from_arrays load through the pydataset pipeline"
+            )
+        raise DatasetUnavailableError(
+            "pipeline 'tf.data' needs TensorFlow, which is not installed; pipeline='pydataset' "
+            "reads the in-memory datasets (digits, Fashion-MNIST from its files) without it"
+        )
+
+
+def _in_memory(images, labels, pipeline, *, mean, std, batch_size, shuffle, augment, flip,
+               seed, drop_remainder, workers):  # fmt: skip
+    """Either pipeline over in-memory images (arguments checked by the caller)."""
+    if pipeline == "pydataset":
+        return ArrayBatches(
+            images,
+            labels,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            augment=augment,
+            flip=flip,
+            seed=seed,
+            drop_remainder=drop_remainder,
+            mean=mean,
+            std=std,
+            workers=workers,
+        )
+    ds = _planned_dataset(images, labels, shuffle=shuffle, augment=augment, flip=flip, seed=seed)
+    return _finish(ds, mean, std, images.shape[1:], batch_size, drop_remainder)
+
+
+def _tfds_pipeline(
+    name, info, tfds_split, *, batch_size, augment, shuffle, data_dir, seed, drop_remainder,
+    normalize, take,
+):  # fmt: skip
+    """The tf.data pipeline of a TFDS source (arguments checked by :func:`load`)."""
+    import tensorflow as tf
 
     # A subset is taken in stored order, so TFDS must not shuffle its files under it.
     shuffle_files = shuffle and take is None
-    ds, buffer_size = _source(name, tfds_split, shuffle=shuffle_files, data_dir=data_dir, seed=seed)
+    ds, buffer_size = _tfds_source(
+        name, tfds_split, shuffle=shuffle_files, data_dir=data_dir, seed=seed
+    )
     if take is not None:
         ds, buffer_size = ds.take(take), min(buffer_size, take)
     if shuffle:
@@ -342,14 +587,18 @@ def load(
             lambda xy, s: (augment_image(xy[0], s, flip=flip), xy[1]),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
+    mean, std = (info.mean, info.std) if normalize else (None, None)
+    return _finish(ds, mean, std, info.image_shape, batch_size, drop_remainder)
 
-    mean = tf.constant(info.mean, tf.float32)
-    std = tf.constant(info.std, tf.float32)
 
-    def finish(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        image = tf.ensure_shape(tf.cast(image, tf.float32), info.image_shape)
-        if normalize:
-            image = (image - mean) / std
+def _finish(ds, mean, std, shape, batch_size: int, drop_remainder: bool):
+    """float32 images (normalised when ``mean`` is given), int32 labels, batched, prefetched."""
+    import tensorflow as tf
+
+    def finish(image, label):
+        image = tf.ensure_shape(tf.cast(image, tf.float32), shape)
+        if mean is not None:
+            image = (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
         return image, tf.cast(label, tf.int32)
 
     ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)

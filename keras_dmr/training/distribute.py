@@ -1,7 +1,8 @@
-"""tf.distribute strategies for training and tuning, by name.
+"""tf.distribute strategies for training and tuning (chosen by name, for every backend, in
+:mod:`keras_dmr.training.parallel`).
 
-``make_strategy("mirrored")`` is :class:`tf.distribute.MirroredStrategy` (every local GPU, or the
-CPU); ``make_strategy("multiworker")`` is :class:`MultiWorkerStrategy`, a
+``tf_strategy("mirrored")`` is :class:`tf.distribute.MirroredStrategy` (every local GPU, or the
+CPU); ``tf_strategy("multiworker")`` is :class:`MultiWorkerStrategy`, a
 ``MultiWorkerMirroredStrategy`` that reads the cluster from ``TF_CONFIG``. Build AND compile the
 model under ``strategy.scope()`` (the package's builders compile in their constructor); the batch
 size of the dataset given to ``fit`` is the global batch, split over all replicas of all workers.
@@ -20,8 +21,6 @@ import keras
 import tensorflow as tf
 
 from keras_dmr.utils import keras_internals
-
-STRATEGIES = ("none", "mirrored", "multiworker")
 
 
 class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
@@ -49,25 +48,24 @@ class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         return tf.nest.map_structure(one, value)
 
 
-def make_strategy(name: str | None) -> tf.distribute.Strategy | None:
-    """The strategy called ``name`` (one of :data:`STRATEGIES`); ``None``/``"none"`` → ``None``.
+def tf_strategy(name: str) -> tf.distribute.Strategy:
+    """The tf.distribute strategy called ``name``, ``"mirrored"`` or ``"multiworker"`` (by name,
+    with the backend checked: :func:`keras_dmr.training.parallel.make_strategy`).
 
     ``"multiworker"`` reads ``TF_CONFIG`` (no ``TF_CONFIG``: one worker); its workers must all
     start, or the constructor waits for them.
 
     Args:
-        name: a strategy name or None.
+        name: ``"mirrored"`` or ``"multiworker"``.
 
     Returns:
-        The strategy, or None.
+        The strategy.
     """
-    if name is None or name == "none":
-        return None
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multiworker":
         return MultiWorkerStrategy()
-    raise ValueError(f"`strategy` must be one of {STRATEGIES} or None; got {name!r}")
+    raise ValueError(f"`name` must be 'mirrored' or 'multiworker'; got {name!r}")
 
 
 def is_multi_worker(strategy: tf.distribute.Strategy | None) -> bool:

@@ -23,6 +23,7 @@ from keras_dmr import data
 from keras_dmr.errors import UsageError
 from keras_dmr.recipe import with_recipe_callbacks
 from keras_dmr.training.checkpoints import EpochCheckpoint, read_state
+from keras_dmr.training.parallel import data_parallel_devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +119,33 @@ def train(
     # The recipe's schedule: a builder's model adds it in `fit`; a functional copy made for
     # slimming (`with_skip_bn`), fresh or resumed, needs it given.
     all_callbacks = with_recipe_callbacks(model, [*callbacks, EpochCheckpoint(run.output, state)])
-    test = data.load(run.dataset, "test", batch_size=run.batch_size, data_dir=run.data_dir)
+    test = _test_batches(run, log)
     if completed < run.epochs:
         _fit(run, model, completed, test, all_callbacks, log)
     else:
         log(f"{run.output} is already trained for {completed} epochs; evaluating it")
     return model, model.evaluate(test, verbose=0, return_dict=True)
+
+
+def _test_batches(run: TrainingRun, log: Callable[[str], None]):
+    """The test split, batched; in a data-parallel run, its first multiple of the device count
+    (every batch must split evenly; a note says how many images, at most devices - 1, that
+    leaves out)."""
+    test = data.load(run.dataset, "test", batch_size=run.batch_size, data_dir=run.data_dir)
+    devices = data_parallel_devices()
+    if devices == 1:
+        return test
+    images = sum(int(y.shape[0]) for _, y in test)
+    keep = images - images % devices
+    if keep == images:
+        return test
+    log(
+        f"validating on {keep:,} of the {images:,} test images: {devices} devices split whole "
+        f"multiples of {devices} only"
+    )
+    return data.load(
+        run.dataset, "test", batch_size=run.batch_size, data_dir=run.data_dir, take=keep
+    )
 
 
 def _fit(run: TrainingRun, model, completed: int, test, callbacks, log) -> None:
@@ -145,6 +167,7 @@ def _fit(run: TrainingRun, model, completed: int, test, callbacks, log) -> None:
         data_dir=run.data_dir,
         seed=run.seed + completed,
         take=run.train_images,
+        drop_remainder=data_parallel_devices() > 1,  # every batch must split evenly
     )
     model.fit(
         train_data,

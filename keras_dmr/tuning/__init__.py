@@ -2,12 +2,12 @@
 model, tuners by name, and tf.distribute strategies for training and tuning."""
 
 from keras_dmr.training.distribute import (
-    STRATEGIES,
     AverageBatchNormStatistics,
     MultiWorkerStrategy,
     is_multi_worker,
-    make_strategy,
 )
+from keras_dmr.training.parallel import TF_STRATEGIES as STRATEGIES
+from keras_dmr.training.parallel import make_strategy
 from keras_dmr.tuning.hypermodels import (
     BRANCHES,
     DMRNET_MAPPINGS,
