@@ -322,6 +322,22 @@ def test_round_to_keeps_a_multiple_of_filters_in_every_layer(round_to):
         prune_channels(plain, macs=0.5, round_to=0)
 
 
+@pytest.mark.parametrize("macs", [0.2, 0.1])
+def test_round_to_reaches_small_budgets_through_grouped_convolutions(macs):
+    """A DMRNet's plain form has grouped convolutions (two streams): equalising their groups
+    and rounding to 8 filters once brought channels back for each other until whole layers
+    returned (a one-shot cut stopped at 31% of the MACs whatever the budget)."""
+    model = randomize(keras_dmr.prune.with_skip_bn(keras_dmr.DMRNet(depth=14)), seed=3)
+    plain = keras_dmr.to_plain(model, fuse_bn=False, verify=False)
+    pruned = prune_channels(plain, macs=macs, round_to=8)
+    assert 0.8 * macs <= count_flops(pruned) / count_flops(plain) <= macs
+    for layer in pruned.layers:
+        if isinstance(layer, L.Conv2D) and not isinstance(layer, L.DepthwiseConv2D):
+            was = plain.get_layer(layer.name).filters
+            assert layer.filters % 8 == 0 or layer.filters == was, layer.name
+            assert layer.filters % layer.groups == 0, layer.name
+
+
 def test_sparsity_factor_spreads_the_budget_over_the_runs_steps_and_schedule():
     # 130 images in batches of 64: 3 steps an epoch; 4 epochs under the recipe's schedule
     # (x0.1 at half and three quarters of the run): learning rates 0.1, 0.1, 0.01, 0.001.

@@ -30,6 +30,7 @@ Cannot: what :mod:`~keras_dmr.prune.channel_groups` cannot (it raises naming the
 from __future__ import annotations
 
 import collections
+import math
 
 import keras
 import numpy as np
@@ -220,8 +221,14 @@ def balance_groups(
         A new boolean per group (``drop`` minus what came back).
     """
     drop = drop.copy()
+    # Each grouped convolution's groups keep the same count, a multiple of `step` so that the
+    # layer's total is a multiple of `round_to` too: equalising and rounding then agree (else
+    # each would bring channels back for the other, up to the whole layer).
     parts = [
-        cg.label[cg.ids[value.index]].reshape(node.operation.groups, -1)
+        (
+            cg.label[cg.ids[value.index]].reshape(node.operation.groups, -1),
+            round_to // math.gcd(node.operation.groups, round_to),
+        )
         for node in cg.grouped
         for value in (node.inputs[0], node.output)
     ]
@@ -235,10 +242,11 @@ def balance_groups(
     changed = bool(parts or produced)
     while changed:
         changed = False
-        for labels in parts:
+        for labels, step in parts:
             counts = np.count_nonzero(~drop[labels], axis=1)
-            for j in np.flatnonzero(counts < counts.max()):
-                changed |= _bring_back(drop, labels[j], counts.max() - counts[j], importance)
+            target = min(-(-counts.max() // step) * step, labels.shape[1])
+            for j in np.flatnonzero(counts < target):
+                changed |= _bring_back(drop, labels[j], target - counts[j], importance)
         for labels in produced:
             kept = int(np.count_nonzero(~drop[labels]))
             if kept % round_to and kept < len(labels):
