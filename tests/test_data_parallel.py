@@ -69,6 +69,7 @@ def test_two_devices_train_to_the_same_loss_as_one():
     assert two["test"] == pytest.approx(one["test"], rel=2e-4)
 
 
+@pytest.mark.slow  # three child processes, one of them training
 def test_the_command_line_refuses_what_does_not_split_or_run_here(tmp_path):
     argv = ["-m", "keras_dmr.cli", "train", "--model", "resnet", "--depth", "8"]
     argv += ["--epochs", "1", "--output", str(tmp_path / "r.keras"), "--train-images", "128"]

@@ -52,14 +52,39 @@ def test_tables_2_and_7_train_resume_and_regenerate(docs, capsys):
     assert (docs / "study_table7.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_pruning_study_quick(docs):
+def test_a_study_starts_no_run_after_max_minutes(docs, capsys):
+    """A device session's limit: the study stops before its next run and resumes later."""
+    from tools import study_table2
+
+    assert study_table2.main(["--quick", "--docs", str(docs), "--max-minutes", "0"]) == 0
+    assert "stopping after 0 minutes: 4 runs left" in capsys.readouterr().out
+    assert not (docs / "data" / "fashion_mnist_runs.json").exists()
+
+
+def test_pruning_study_quick(docs, tmp_path, capsys):
+    """Both networks trained, both forms pruned to the budget by the same graph method, every
+    model saved and timed, the page regenerated; a rerun trains nothing."""
     from tools import pruning_study
 
-    assert pruning_study.main(["--quick", "--docs", str(docs)]) == 0
+    argv = ["--quick", "--docs", str(docs), "--models", str(tmp_path / "models")]
+    assert pruning_study.main(argv) == 0
     record = json.loads((docs / "data" / "pruning.json").read_text())
-    assert record["config"]["dataset"] == "fashion_mnist"
-    assert {p["kind"] for p in record["points"]} == {"ResNet", "RMNet"}
-    assert pruning_study.table(record) in (docs / "pruning.md").read_text()
+    assert record["protocol"]["name"] == "quick"
+    runs = list(record["runs"].values())
+    assert {run["family"] for run in runs} == set(pruning_study.FAMILIES)
+    for run in runs:
+        models = run["models"]
+        assert set(models) == {"residual", "plain", "residual@0.5", "plain@0.5"}
+        for name in ("residual@0.5", "plain@0.5"):  # the budget, against the residual MACs
+            assert models[name]["macs"] <= 0.5 * models["residual"]["macs"]
+        assert models["plain"]["accuracy"] == pytest.approx(models["residual"]["accuracy"])
+    assert len(record["timing"]["images_per_s"]) == 4 * len(runs) + len(runs)  # + references
+    text = (docs / "pruning.md").read_text()
+    assert pruning_study.table(record) in text
+    assert (docs / "pruning.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert pruning_study.main(argv) == 0
+    assert "0 of 2 runs to train" in capsys.readouterr().out
 
 
 def test_quantization_study_quick(docs, tmp_path, capsys):

@@ -34,6 +34,11 @@ PROTOCOL = {
     "seeds": [0, 1, 2],
 }
 QUICK = {**PROTOCOL, "train_examples": 256, "test_examples": 512, "epochs": 1, "seeds": [0]}
+# For a machine with a GPU (JAX, no TensorFlow needed): all 60,000 training images, the recipe
+# over 40 epochs (learning-rate steps at epochs 20, 30 and 35), 3 seeds. About 3 to 5 minutes a
+# run on one H100 (estimated from the throughput of the benchmarks, not yet measured).
+FULL = {**PROTOCOL, "train_examples": None, "epochs": 40}
+PROTOCOLS = {"quick": QUICK, "cpu": PROTOCOL, "full": FULL}
 RUNS_JSON = Path("docs/data/fashion_mnist_runs.json")
 
 # label → (builder name in keras_dmr, keyword arguments)
@@ -92,7 +97,7 @@ def compare_forms(residual: np.ndarray, plain: np.ndarray, labels: np.ndarray) -
     }
 
 
-def train_run(label: str, seed: int, protocol: dict) -> dict:
+def train_run(label: str, seed: int, protocol: dict, data_dir: str | None = None) -> dict:
     """Train ``MODELS[label]`` with ``seed``; evaluate the residual and the plain form."""
     import keras
 
@@ -110,8 +115,15 @@ def train_run(label: str, seed: int, protocol: dict) -> dict:
         batch_size=protocol["batch_size"],
         seed=seed,
         take=protocol["train_examples"],
+        data_dir=data_dir,
     )
-    test = data.load(protocol["dataset"], "test", batch_size=500, take=protocol["test_examples"])
+    test = data.load(
+        protocol["dataset"],
+        "test",
+        batch_size=500,
+        take=protocol["test_examples"],
+        data_dir=data_dir,
+    )
     model = getattr(keras_dmr, builder)(compile=False, **kwargs)
     compile_with_recipe(model, learning_rate=protocol["learning_rate"])
     start = time.monotonic()
@@ -146,9 +158,17 @@ def train_run(label: str, seed: int, protocol: dict) -> dict:
     return record
 
 
-def run_all(labels: list[str], protocol: dict, path: Path) -> dict:
+def run_all(
+    labels: list[str],
+    protocol: dict,
+    path: Path,
+    data_dir: str | None = None,
+    max_minutes: float | None = None,
+) -> dict:
     """Every (label, seed) run not yet in ``path``, in seed-major order (a partial study
-    still has every model once); each result is written as soon as it finishes."""
+    still has every model once); each result is written as soon as it finishes. With
+    ``max_minutes``, no run starts after that many minutes (a device session's limit): the
+    next call resumes."""
     from keras_dmr.utils.files import write_json
 
     runs = read_runs(path)
@@ -159,9 +179,13 @@ def run_all(labels: list[str], protocol: dict, path: Path) -> dict:
         if run_key(label, seed, protocol) not in runs
     ]
     _log(f"{len(todo)} of {len(labels) * len(protocol['seeds'])} runs to train → {path}")
+    start = time.monotonic()
     for n, (label, seed) in enumerate(todo, 1):
+        if max_minutes is not None and time.monotonic() - start > 60 * max_minutes:
+            _log(f"stopping after {max_minutes:g} minutes: {len(todo) - n + 1} runs left")
+            break
         _log(f"[{n}/{len(todo)}] {label}, seed {seed} ...")
-        record = train_run(label, seed, protocol)
+        record = train_run(label, seed, protocol, data_dir)
         runs = read_runs(path)  # another study may have written meanwhile
         runs[run_key(label, seed, protocol)] = record
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,9 +308,14 @@ def protocol_text(protocol: dict, records: list[dict]) -> str:
     )
     total = sum(r["wall_seconds"] for r in records) / 60
     test = protocol["test_examples"] or "all 10,000"
+    train = (
+        f"the first {protocol['train_examples']:,} training images (stored order)"
+        if protocol["train_examples"]
+        else "all training images"
+    )
     return (
-        f"Protocol: {protocol['dataset']}, the first {protocol['train_examples']:,} training "
-        f"images (stored order), {protocol['epochs']} epochs, batch {protocol['batch_size']}, "
+        f"Protocol: {protocol['dataset']}, {train}, {protocol['epochs']} epochs, batch "
+        f"{protocol['batch_size']}, "
         f"the paper's recipe (SGD Nesterov 0.9, lr {protocol['learning_rate']} ÷10 at 1/2, 3/4, "
         f"7/8 of the epochs, L2 1e-4, pad-4 crop + flip), seeds "
         f"{', '.join(map(str, protocol['seeds']))}; test error on {test} test images; "
@@ -358,19 +387,41 @@ def main(
         "--runs", type=Path, help=f"the runs JSON (default: DOCS/data/{RUNS_JSON.name})"
     )
     parser.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        default="cpu",
+        help="cpu: the first 2,000 training images for 6 epochs (2 CPU cores); full: all "
+        "60,000 for 40 epochs (a GPU; KERAS_BACKEND=jax needs no TensorFlow); quick: a smoke "
+        "run (default: cpu)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 256 training images, 1 epoch, 512 test images, one seed; "
+        help="--protocol quick: 256 training images, 1 epoch, 512 test images, one seed; "
         "never touches docs/",
+    )
+    parser.add_argument(
+        "--data-dir",
+        help="where Fashion-MNIST's four IDX files are (default: Debian's location)",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        help="start no run after this many minutes (the rest resumes next time)",
     )
     parser.add_argument(
         "--table-only", action="store_true", help="regenerate tables and plot from the JSON"
     )
     args = parser.parse_args(argv)
-    protocol = QUICK if args.quick else PROTOCOL
-    docs = args.docs or (quick_docs() if args.quick else Path("docs"))
+    quick = args.quick or args.protocol == "quick"
+    protocol = PROTOCOLS["quick" if quick else args.protocol]
+    docs = args.docs or (quick_docs() if quick else Path("docs"))
     path = args.runs or docs / "data" / RUNS_JSON.name
-    runs = read_runs(path) if args.table_only else run_all(labels, protocol, path)
+    runs = (
+        read_runs(path)
+        if args.table_only
+        else run_all(labels, protocol, path, args.data_dir, args.max_minutes)
+    )
     write_docs(runs, protocol, docs)
     _log(f"regenerated {docs}")
     return 0

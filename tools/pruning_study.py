@@ -1,361 +1,581 @@
-"""RMNet's Fig. 7 on Fashion-MNIST: network slimming of a ResNet against its plain RMNet.
+"""RMNet's Fig. 7 on Fashion-MNIST: a residual network and its plain form, pruned to the same
+MACs budgets by the same graph method, compared at measured speed over several seeds.
 
-``python -m tools.pruning_study`` (about 9 minutes on 2 CPU cores; ``--dataset digits``, the
-quick path on the bundled data, a few minutes; ``--quick`` a smoke run) trains a ResNet
-with the extra BN on the residual path and an L1 penalty on every BN scale, prunes (a) the
-ResNet itself and (b) its RM plain form at the same thresholds, fine-tunes every pruned model
-briefly, measures accuracy and throughput (BN folded, all models timed interleaved) and writes
-``docs/data/pruning.json``, ``docs/pruning.png`` and the results table of ``docs/pruning.md``.
-``--table-only`` rewrites the table and the plot from the JSON.
+``python -m tools.pruning_study`` (the ``cpu`` protocol: ResNet-20 and DMRNet-14, 3 seeds, about
+an hour and a half on 2 CPU cores) trains each network once per seed with the extra BN on the
+residual path (``prune.with_skip_bn``) and sparsity training (``prune.BNSparsity``), converts it
+(``to_plain(fuse_bn=False)``), then prunes (a) the residual network as it is -- every channel a
+shortcut ties goes with the channels it is tied to -- and (b) its plain form, each with
+``prune.prune_to_budget`` to the same fractions of the *residual* network's MACs (same cuts, same
+fine-tuning). Every model is tested on the whole test split and saved with BN folded; once all
+runs are done, every saved model is timed, interleaved, under one engine (Keras on TensorFlow,
+float32, batch 128). Runs are stored one by one in the JSON, so an interrupted study resumes;
+``--table-only`` redraws the table, the reading and the plot from the JSON.
+
+``--protocol digits`` runs the same on the bundled digits (one image is 0.28 points: a smoke
+test of the method, not a result), ``--quick`` a smoke run on 256 images; both write to a
+scratch copy of the docs (``runs/quick-docs``) unless ``--docs`` names one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-# The penalty a run applies grows with factor × learning rate × steps: 12 digits epochs are 264
-# steps, so a factor of 0.1 shrinks the scales about as much (Σ lr·factor ≈ 1.4) as the paper's
-# 3.5e-4 over 200 CIFAR-10 epochs of 391 steps at its learning rates.
-DIGITS = {
-    "dataset": "digits",
-    "train_examples": None,
-    "test_examples": None,
-    "depth": 14,
-    "epochs": 12,
+# label → (builder in keras_dmr, its options)
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "ResNet-20": ("ResNet", {"depth": 20}),
+    "DMRNet-14": ("DMRNet", {"depth": 14}),
+}
+KINDS = ("residual", "plain")
+# Fashion-MNIST sized for 2 CPU cores: the first 10,000 training images (the demo's), 8 epochs
+# (ResNet-20 reaches 87.5% on the 10,000 test images, mean of 3 seeds), sparsity training that
+# may shrink a scale by 0.95 in all over the run (the demo's), then each budget reached in 3
+# cuts with one fine-tuning epoch (156 steps) after each, every layer a multiple of 8 filters.
+CPU = {
+    "name": "cpu",
+    "dataset": "fashion_mnist",
+    "train_examples": 10_000,
+    "test_examples": None,  # the whole test split
+    "epochs": 8,
     "batch_size": 64,
     "learning_rate": 0.1,
-    "sparsity": 0.1,
-    "sparsity_method": "proximal",
-    "thresholds": [1e-3, 0.02, 0.05, 0.08, 0.12],
-    "finetune_epochs": 3,
-    "finetune_learning_rate": 0.01,
-    "timing": {"batch_size": 64, "warmup": 3, "iters": 5, "repeats": 11},
-    "seed": 0,
-}
-# Fashion-MNIST on 2 CPU cores (~11 ms per training image, see docs/studies.md): the first 2,000
-# training images for 6 epochs (186 steps). A factor of 0.15 keeps the digits run's Σ lr·factor:
-# it zeroes 405 of 736 scales but holds the ResNet at 60.7% test accuracy (76% without
-# sparsity); 0.05 kept 75.8% but zeroed none, and nothing was pruned up to threshold 0.08. One
-# fine-tuning epoch; accuracy on the first 3,000 test images (20 models are evaluated);
-# throughput at batch 128.
-FASHION_MNIST = {
-    **DIGITS,
-    "dataset": "fashion_mnist",
-    "train_examples": 2000,
-    "test_examples": 3000,
-    "epochs": 6,
-    "sparsity": 0.15,
+    "sparsity_budget": 0.95,
+    "budgets": [0.5, 0.3],  # of the residual network's MACs
+    "prune_steps": 3,
     "finetune_epochs": 1,
-    "timing": {"batch_size": 128, "warmup": 2, "iters": 3, "repeats": 5},
+    "finetune_learning_rate": 0.005,
+    "round_to": 8,
+    "seeds": [0, 1, 2],
+    "timing": {"batch_size": 128, "warmup": 2, "iters": 3, "repeats": 7},
+}
+DIGITS = {
+    **CPU,
+    "name": "digits",
+    "dataset": "digits",
+    "train_examples": None,
+    "epochs": 12,
+    "finetune_epochs": 4,
+    "seeds": [0],
 }
 QUICK = {
-    **FASHION_MNIST,
+    **CPU,
+    "name": "quick",
     "train_examples": 256,
     "test_examples": 256,
     "epochs": 1,
-    "thresholds": [1e-3, 0.05],
-    "finetune_epochs": 1,
+    "budgets": [0.5],
+    "prune_steps": 1,
+    "seeds": [0],
     "timing": {"batch_size": 32, "warmup": 1, "iters": 1, "repeats": 3},
 }
-CONFIGS = {"fashion_mnist": FASHION_MNIST, "digits": DIGITS}
-CONFIG = FASHION_MNIST
-KINDS = ("ResNet", "RMNet")
+PROTOCOLS = {"cpu": CPU, "digits": DIGITS, "quick": QUICK}
+# protocol → (JSON under docs/data, plot, generated section of docs/pruning.md)
+OUTPUT = ("pruning.json", "pruning.png", "pruning-results")
+MODELS_DIR = Path("runs") / "pruning_study"
+REFERENCE = "residual without shortcut scales"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def _finetune(model, cfg, train, test) -> None:
-    from keras_dmr.recipe import StepDecay, compile_with_recipe
-
-    compile_with_recipe(model, learning_rate=cfg["finetune_learning_rate"])
-    model.fit(
-        train,
-        epochs=cfg["finetune_epochs"],
-        shuffle=False,
-        verbose=0,
-        callbacks=[StepDecay()],
-    )
+def run_key(family: str, seed: int, protocol: dict) -> str:
+    keys = ("dataset", "train_examples", "test_examples", "epochs", "sparsity_budget")
+    keys += ("prune_steps", "finetune_epochs", "finetune_learning_rate", "round_to")
+    return f"{family}|seed={seed}|" + ",".join(f"{k}={protocol[k]}" for k in keys)
 
 
-def run(cfg: dict = CONFIG) -> dict:
-    """Train, prune, fine-tune and measure; returns the JSON record."""
-    import keras
+def model_name(kind: str, budget: float | None) -> str:
+    return kind if budget is None else f"{kind}@{budget:g}"
 
-    import keras_dmr
+
+def _pipelines(protocol: dict, seed: int) -> tuple:
     from keras_dmr import data
-    from keras_dmr import prune as kp
-    from keras_dmr.analysis.flops import count_flops
-    from keras_dmr.convert import to_plain
-    from keras_dmr.recipe import StepDecay, compile_with_recipe
-    from keras_dmr.utils.timing import load_average, machine_description
 
-    start = time.monotonic()
-    keras.utils.set_random_seed(cfg["seed"])
     # Whole batches only: TensorFlow 2.21's oneDNN CPU kernels crash (segfault / double free)
     # training some pruned functional ResNets on the short last batch.
     train = data.load(
-        cfg["dataset"],
+        protocol["dataset"],
         "train",
-        batch_size=cfg["batch_size"],
-        seed=cfg["seed"],
+        batch_size=protocol["batch_size"],
+        seed=seed,
         drop_remainder=True,
-        take=cfg.get("train_examples"),
+        take=protocol["train_examples"],
     )
-    test = data.load(cfg["dataset"], "test", batch_size=256, take=cfg.get("test_examples"))
+    test = data.load(protocol["dataset"], "test", batch_size=500, take=protocol["test_examples"])
+    return train, test
 
-    resnet = kp.with_skip_bn(keras_dmr.ResNet(depth=cfg["depth"], compile=False))
-    compile_with_recipe(resnet, learning_rate=cfg["learning_rate"])
-    _log(f"training ResNet-{cfg['depth']} with BN sparsity {cfg['sparsity']} ...")
-    resnet.fit(
+
+def _entry(model, kind: str, budget: float | None, test, path: Path) -> dict:
+    """A deployable copy of ``model`` (BN folded) tested and saved; its record."""
+    from keras_dmr import prune
+    from keras_dmr.analysis.flops import count_flops
+    from keras_dmr.utils.files import atomic_output
+
+    deployed = prune.fuse_batchnorm(model)
+    with atomic_output(path, suffix=".keras") as tmp:
+        deployed.save(tmp)
+    return {
+        "kind": kind,
+        "budget": budget,
+        "macs": int(count_flops(deployed)),
+        "params": int(deployed.count_params()),
+        "accuracy": prune.accuracy(deployed, test),
+        "file": str(path),
+    }
+
+
+def train_run(family: str, seed: int, protocol: dict, models_dir: Path) -> dict:
+    """Train ``family`` with ``seed``, prune both forms to every budget; the run's record."""
+    import keras
+
+    import keras_dmr
+    from keras_dmr import prune
+    from keras_dmr.analysis.flops import count_flops
+    from keras_dmr.convert import to_plain
+    from keras_dmr.recipe import StepDecay, compile_with_recipe
+    from keras_dmr.utils.timing import machine_description
+
+    start = time.monotonic()
+    builder, options = FAMILIES[family]
+    keras.utils.set_random_seed(seed)
+    train, test = _pipelines(protocol, seed)
+    images = sum(int(y.shape[0]) for _, y in train)
+    factor = prune.sparsity_factor(
+        protocol["sparsity_budget"], images, protocol["epochs"], protocol["batch_size"]
+    )
+    residual = prune.with_skip_bn(getattr(keras_dmr, builder)(compile=False, **options))
+    compile_with_recipe(residual, learning_rate=protocol["learning_rate"])
+    _log(
+        f"{family}, seed {seed}: training {protocol['epochs']} epochs on {images:,} images, "
+        f"sparsity factor {factor:.4g} ..."
+    )
+    residual.fit(
         train,
-        epochs=cfg["epochs"],
+        epochs=protocol["epochs"],
         shuffle=False,
         verbose=0,
-        callbacks=[StepDecay(), kp.BNSparsity(cfg["sparsity"], cfg["sparsity_method"])],
+        callbacks=[StepDecay(), prune.BNSparsity(factor)],
     )
-    scales = kp.bn_scales(resnet)
-    plain = to_plain(resnet, fuse_bn=False)
-    trained = {
-        "accuracy": kp.accuracy(resnet, test),
-        "plain_accuracy": kp.accuracy(plain, test),
-        "conversion_error": plain.conversion_report["max_relative_error"],
+    trained_seconds = time.monotonic() - start
+    scales = prune.bn_scales(residual)
+    plain = to_plain(residual, fuse_bn=False)
+    base_macs = count_flops(residual)
+    folder = models_dir / f"{family}_seed{seed}"
+    models = {
+        "residual": _entry(residual, "residual", None, test, folder / "residual.keras"),
+        "plain": _entry(plain, "plain", None, test, folder / "plain.keras"),
+    }
+    _log(
+        f"  trained in {trained_seconds / 60:.1f} min: accuracy "
+        f"{models['residual']['accuracy']:.4f}, {int(np.sum(scales == 0))} of {scales.size} "
+        "scales 0"
+    )
+    for budget in protocol["budgets"]:
+        for kind, source in (("residual", residual), ("plain", plain)):
+            keras.utils.set_random_seed(seed)
+            pruned = prune.prune_to_budget(
+                source,
+                train,
+                macs=min(1.0, budget * base_macs / count_flops(source)),
+                steps=protocol["prune_steps"],
+                epochs=protocol["finetune_epochs"],
+                learning_rate=protocol["finetune_learning_rate"],
+                round_to=protocol["round_to"],
+                log=lambda line: _log(f"    {line}"),
+            )
+            name = model_name(kind, budget)
+            entry = _entry(pruned, kind, budget, test, folder / f"{name}.keras")
+            entry["cuts"] = pruned.pruning_report["steps"]
+            models[name] = entry
+            _log(
+                f"  {name:<14} {entry['macs'] / base_macs:.1%} of the residual MACs, "
+                f"accuracy {entry['accuracy']:.4f}"
+            )
+    return {
+        "family": family,
+        "seed": seed,
+        "protocol": protocol["name"],
+        "train_images": images,
+        "test_images": sum(int(y.shape[0]) for _, y in test),
+        "sparsity_factor": factor,
+        "trained_seconds": round(trained_seconds, 1),
         "scales": int(scales.size),
         "scales_zero": int(np.sum(scales == 0)),
-        "scale_quantiles": {q: float(np.quantile(scales, q)) for q in (0.25, 0.5, 0.75)},
+        "conversion_error": plain.conversion_report["max_relative_error"],
+        "models": models,
+        "machine": machine_description(),
         "seconds": round(time.monotonic() - start, 1),
     }
-    _log(f"  accuracy {trained['accuracy']:.4f}; {trained['scales_zero']} of {scales.size} zero")
 
-    deploy = {
-        "ResNet": kp.slim_residual(resnet, threshold=0.0, fuse_bn=True),
-        "RMNet": kp.slim(plain, threshold=0.0, fuse_bn=True),
-    }
-    base_params = deploy["ResNet"].count_params()
-    points = []
-    for t in cfg["thresholds"]:
-        for kind in KINDS:
-            pruned = kp.slim_residual(resnet, t) if kind == "ResNet" else kp.slim(plain, t)
-            report = pruned.pruning_report
-            pruned_accuracy = kp.accuracy(pruned, test)
-            _finetune(pruned, cfg, train, test)
-            name = f"{kind} t={t:g}"
-            deploy[name] = kp.fuse_batchnorm(pruned)
-            params = deploy[name].count_params()
-            points.append(
-                {
-                    "kind": kind,
-                    "threshold": t,
-                    "name": name,
-                    "channels": report["channels_after"],
-                    "channels_before": report["channels_before"],
-                    "params": params,
-                    "flops": count_flops(deploy[name]),
-                    "pruned_params_ratio": 1 - params / base_params,
-                    "accuracy_pruned": pruned_accuracy,
-                    "accuracy": kp.accuracy(deploy[name], test),
-                }
-            )
-            p = points[-1]
-            _log(
-                f"  {name:<14} params {params:>7,} ({p['pruned_params_ratio']:.1%} pruned), "
-                f"accuracy {pruned_accuracy:.4f} → {p['accuracy']:.4f} after fine-tuning"
-            )
-    _log("timing every model, interleaved ...")
-    timing = cfg["timing"]
-    speed = kp.throughput(
-        deploy,
-        batch_size=timing["batch_size"],
-        warmup=timing["warmup"],
-        iters=timing["iters"],
-        repeats=timing["repeats"],
-        spread=True,
-    )
-    for p in points:
-        p["images_per_s"], *p["images_per_s_range"] = speed[p["name"]]
-    unpruned = {
-        kind: {
-            "params": deploy[kind].count_params(),
-            "flops": count_flops(deploy[kind]),
-            "accuracy": kp.accuracy(deploy[kind], test),
-            "images_per_s": speed[kind][0],
-            "images_per_s_range": list(speed[kind][1:]),
-        }
-        for kind in KINDS
-    }
+
+def time_models(record: dict, protocol: dict) -> dict:
+    """Every saved model of the protocol's runs timed under one engine, interleaved."""
+    import keras
+
+    import keras_dmr
+    from keras_dmr import prune
+    from keras_dmr.utils.timing import load_average, machine_description
+
+    models = {}
+    for key, run in record["runs"].items():
+        for name, entry in run["models"].items():
+            models[f"{key}#{name}"] = keras.saving.load_model(entry["file"], safe_mode=True)
+    # What the shortcut scales of with_skip_bn cost the residual network once deployed (a
+    # per-channel multiply on each shortcut): the same network built without them.
+    for family in {run["family"] for run in record["runs"].values()}:
+        builder, options = FAMILIES[family]
+        built = getattr(keras_dmr, builder)(compile=False, **options)
+        models[f"{family}#{REFERENCE}"] = prune.fuse_batchnorm(built)
+    timing = protocol["timing"]
+    _log(f"timing {len(models)} models, interleaved ...")
+    speed = prune.throughput(models, spread=True, **timing)
     return {
-        "config": cfg,
-        "trained": trained,
-        "unpruned": unpruned,
-        "points": points,
+        "engine": "keras (TensorFlow), float32, BN folded",
+        **timing,
+        "images_per_s": {label: list(values) for label, values in speed.items()},
         "machine": machine_description(),
         "load_average": load_average(),
-        "test_images": sum(int(y.shape[0]) for _, y in test),
-        "wall_seconds": round(time.monotonic() - start, 1),
     }
 
 
-def _speed(row: dict) -> str:
-    low, high = row.get("images_per_s_range", (None, None))
-    text = f"{row['images_per_s']:,.0f}"
-    return text if low is None else f"{text} ({low:,.0f}–{high:,.0f})"
+def run(protocol: dict, path: Path, models_dir: Path = MODELS_DIR) -> dict:
+    """Every run of ``protocol`` not yet in ``path`` (written after each), then the timing."""
+    from keras_dmr.utils.files import write_json
+
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if record.get("protocol") != protocol:
+        record = {"protocol": protocol, "runs": {}}
+    todo = [
+        (family, seed)
+        for seed in protocol["seeds"]
+        for family in FAMILIES
+        if run_key(family, seed, protocol) not in record["runs"]
+    ]
+    _log(f"{len(todo)} of {len(FAMILIES) * len(protocol['seeds'])} runs to train")
+    for family, seed in todo:
+        record["runs"][run_key(family, seed, protocol)] = train_run(
+            family, seed, protocol, models_dir
+        )
+        record.pop("timing", None)
+        write_json(record, path)
+    if "timing" not in record:
+        record["timing"] = time_models(record, protocol)
+        write_json(record, path)
+    return record
 
 
-def summary(record: dict) -> str:
-    """What the points say, computed from them: pairs at the same threshold."""
-    pairs = []
-    for t in record["config"]["thresholds"]:
-        by = {p["kind"]: p for p in record["points"] if p["threshold"] == t}
-        if set(by) == set(KINDS):
-            pairs.append((by["ResNet"], by["RMNet"]))
-    if not pairs:
-        return ""
-    more = [(b["pruned_params_ratio"] - a["pruned_params_ratio"]) * 100 for a, b in pairs]
-    macs = [b["flops"] / a["flops"] for a, b in pairs]
-    speed = [b["images_per_s"] / a["images_per_s"] for a, b in pairs]
-    acc = [(b["accuracy"] - a["accuracy"]) * 100 for a, b in pairs]
-    test_images = record.get("test_images", 360)
-    return (
-        f"At the same threshold the pruned RMNet has {min(more):.1f} to {max(more):.1f} "
-        "percentage points more of the ResNet's parameters pruned, "
-        f"{min(macs):.2f}× to {max(macs):.2f}× the pruned ResNet's MACs and "
-        f"{min(speed):.2f}× to {max(speed):.2f}× its measured throughput (median); after "
-        f"fine-tuning its accuracy differs by {min(acc):+.2f} to {max(acc):+.2f} points "
-        f"(one test image is {100 / test_images:.2f} points; one training run, one seed)."
-    )
+# Reading the record ------------------------------------------------------------------------
 
 
-def _plural(n: int) -> str:
-    return "" if n == 1 else "s"
+def points(record: dict) -> list[dict]:
+    """One row per (run, model) with its measured images/s."""
+    speed = record["timing"]["images_per_s"]
+    rows = []
+    for key, run in record["runs"].items():
+        base = run["models"]["residual"]["macs"]
+        for name, entry in run["models"].items():
+            median, slowest, fastest = speed[f"{key}#{name}"]
+            rows.append(
+                {
+                    **entry,
+                    "family": run["family"],
+                    "seed": run["seed"],
+                    "name": name,
+                    "macs_ratio": entry["macs"] / base,
+                    "images_per_s": median,
+                    "images_per_s_range": [slowest, fastest],
+                }
+            )
+    return rows
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _interpolate(x: float, xs: list[float], ys: list[float]) -> float | None:
+    """``ys`` at ``x`` on the piecewise-linear curve through ``(xs, ys)``; None outside it."""
+    order = np.argsort(xs)
+    xs_sorted, ys_sorted = np.asarray(xs)[order], np.asarray(ys)[order]
+    if not xs_sorted[0] <= x <= xs_sorted[-1]:
+        return None
+    return float(np.interp(x, xs_sorted, ys_sorted))
+
+
+def comparisons(record: dict) -> list[dict]:
+    """Per family and budget: both kinds over the seeds, and the plain-minus-residual accuracy
+    paired by seed, at the same budget and at the same measured speed (the plain curve of the
+    same seed, unpruned and pruned, interpolated at the residual model's images/s)."""
+    rows = points(record)
+    out = []
+    for family in FAMILIES:
+        mine = [r for r in rows if r["family"] == family]
+        if not mine:
+            continue
+        seeds = sorted({r["seed"] for r in mine})
+        for budget in [None, *record["protocol"]["budgets"]]:
+            by = {(r["kind"], r["seed"]): r for r in mine if r["budget"] == budget}
+            entry = {"family": family, "budget": budget, "seeds": seeds}
+            for kind in KINDS:
+                picked = [by[kind, s] for s in seeds]
+                entry[kind] = {
+                    "accuracy": _mean_sd([r["accuracy"] for r in picked]),
+                    "images_per_s": _mean_sd([r["images_per_s"] for r in picked]),
+                    "macs_ratio": statistics.fmean(r["macs_ratio"] for r in picked),
+                    "macs_ratios": [r["macs_ratio"] for r in picked],
+                    "params": statistics.fmean(r["params"] for r in picked),
+                }
+            entry["same_budget"] = [
+                (by["plain", s]["accuracy"] - by["residual", s]["accuracy"]) * 100 for s in seeds
+            ]
+            entry["speed_ratio"] = [
+                by["plain", s]["images_per_s"] / by["residual", s]["images_per_s"] for s in seeds
+            ]
+            equal_speed = []
+            for s in seeds:  # the plain curve of the seed at the residual model's speed
+                curve = [r for r in mine if r["seed"] == s and r["kind"] == "plain"]
+                at = _interpolate(
+                    by["residual", s]["images_per_s"],
+                    [r["images_per_s"] for r in curve],
+                    [r["accuracy"] for r in curve],
+                )
+                equal_speed.append(
+                    None if at is None else (at - by["residual", s]["accuracy"]) * 100
+                )
+            entry["same_speed"] = equal_speed
+            out.append(entry)
+    return out
+
+
+def resolved(differences: list[float], spread: float) -> bool:
+    """Beyond the seeds' spread: every seed's paired difference has the same sign and their
+    mean exceeds the larger standard deviation of the two kinds' accuracies over the seeds."""
+    if len(differences) < 2 or any(d is None for d in differences):
+        return False
+    same_sign = all(d > 0 for d in differences) or all(d < 0 for d in differences)
+    return same_sign and abs(statistics.fmean(differences)) > spread
+
+
+def _points_text(values: list[float | None]) -> str:
+    return ", ".join("–" if v is None else f"{v:+.2f}" for v in values)
+
+
+def reading(record: dict) -> str:
+    """What the runs say, computed from them (never written by hand)."""
+    lines = []
+    for c in comparisons(record):
+        if c["budget"] is None:
+            continue
+        spread = max(c["residual"]["accuracy"][1], c["plain"]["accuracy"][1]) * 100
+        same = c["same_budget"]
+        speed = statistics.fmean(c["speed_ratio"])
+        verdict = (
+            ("higher" if statistics.fmean(same) > 0 else "lower") + ", beyond the seeds' spread"
+            if resolved(same, spread)
+            else "not distinguishable from the seeds' spread"
+        )
+        line = (
+            f"- **{c['family']} at {c['budget']:g}× the residual MACs**: the pruned plain model "
+            f"runs {speed:.2f}× as fast as the pruned residual one (mean over seeds) and its "
+            f"accuracy is {statistics.fmean(same):+.2f} points (seeds: {_points_text(same)}; "
+            f"spread {spread:.2f}): {verdict}."
+        )
+        missed = [
+            f"the {kind} models reached "
+            + ", ".join(f"{r:.2f}×" for r in c[kind]["macs_ratios"])
+            + f" (by seed), not {c['budget']:g}×"
+            for kind in KINDS
+            if any(abs(r - c["budget"]) > 0.1 * c["budget"] for r in c[kind]["macs_ratios"])
+        ]
+        if missed:
+            line += f" (Off budget: {'; '.join(missed)}.)"
+        at_speed = [d for d in c["same_speed"] if d is not None]
+        if at_speed:
+            verdict = (
+                ("higher" if statistics.fmean(at_speed) > 0 else "lower")
+                + ", beyond the seeds' spread"
+                if resolved(c["same_speed"], spread)
+                else "not distinguishable from the seeds' spread"
+            )
+            line += (
+                " **At equal speed** (the plain curve of each seed interpolated at the pruned "
+                f"residual model's images/s): {statistics.fmean(at_speed):+.2f} points (seeds: "
+                f"{_points_text(c['same_speed'])}"
+                + (
+                    "; –: outside the plain curve's range"
+                    if len(at_speed) < len(c["same_speed"])
+                    else ""
+                )
+                + f"): {verdict}."
+            )
+        else:
+            line += " Its speed is outside every seed's plain curve: no equal-speed point."
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _pct(mean_sd: tuple[float, float]) -> str:
+    return f"{mean_sd[0]:.2%} ± {mean_sd[1] * 100:.2f}"
 
 
 def table(record: dict) -> str:
-    """The results table of docs/pruning.md."""
+    """The results section of docs/pruning.md: table, computed reading, protocol."""
     lines = [
-        "| threshold | model | parameters (pruned) | MACs | accuracy after pruning → "
-        "fine-tuned | images/s (median; slowest–fastest repeat) |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| network | MACs budget | model | MACs (× residual) | parameters | test accuracy "
+        "(mean ± sd over seeds) | images/s (mean ± sd) |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
-    for kind in KINDS:
-        u = record["unpruned"][kind]
-        lines.append(
-            f"| – | {kind} (unpruned) | {u['params']:,} | {u['flops'] / 1e6:.2f}M | "
-            f"{u['accuracy']:.2%} | {_speed(u)} |"
+    for c in comparisons(record):
+        for kind in KINDS:
+            k = c[kind]
+            budget = "–" if c["budget"] is None else f"{c['budget']:g}"
+            speed, sd = k["images_per_s"]
+            lines.append(
+                f"| {c['family']} | {budget} | {kind} | {k['macs_ratio']:.2f} | "
+                f"{k['params']:,.0f} | {_pct(k['accuracy'])} | {speed:,.0f} ± {sd:,.0f} |"
+            )
+    protocol, timing = record["protocol"], record["timing"]
+    runs = list(record["runs"].values())
+    machine, load = timing["machine"], timing.get("load_average")
+    speed = timing["images_per_s"]
+    costs = []
+    for family in FAMILIES:
+        if f"{family}#{REFERENCE}" not in speed:
+            continue
+        with_scales = [
+            speed[f"{key}#residual"][0]
+            for key, run in record["runs"].items()
+            if run["family"] == family
+        ]
+        without = speed[f"{family}#{REFERENCE}"][0]
+        costs.append(
+            f"{family} {without:,.0f} images/s against {statistics.fmean(with_scales):,.0f} "
+            "with them"
         )
-    for p in record["points"]:
-        lines.append(
-            f"| {p['threshold']:g} | {p['kind']} | {p['params']:,} "
-            f"({p['pruned_params_ratio']:.1%}) | {p['flops'] / 1e6:.2f}M | "
-            f"{p['accuracy_pruned']:.2%} → {p['accuracy']:.2%} | {_speed(p)} |"
-        )
-    lines += ["", summary(record)]
-    cfg, trained, machine = record["config"], record["trained"], record["machine"]
-    load = record.get("load_average")
+    lines += ["", reading(record)]
+    if costs:
+        lines += [
+            "",
+            "The residual models keep `with_skip_bn`'s shortcut scale (a per-channel multiply "
+            "on each shortcut) once deployed; the same networks built without it, timed in the "
+            f"same run: {'; '.join(costs)}.",
+        ]
     lines += [
         "",
-        f"ResNet-{cfg['depth']} with `skip_bn`, {cfg['epochs']} epochs on {cfg['dataset']}"
-        + (
-            f" (the first {cfg['train_examples']:,} training images)"
-            if cfg.get("train_examples")
-            else ""
-        )
-        + f", tested on {record['test_images']:,} test images "
-        f"(recipe, lr {cfg['learning_rate']}), `BNSparsity({cfg['sparsity']}, "
-        f"{cfg['sparsity_method']!r})`: test accuracy {trained['accuracy']:.2%}, "
-        f"{trained['scales_zero']} of {trained['scales']} scales exactly 0. Every pruned model "
-        f"fine-tuned {cfg['finetune_epochs']} epoch{_plural(cfg['finetune_epochs'])} "
-        f"(lr {cfg['finetune_learning_rate']}, step "
-        'schedule); parameters and MACs with BN folded; "pruned" is relative to the unpruned '
-        "ResNet's parameters (the unpruned RMNet has more: its reserved channels). Throughput: "
-        f"batch {cfg['timing']['batch_size']}, median of {cfg['timing']['repeats']} repeats of "
-        f"{cfg['timing']['iters']} calls, all models interleaved, on {machine['cpu']} "
-        f"({machine['usable_cores']} usable cores, TensorFlow {machine['tensorflow']}"
+        f"Protocol `{protocol['name']}`: {', '.join(FAMILIES)} trained with `with_skip_bn` for "
+        f"{_plural(protocol['epochs'], 'epoch')} on {runs[0]['train_images']:,} "
+        f"{protocol['dataset']} training images (recipe, lr {protocol['learning_rate']}, batch "
+        f"{protocol['batch_size']}) with `BNSparsity` (proximal, a factor that shrinks a scale "
+        f"by at most {protocol['sparsity_budget']:g} over the run), seeds "
+        f"{', '.join(str(s) for s in protocol['seeds'])}; tested on {runs[0]['test_images']:,} "
+        f"test images (one image is {100 / runs[0]['test_images']:.2f} points). Each budget "
+        f"reached by `prune.prune_to_budget` in {_plural(protocol['prune_steps'], 'cut')}, "
+        "BN statistics re-estimated and "
+        f"{_plural(protocol['finetune_epochs'], 'fine-tuning epoch')} at lr "
+        f"{protocol['finetune_learning_rate']:g} after each, every layer a multiple of "
+        f"{protocol['round_to']} filters, BN criterion. MACs and parameters with BN folded. "
+        f"Throughput: {timing['engine']}, batch {timing['batch_size']}, median of "
+        f"{timing['repeats']} repeats of {timing['iters']} calls, all "
+        f"{len(timing['images_per_s'])} models interleaved, on {machine['cpu']} "
+        f"({machine['usable_cores']} usable cores, "
+        f"TensorFlow {machine.get('tensorflow')}"
         + (f", load average {load[0]:.1f} while timing" if load else "")
-        + f"). Whole run: {record['wall_seconds'] / 60:.1f} min.",
+        + f"). Training and pruning: {sum(r['seconds'] for r in runs) / 60:.0f} min in all.",
     ]
     return "\n".join(lines)
 
 
 def plot(record: dict, path: str | Path) -> None:
-    """Fig. 7: accuracy against measured throughput and against the pruned-parameter ratio."""
+    """Fig. 7: test accuracy against measured throughput, one panel per network; each seed's
+    models small, the mean over seeds large with its standard deviations as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"ResNet": ("tab:blue", "o"), "RMNet": ("tab:red", "s")}
-    for kind in KINDS:
-        color, marker = styles[kind]
-        pts = [p for p in record["points"] if p["kind"] == kind]
-        u = record["unpruned"][kind]
-        xs = [u["images_per_s"]] + [p["images_per_s"] for p in pts]
-        ys = [u["accuracy"]] + [p["accuracy"] for p in pts]
-        axes[0].scatter(xs[1:], ys[1:], marker=marker, color=color, label=f"pruned {kind}")
-        axes[0].scatter(xs[:1], ys[:1], marker="*", s=160, color=color, label=f"{kind}")
-        for p in pts:
-            low, high = p.get("images_per_s_range", (p["images_per_s"],) * 2)
-            axes[0].plot([low, high], [p["accuracy"]] * 2, color=color, alpha=0.3, lw=1)
-            axes[0].annotate(
-                f"{p['threshold']:g}",
-                (p["images_per_s"], p["accuracy"]),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=7,
+    from keras_dmr.utils.files import save_figure
+
+    families = [f for f in FAMILIES if any(r["family"] == f for r in record["runs"].values())]
+    fig, axes = plt.subplots(1, len(families), figsize=(5.6 * len(families), 4.4), squeeze=False)
+    styles = {"residual": ("tab:blue", "o"), "plain": ("tab:red", "s")}
+    rows = points(record)
+    by_family = {}
+    for c in comparisons(record):
+        by_family.setdefault(c["family"], []).append(c)
+    for ax, family in zip(axes[0], families, strict=True):
+        for kind in KINDS:
+            color, marker = styles[kind]
+            mine = [r for r in rows if r["family"] == family and r["kind"] == kind]
+            ax.scatter(
+                [r["images_per_s"] for r in mine],
+                [r["accuracy"] * 100 for r in mine],
+                s=12,
+                marker=marker,
                 color=color,
+                alpha=0.35,
             )
-        axes[1].plot(
-            [p["pruned_params_ratio"] for p in pts],
-            [p["accuracy"] for p in pts],
-            marker=marker,
-            color=color,
-            label=f"pruned {kind}",
+            means = by_family[family]
+            xs = [c[kind]["images_per_s"][0] for c in means]
+            ys = [c[kind]["accuracy"][0] * 100 for c in means]
+            ax.errorbar(
+                xs,
+                ys,
+                xerr=[c[kind]["images_per_s"][1] for c in means],
+                yerr=[c[kind]["accuracy"][1] * 100 for c in means],
+                marker=marker,
+                color=color,
+                capsize=3,
+                label=f"{kind} (unpruned, then each budget)",
+            )
+            for c, x, y in zip(means, xs, ys, strict=True):
+                label = "unpruned" if c["budget"] is None else f"{c['budget']:g}×"
+                ax.annotate(
+                    label,
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(5, -10),
+                    fontsize=7,
+                    color=color,
+                )
+        ax.set_title(family)
+        ax.set_xlabel(
+            f"images/s ({record['timing']['engine']}, batch {record['timing']['batch_size']})"
         )
-        for p in pts:
-            axes[1].annotate(
-                f"{p['threshold']:g}",
-                (p["pruned_params_ratio"], p["accuracy"]),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=7,
-                color=color,
-            )
-    axes[0].set_xlabel("measured throughput (images/s, BN folded; bars: repeat range)")
-    axes[0].set_ylabel("test accuracy after fine-tuning")
-    axes[0].set_title("(a) accuracy vs speed (labels: threshold)")
-    axes[1].set_xlabel("pruned parameters (fraction of the unpruned ResNet's)")
-    axes[1].set_title("(b) accuracy vs pruned-parameter ratio (labels: threshold)")
-    for ax in axes:
+        ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Network slimming on {record['config']['dataset']}: ResNet vs its plain RMNet")
+        ax.legend(fontsize=8, loc="best")
+    seeds = len(record["protocol"]["seeds"])
+    fig.suptitle(
+        f"Pruned to the same MACs budgets: residual vs plain form on "
+        f"{record['protocol']['dataset']} ({seeds} seed{'s' if seeds > 1 else ''}; faint: "
+        "each seed)",
+        fontsize=10,
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
-# dataset → (JSON under docs/data, plot, generated section of docs/pruning.md)
-OUTPUTS = {
-    "fashion_mnist": ("pruning.json", "pruning.png", "pruning-results"),
-    "digits": ("pruning_digits.json", "pruning_digits.png", "pruning-results-digits"),
-}
-
-
 def write_docs(record: dict, docs: Path) -> None:
+    from keras_dmr.utils.files import write_json, write_text
     from keras_dmr.utils.markdown import replace_section
 
-    json_name, png, section = OUTPUTS[record["config"]["dataset"]]
-    (docs / "data").mkdir(parents=True, exist_ok=True)
-    (docs / "data" / json_name).write_text(json.dumps(record, indent=2) + "\n")
+    json_name, png, section = OUTPUT
+    write_json(record, docs / "data" / json_name)
     plot(record, docs / png)
     md = docs / "pruning.md"
-    md.write_text(replace_section(md.read_text(), section, table(record)))
+    write_text(replace_section(md.read_text(), section, table(record)), md)
 
 
 def main(argv=None) -> int:
@@ -363,27 +583,29 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--dataset", choices=tuple(CONFIGS), default="fashion_mnist", help="(default: %(default)s)"
+        "--protocol", choices=tuple(PROTOCOLS), default="cpu", help="(default: %(default)s)"
     )
+    parser.add_argument("--quick", action="store_true", help="the quick protocol (smoke run)")
     parser.add_argument(
         "--docs",
         type=Path,
-        help="the docs to regenerate (default: docs; with --quick: runs/quick-docs, a copy)",
+        help="the docs to regenerate (default: docs for the cpu protocol, else "
+        "runs/quick-docs, a copy)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run on 256 images; never touches docs/"
+        "--models", type=Path, default=MODELS_DIR, help="where the pruned models are saved"
     )
     parser.add_argument(
         "--table-only", action="store_true", help="regenerate table and plot from the JSON"
     )
     args = parser.parse_args(argv)
-    docs = args.docs or (quick_docs() if args.quick else Path("docs"))
+    protocol = PROTOCOLS["quick" if args.quick else args.protocol]
+    docs = args.docs or (Path("docs") if protocol is CPU else quick_docs())
+    path = docs / "data" / OUTPUT[0]
     if args.table_only:
-        json_name = OUTPUTS[args.dataset][0]
-        record = json.loads((docs / "data" / json_name).read_text())
+        record = json.loads(path.read_text())
     else:
-        cfg = QUICK if args.quick else CONFIGS[args.dataset]
-        record = run({**cfg, "dataset": args.dataset} if args.quick else cfg)
+        record = run(protocol, path, args.models / protocol["name"])
     write_docs(record, docs)
     _log(f"wrote {docs / 'pruning.md'} and its plot")
     return 0
