@@ -255,6 +255,8 @@ def run(protocol: dict, path: Path, models_dir: Path = MODELS_DIR) -> dict:
 
     record = json.loads(path.read_text()) if path.exists() else {}
     if record.get("protocol") != protocol:
+        if record.get("runs"):
+            _log(f"{path} holds {len(record['runs'])} runs of another protocol: starting over")
         record = {"protocol": protocol, "runs": {}}
     todo = [
         (family, seed)
