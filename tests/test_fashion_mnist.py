@@ -31,15 +31,21 @@ def write_idx(path, array: np.ndarray, magic: bytes | None = None, cut: int = 0)
         f.write(data[: len(data) - cut])
 
 
+def write_fashion_mnist(path, train: int, test: int, seed: int = 0):
+    """Fashion-MNIST's four IDX files under ``path``: random 28×28 images (values 1..255) and
+    labels 0, 1, 2, ... (mod 10)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("test", test)):
+        images_name, labels_name = fm.FILES[split]
+        write_idx(path / images_name, rng.integers(1, 256, (n, 28, 28)))
+        write_idx(path / labels_name, np.arange(n) % 10)
+    return path
+
+
 @pytest.fixture
 def idx_dir(tmp_path):
     """Five training and three test images (28×28, distinct values) and their labels."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 5), ("test", 3)):
-        images_name, labels_name = fm.FILES[split]
-        write_idx(tmp_path / images_name, rng.integers(1, 256, (n, 28, 28)))
-        write_idx(tmp_path / labels_name, np.arange(n) % 10)
-    return tmp_path
+    return write_fashion_mnist(tmp_path, train=5, test=3)
 
 
 def test_parser_reads_the_fixture_and_pads_to_32x32x3(idx_dir):

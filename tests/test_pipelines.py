@@ -63,15 +63,9 @@ def test_both_pipelines_yield_the_same_batches_on_digits(kwargs):
 
 
 def test_both_pipelines_yield_the_same_batches_on_fashion_mnist_with_flips(tmp_path):
-    from tests.test_fashion_mnist import write_idx
+    from tests.test_fashion_mnist import write_fashion_mnist
 
-    rng = np.random.default_rng(1)
-    from keras_dmr.data import fashion_mnist as fm
-
-    for split, n in (("train", 70), ("test", 10)):
-        images_name, labels_name = fm.FILES[split]
-        write_idx(tmp_path / images_name, rng.integers(0, 256, (n, 28, 28)))
-        write_idx(tmp_path / labels_name, np.arange(n) % 10)
+    write_fashion_mnist(tmp_path, train=70, test=10, seed=1)
     kwargs = {"batch_size": 16, "seed": 5, "data_dir": tmp_path}
     tf_batches = _epochs(data.load("fashion_mnist", pipeline="tf.data", **kwargs), 3)
     py_batches = _epochs(data.load("fashion_mnist", pipeline="pydataset", **kwargs), 3)

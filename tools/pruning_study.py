@@ -75,7 +75,7 @@ QUICK = {
     "timing": {"batch_size": 32, "warmup": 1, "iters": 1, "repeats": 3},
 }
 PROTOCOLS = {"cpu": CPU, "digits": DIGITS, "quick": QUICK}
-# protocol → (JSON under docs/data, plot, generated section of docs/pruning.md)
+# (JSON under DOCS/data, plot, generated section of DOCS/pruning.md), whatever the protocol
 OUTPUT = ("pruning.json", "pruning.png", "pruning-results")
 MODELS_DIR = Path("runs") / "pruning_study"
 REFERENCE = "residual without shortcut scales"
