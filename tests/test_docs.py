@@ -208,3 +208,15 @@ def test_pruning_prose_repeats_the_data():
     assert f"{min(ratios):.2f}× to {max(ratios):.2f}× as fast" in prose
     speed = record["timing"]["images_per_s"]
     assert f"{speed['ResNet-20#residual without shortcut scales'][0]:,.0f} against" in prose
+    start = {
+        family: by[family, None]["plain"]["macs_ratio"] for family in ("ResNet-20", "DMRNet-14")
+    }
+    assert f"({start['ResNet-20']:.2f}× the residual ResNet-20's" in prose
+    assert f"MACs, {start['DMRNet-14']:.2f}× DMRNet-14's)" in prose
+    removed = (1 - 0.5 / start["ResNet-20"], 1 - 0.3 / start["DMRNet-14"])
+    assert f"removes {removed[0]:.0%} to {removed[1]:.0%} of its own MACs" in prose
+    demo = data("demo_fashion_mnist_resnet20.json")["rows"]
+    pruned = next(r for r in demo if r["form"] == "pruned plain" and r["engine"] == "keras")
+    residual = next(r for r in demo if r["form"] == "residual" and r["engine"] == "keras")
+    assert f"0.5× to {pruned['accuracy']:.2%} on" in prose.replace("\n", " ")
+    assert f"residual model's {residual['accuracy']:.2%}" in prose.replace("\n", " ")
