@@ -503,6 +503,9 @@ def test_docs_benchmarks_are_generated_from_the_recorded_runs(tmp_path):
     shutil.copy(DOCS / "benchmarks.md", tmp_path / "benchmarks.md")
     for name in ("benchmarks_cpu.json", "benchmarks_gpu.json"):
         shutil.copy(DOCS / "data" / name, tmp_path / "data" / name)
+    trains = sorted((DOCS / "data").glob("benchmarks_train_*.json"))
+    for path in trains:
+        shutil.copy(path, tmp_path / "data" / path.name)
     report.main([str(tmp_path / "data" / "benchmarks_cpu.json"), "--docs", str(tmp_path)])
     assert (tmp_path / "benchmarks.md").read_text() == (DOCS / "benchmarks.md").read_text(), (
         "run `python -m keras_dmr.bench.report`"
@@ -511,6 +514,11 @@ def test_docs_benchmarks_are_generated_from_the_recorded_runs(tmp_path):
     gpu = json.loads((DOCS / "data" / "benchmarks_gpu.json").read_text())
     assert cpu["machine"]["backend"] == "tensorflow" and not cpu["settings"]["quick"]
     assert gpu["machine"]["gpu_details"] and gpu["machine"]["backend"] == "jax"
+    assert trains, "docs/data holds at least one training-throughput run"
+    for path in trains:
+        train = json.loads(path.read_text())
+        assert not train["settings"]["quick"] and train["train"]["results"]
+        assert train["machine"]["cpu"] in (DOCS / "benchmarks.md").read_text()
     for chart in ("speedup", "accuracy"):
         assert (DOCS / f"benchmarks_{chart}.png").is_file()
         assert (DOCS / f"benchmarks_gpu_{chart}.png").is_file()

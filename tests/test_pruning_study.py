@@ -99,3 +99,18 @@ def test_a_budget_a_form_could_not_reach_is_said():
         in ps.reading(record)
     )
     assert "Off budget" not in ps.reading(_record({0: 0.90, 1: 0.91, 2: 0.905}))
+
+
+def test_full_protocol_uses_every_image_and_stops_between_runs(tmp_path, capsys):
+    """``--protocol full --max-minutes 0``: the GPU run's stop before any run (nothing trained,
+    the docs left alone, the JSON ready to resume); its protocol is the whole training split."""
+    full = ps.PROTOCOLS["full"]
+    assert full["train_examples"] is None and full["epochs"] > ps.CPU["epochs"]
+    assert ps.run_key("ResNet-20", 0, full) != ps.run_key("ResNet-20", 0, ps.CPU)
+    docs = tmp_path / "docs"
+    argv = ["--protocol", "full", "--max-minutes", "0", "--docs", str(docs)]
+    argv += ["--models", str(tmp_path / "models"), "--data-dir", str(tmp_path / "nowhere")]
+    assert ps.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "--max-minutes 0 reached: 6 runs left" in out and "docs wait" in out
+    assert not (docs / "pruning.md").exists() and not (tmp_path / "models").exists()

@@ -97,23 +97,18 @@ def compare_forms(residual: np.ndarray, plain: np.ndarray, labels: np.ndarray) -
     }
 
 
-def train_run(label: str, seed: int, protocol: dict, data_dir: str | None = None) -> dict:
-    """Train ``MODELS[label]`` with ``seed``; evaluate the residual and the plain form."""
-    import keras
-
-    import keras_dmr
+def pipelines(
+    protocol: dict, seed: int, data_dir: str | None = None, *, drop_remainder: bool = False
+) -> tuple:
+    """A protocol's training batches (shuffled by ``seed``) and test batches of 500."""
     from keras_dmr import data
-    from keras_dmr.convert import ConversionError, to_plain
-    from keras_dmr.recipe import StepDecay, compile_with_recipe
-    from keras_dmr.utils.timing import load_average, machine_description
 
-    builder, kwargs = MODELS[label]
-    keras.utils.set_random_seed(seed)
     train = data.load(
         protocol["dataset"],
         "train",
         batch_size=protocol["batch_size"],
         seed=seed,
+        drop_remainder=drop_remainder,
         take=protocol["train_examples"],
         data_dir=data_dir,
     )
@@ -124,6 +119,21 @@ def train_run(label: str, seed: int, protocol: dict, data_dir: str | None = None
         take=protocol["test_examples"],
         data_dir=data_dir,
     )
+    return train, test
+
+
+def train_run(label: str, seed: int, protocol: dict, data_dir: str | None = None) -> dict:
+    """Train ``MODELS[label]`` with ``seed``; evaluate the residual and the plain form."""
+    import keras
+
+    import keras_dmr
+    from keras_dmr.convert import ConversionError, to_plain
+    from keras_dmr.recipe import StepDecay, compile_with_recipe
+    from keras_dmr.utils.timing import load_average, machine_description
+
+    builder, kwargs = MODELS[label]
+    keras.utils.set_random_seed(seed)
+    train, test = pipelines(protocol, seed, data_dir)
     model = getattr(keras_dmr, builder)(compile=False, **kwargs)
     compile_with_recipe(model, learning_rate=protocol["learning_rate"])
     start = time.monotonic()

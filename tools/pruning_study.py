@@ -13,8 +13,11 @@ float32, batch 128). Runs are stored one by one in the JSON, so an interrupted s
 ``--table-only`` redraws the table, the reading and the plot from the JSON.
 
 ``--protocol digits`` runs the same on the bundled digits (one image is 0.28 points: a smoke
-test of the method, not a result), ``--quick`` a smoke run on 256 images; both write to a
-scratch copy of the docs (``runs/quick-docs``) unless ``--docs`` names one.
+test of the method, not a result), ``--quick`` a smoke run on 256 images, ``--protocol full``
+all 60,000 training images for 30 epochs (a lent GPU: ``KERAS_BACKEND=jax``, ``--data-dir``
+for the copied IDX files, ``--max-minutes`` to stop between runs and resume in a later
+session); all three write to a scratch copy of the docs (``runs/quick-docs``) unless
+``--docs`` names one.
 """
 
 from __future__ import annotations
@@ -74,11 +77,15 @@ QUICK = {
     "seeds": [0],
     "timing": {"batch_size": 32, "warmup": 1, "iters": 1, "repeats": 3},
 }
-PROTOCOLS = {"cpu": CPU, "digits": DIGITS, "quick": QUICK}
+# All 60,000 training images for 30 epochs: for a lent GPU (KERAS_BACKEND=jax needs no
+# TensorFlow); its timing is that machine's, under its backend.
+FULL = {**CPU, "name": "full", "train_examples": None, "epochs": 30}
+PROTOCOLS = {"cpu": CPU, "digits": DIGITS, "quick": QUICK, "full": FULL}
 # (JSON under DOCS/data, plot, generated section of DOCS/pruning.md), whatever the protocol
 OUTPUT = ("pruning.json", "pruning.png", "pruning-results")
 MODELS_DIR = Path("runs") / "pruning_study"
 REFERENCE = "residual without shortcut scales"
+BACKEND_NAMES = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
 
 
 def _plural(n: int, word: str) -> str:
@@ -99,21 +106,12 @@ def model_name(kind: str, budget: float | None) -> str:
     return kind if budget is None else f"{kind}@{budget:g}"
 
 
-def _pipelines(protocol: dict, seed: int) -> tuple:
-    from keras_dmr import data
+def _pipelines(protocol: dict, seed: int, data_dir: str | None = None) -> tuple:
+    from tools.fmnist_study import pipelines
 
     # Whole batches only: TensorFlow 2.21's oneDNN CPU kernels crash (segfault / double free)
     # training some pruned functional ResNets on the short last batch.
-    train = data.load(
-        protocol["dataset"],
-        "train",
-        batch_size=protocol["batch_size"],
-        seed=seed,
-        drop_remainder=True,
-        take=protocol["train_examples"],
-    )
-    test = data.load(protocol["dataset"], "test", batch_size=500, take=protocol["test_examples"])
-    return train, test
+    return pipelines(protocol, seed, data_dir, drop_remainder=True)
 
 
 def _entry(model, kind: str, budget: float | None, test, path: Path) -> dict:
@@ -135,7 +133,9 @@ def _entry(model, kind: str, budget: float | None, test, path: Path) -> dict:
     }
 
 
-def train_run(family: str, seed: int, protocol: dict, models_dir: Path) -> dict:
+def train_run(
+    family: str, seed: int, protocol: dict, models_dir: Path, data_dir: str | None = None
+) -> dict:
     """Train ``family`` with ``seed``, prune both forms to every budget; the run's record."""
     import keras
 
@@ -149,7 +149,7 @@ def train_run(family: str, seed: int, protocol: dict, models_dir: Path) -> dict:
     start = time.monotonic()
     builder, options = FAMILIES[family]
     keras.utils.set_random_seed(seed)
-    train, test = _pipelines(protocol, seed)
+    train, test = _pipelines(protocol, seed, data_dir)
     images = sum(int(y.shape[0]) for _, y in train)
     factor = prune.sparsity_factor(
         protocol["sparsity_budget"], images, protocol["epochs"], protocol["batch_size"]
@@ -241,7 +241,8 @@ def time_models(record: dict, protocol: dict) -> dict:
     _log(f"timing {len(models)} models, interleaved ...")
     speed = prune.throughput(models, spread=True, **timing)
     return {
-        "engine": "keras (TensorFlow), float32, BN folded",
+        "engine": f"keras ({BACKEND_NAMES.get(keras.backend.backend(), keras.backend.backend())})"
+        ", float32, BN folded",
         **timing,
         "images_per_s": {label: list(values) for label, values in speed.items()},
         "machine": machine_description(),
@@ -249,10 +250,20 @@ def time_models(record: dict, protocol: dict) -> dict:
     }
 
 
-def run(protocol: dict, path: Path, models_dir: Path = MODELS_DIR) -> dict:
-    """Every run of ``protocol`` not yet in ``path`` (written after each), then the timing."""
+def run(
+    protocol: dict,
+    path: Path,
+    models_dir: Path = MODELS_DIR,
+    *,
+    data_dir: str | None = None,
+    max_minutes: float | None = None,
+) -> dict:
+    """Every run of ``protocol`` not yet in ``path`` (written after each), then the timing.
+    With ``max_minutes`` no run starts after that many minutes; the timing waits until every
+    run is in (a later call resumes)."""
     from keras_dmr.utils.files import write_json
 
+    started = time.monotonic()
     record = json.loads(path.read_text()) if path.exists() else {}
     if record.get("protocol") != protocol:
         if record.get("runs"):
@@ -265,9 +276,12 @@ def run(protocol: dict, path: Path, models_dir: Path = MODELS_DIR) -> dict:
         if run_key(family, seed, protocol) not in record["runs"]
     ]
     _log(f"{len(todo)} of {len(FAMILIES) * len(protocol['seeds'])} runs to train")
-    for family, seed in todo:
+    for done, (family, seed) in enumerate(todo):
+        if max_minutes is not None and time.monotonic() - started > 60 * max_minutes:
+            _log(f"--max-minutes {max_minutes:g} reached: {len(todo) - done} runs left")
+            return record
         record["runs"][run_key(family, seed, protocol)] = train_run(
-            family, seed, protocol, models_dir
+            family, seed, protocol, models_dir, data_dir
         )
         record.pop("timing", None)
         write_json(record, path)
@@ -598,6 +612,15 @@ def main(argv=None) -> int:
         "--models", type=Path, default=MODELS_DIR, help="where the pruned models are saved"
     )
     parser.add_argument(
+        "--data-dir",
+        help="where Fashion-MNIST's four IDX files are (default: Debian's location)",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        help="start no run after this many minutes (the rest resumes next time)",
+    )
+    parser.add_argument(
         "--table-only", action="store_true", help="regenerate table and plot from the JSON"
     )
     args = parser.parse_args(argv)
@@ -607,7 +630,16 @@ def main(argv=None) -> int:
     if args.table_only:
         record = json.loads(path.read_text())
     else:
-        record = run(protocol, path, args.models / protocol["name"])
+        record = run(
+            protocol,
+            path,
+            args.models / protocol["name"],
+            data_dir=args.data_dir,
+            max_minutes=args.max_minutes,
+        )
+        if "timing" not in record:
+            _log(f"{len(record['runs'])} runs in {path}; the docs wait for the rest")
+            return 0
     write_docs(record, docs)
     _log(f"wrote {docs / 'pruning.md'} and its plot")
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from keras_dmr.bench.conversion import table as conversion_table
 from keras_dmr.bench.deploy import table as deploy_table
 from keras_dmr.bench.engines import ENGINES, engine_label
+from keras_dmr.bench.train_throughput import table as train_table
 from keras_dmr.utils.files import save_figure, write_json, write_text
 
 CHARTS = {
@@ -30,9 +31,13 @@ SECTIONS = (
     "efficiency",
     "peers",
     "training",
+    "train",
     "conversion",
     "deploy",
 )
+# Sections the docs show once per machine (every docs/data/benchmarks_train_*.json), not from
+# the one run that regenerates the others.
+PER_MACHINE = {"train": ("benchmarks_train_*.json", lambda data: train_table(data.get("train")))}
 
 
 def _backend(groups_or_data) -> str:
@@ -310,6 +315,7 @@ def sections(data: dict) -> dict[str, str]:
         "efficiency": efficiency_table(families + peers),
         "peers": throughput_table(peers),
         "training": training_table(data),
+        "train": train_table(data.get("train")),
         "conversion": conversion_table(data.get("conversion", [])),
         "deploy": deploy_table(data.get("deploy", [])),
     }
@@ -325,6 +331,7 @@ def markdown(data: dict) -> str:
         "efficiency": "Achieved GFLOP/s (share of the matrix-product peak)",
         "peers": "ImageNet peers (images/s)",
         "training": "Training step: Table 2 pairs",
+        "train": "Training throughput per backend and dtype policy (images/s)",
         "conversion": "Conversion cost (to_plain, verified)",
         "deploy": "Deployment forms: residual, plain, pruned plain × engines × float32/int8",
     }
@@ -479,12 +486,45 @@ def regenerate(
     doc = docs / "benchmarks.md"
     text = doc.read_text()
     for name, content in sections(data).items():
-        text = replace_section(text, f"{prefix}-{name}", content)
+        if name not in PER_MACHINE:
+            text = replace_section(text, f"{prefix}-{name}", content)
     write_text(text, doc)
     stem = prefix.removeprefix("bench").strip("-")
     for name, fn in CHART_PLOTS.items():
         chart = CHARTS[name] if not stem else CHARTS[name].replace("_", f"_{stem}_", 1)
         fn(data, docs / chart)
+
+
+def per_machine_text(name: str, results: list[dict]) -> str:
+    """Section ``name`` of every result, each under the machine and day it ran on."""
+    parts = []
+    for data in results:
+        m = data["machine"]
+        flags = ", ".join(m.get("cpu_flags", [])) or "no AVX2/AVX-512/AMX flags"
+        parts += [
+            f"**{m['cpu']}** ({flags}), {m['cores']} cores, {data.get('started_utc', '?')[:10]}:",
+            "",
+            PER_MACHINE[name][1](data),
+            "",
+        ]
+    return "\n".join(parts).strip() or "_not measured_"
+
+
+def regenerate_per_machine(docs_dir: str | Path = "docs") -> list[str]:
+    """Rewrite each :data:`PER_MACHINE` section of ``docs_dir/benchmarks.md`` (``bench-NAME``)
+    from every matching JSON under ``docs_dir/data``; the files read."""
+    from keras_dmr.utils.markdown import replace_section
+
+    docs = Path(docs_dir)
+    doc = docs / "benchmarks.md"
+    text, read = doc.read_text(), []
+    for name, (pattern, _) in PER_MACHINE.items():
+        paths = sorted((docs / "data").glob(pattern))
+        results = [json.loads(p.read_text()) for p in paths]
+        text = replace_section(text, f"bench-{name}", per_machine_text(name, results))
+        read += [str(p) for p in paths]
+    write_text(text, doc)
+    return read
 
 
 def main(argv=None) -> int:
@@ -513,6 +553,8 @@ def main(argv=None) -> int:
         return 0
     regenerate(args.json, args.docs)
     print(f"regenerated {Path(args.docs) / 'benchmarks.md'} from {args.json}")
+    for path in regenerate_per_machine(args.docs):
+        print(f"and its per-machine sections from {path}")
     gpu = args.gpu
     doc = Path(args.docs) / "benchmarks.md"
     if gpu is None and "<!-- BEGIN bench-gpu-" in doc.read_text():

@@ -1,11 +1,13 @@
 """The benchmark run: the machine's matrix-product peak, inference of every family (residual
-against plain, in TensorFlow, XLA, a SavedModel and ONNX Runtime), the ImageNet peers, and the
-training step of Table 2's pairs — each group timed A B A B — and the targets checked on them.
+against plain, in TensorFlow, XLA, a SavedModel and ONNX Runtime), the ImageNet peers, the
+training step of Table 2's pairs, training throughput per Keras backend and dtype policy
+(:mod:`keras_dmr.bench.train_throughput`) — each group timed A B A B — and the targets checked.
 
 :func:`run` returns one JSON-ready dict (see ``docs/benchmarks.md`` for its fields). Speeds are
 images per second from the median over repeats of the mean time per batch; "GFLOP/s" counts two
 floating-point operations per multiply-accumulate of :func:`keras_dmr.analysis.count_flops`.
-It cannot time anything but float32 inference and training steps, nor pin threads or clocks.
+Inference and the Table 2 steps are float32 (the deploy section adds int8 and bfloat16 files,
+the train section bfloat16 training); it cannot pin threads or clocks.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_dmr.bench import conversion, deploy, zoo
+from keras_dmr.bench import conversion, deploy, train_throughput, zoo
 from keras_dmr.bench.engines import ENGINES, available_engines, runner
 from keras_dmr.bench.targets import evaluate_targets
 from keras_dmr.utils import keras_internals
@@ -35,7 +37,7 @@ from keras_dmr.utils.timing import (
 )
 
 FLOPS_PER_MAC = 2
-SECTIONS = ("families", "peers", "training", "conversion", "deploy")
+SECTIONS = ("families", "peers", "training", "train", "conversion", "deploy")
 DEFAULT_ENGINES = ("keras", "xla", "onnx")
 # Graph ops that write no new activation (views, variable reads, constants).
 _NO_TRAFFIC = {
@@ -499,6 +501,7 @@ def run(
         training_groups = zoo.quick_training_groups() if settings.quick else zoo.training_groups()
     started = time.time()
     result = {
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "machine": {
             **machine_description(),
             "device": default_device(),
@@ -567,6 +570,18 @@ def _run_sections(result, settings, inference_groups, training_groups, workdir, 
             )
             _cleanup()
             progress()
+    if "train" in settings.sections:
+        protocol = settings.protocol("training")
+        result["train"] = train_throughput.run_section(
+            quick=settings.quick,
+            batch_size=protocol["batch_size"],
+            warmup=protocol["warmup"],
+            iters=protocol["iters"],
+            repeats=protocol["repeats"],
+            seed=settings.seed,
+            log=_log,
+        )
+        progress()
     if "conversion" in settings.sections:
         result["conversion"] = conversion.run_section(quick=settings.quick, log=_log)
         progress()

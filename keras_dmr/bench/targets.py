@@ -200,6 +200,11 @@ def merge(parts: Sequence[dict]) -> dict:
         rows = [r for p in parts for r in p.get(key, [])]
         if rows:
             merged[key] = rows
+    trains = [p["train"] for p in parts if p.get("train")]
+    if len(trains) > 1:
+        raise ValueError("`parts` hold more than one `train` section: merge one of them")
+    if trains:
+        merged["train"] = trains[0]
     merged["parts"] = [
         {"settings": p["settings"], "duration_s": p.get("duration_s"), "peak": p.get("peak")}
         for p in parts

@@ -63,6 +63,31 @@ def _version(module: str) -> str | None:
         return None
 
 
+# The instruction sets that decide which float32, bfloat16 and int8 kernels a CPU runs.
+CPU_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`CPU_FLAGS` the CPU has, from ``/proc/cpuinfo`` (empty where there is
+    none, as on macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [flag for flag in CPU_FLAGS if flag in flags]
+
+
 def machine_description() -> dict:
     """CPU model, cores, GPUs, the Keras backend and the versions of the frameworks timed."""
     cpu = platform.processor() or platform.machine()
@@ -82,6 +107,7 @@ def machine_description() -> dict:
     gpus = gpu_description()
     info = {
         "cpu": cpu,
+        "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
         "usable_cores": len(affinity) if affinity is not None else os.cpu_count(),
         "gpus": [g["device"] for g in gpus],
