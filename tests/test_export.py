@@ -128,7 +128,13 @@ def expected_logits(model, images, dataset="digits"):
     return np.asarray(model(x, training=False))
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(
+    scope="module",
+    params=[  # one family in `make test`, every family in `make slow`
+        name if name == "resnet" else pytest.param(name, marks=pytest.mark.slow)
+        for name in sorted(FAMILIES)
+    ],
+)
 def family_model(request):
     return request.param, randomize(FAMILIES[request.param](), seed=11)
 
@@ -312,8 +318,8 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ExportError, match="overwrite"):
         onnx(model, tmp_path / "file.onnx", preprocessing="digits")
     headless = keras_dmr.ResNet(depth=8, include_top=False, pooling="avg", compile=False)
-    with pytest.raises(ExportError, match="Dense classifier"):
-        saved_model(headless, tmp_path / "b", preprocessing="digits")
+    with pytest.raises(ExportError, match="serves feature maps.*`class_names`"):
+        saved_model(headless, tmp_path / "b", preprocessing="digits", class_names=["x"] * 64)
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
 
 
@@ -378,6 +384,7 @@ print(keras_dmr.export.saved_model(model, base, preprocessing="digits"))
 """
 
 
+@pytest.mark.slow
 def test_two_processes_exporting_to_one_base_directory_both_land(tmp_path):
     import os
     import sys

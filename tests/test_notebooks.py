@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_the_five_notebooks_are_there():
+def test_the_six_notebooks_are_there():
     names = [p.stem for p in NOTEBOOKS]
     assert names == [
         "01_merge_and_run",
@@ -21,6 +21,7 @@ def test_the_five_notebooks_are_there():
         "03_tuning",
         "04_serving",
         "05_pruning",
+        "06_feature_pyramid",
     ]
 
 

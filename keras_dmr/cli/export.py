@@ -15,7 +15,8 @@ from keras_dmr.errors import UsageError
 from keras_dmr.training.checkpoints import read_state
 from keras_dmr.utils.arguments import output_path
 
-FORMATS = ("saved_model", "onnx", "litert")
+FORMATS = ("saved_model", "onnx", "litert", "openvino")
+SUFFIXES = {"onnx": ".onnx", "litert": ".tflite", "openvino": ".xml"}
 QUANT = ("int8", "float16")
 
 
@@ -26,8 +27,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=FORMATS,
         default="saved_model",
-        help="saved_model (TF Serving layout NAME/<version>/, default), onnx (NAME.onnx) or "
-        "litert (NAME.tflite, builtin operators only)",
+        help="saved_model (TF Serving layout NAME/<version>/, default), onnx (NAME.onnx), "
+        "litert (NAME.tflite, builtin operators only) or openvino (OpenVINO IR: NAME.xml and "
+        "NAME.bin)",
     )
     parser.add_argument(
         "--base-dir", type=output_path("dir"), default="savedmodels", help="(default: savedmodels)"
@@ -43,12 +45,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     from keras_dmr.export.onnx import CALIBRATION_METHODS, WEIGHT_TYPES
 
-    group = parser.add_argument_group("quantization (onnx and litert)")
+    group = parser.add_argument_group("quantization (onnx, litert and openvino)")
     group.add_argument(
         "--quantize",
         choices=QUANT,
         help="int8: post-training static quantization calibrated on --calibration-dataset "
-        "(onnx: ONNX Runtime QDQ; litert: TFLite converter); float16: float16 weights (litert)",
+        "(onnx: ONNX Runtime QDQ; litert: TFLite converter; openvino: NNCF); float16: "
+        "float16 weights (litert)",
     )
     group.add_argument(
         "--calibration-dataset",
@@ -107,8 +110,10 @@ def run_export(args: argparse.Namespace) -> int:
                 f"argument --preprocessing: {args.checkpoint} records no training dataset; give "
                 "the dataset its inputs were normalised with, or 'none'"
             )
+    from keras_dmr.export.serving import is_classifier
+
     names = None
-    if preprocessing in data.SUPPORTED:
+    if preprocessing in data.SUPPORTED and is_classifier(model):
         names = data.dataset_info(preprocessing).class_names
         if len(names) != model.outputs[0].shape[-1]:
             names = None
@@ -125,11 +130,12 @@ def run_export(args: argparse.Namespace) -> int:
         else:
             if args.version is not None:
                 raise UsageError("argument --version: only for --format saved_model")
-            exporter = export.onnx if args.format == "onnx" else export.litert
-            suffix = ".onnx" if args.format == "onnx" else ".tflite"
+            exporter = {"onnx": export.onnx, "litert": export.litert}.get(
+                args.format, export.openvino
+            )
             path = exporter(
                 model,
-                args.base_dir / f"{args.name}{suffix}",
+                args.base_dir / f"{args.name}{SUFFIXES[args.format]}",
                 preprocessing=preprocessing,
                 class_names=names,
                 **quantization,
@@ -141,6 +147,11 @@ def run_export(args: argparse.Namespace) -> int:
     meta = export.read_metadata(path)
     if meta["conversion"] is not None:
         print(describe_report(meta["conversion"]))
+    if meta.get("head") == "features":
+        print(
+            "outputs (feature maps): "
+            + ", ".join(f"{o['name']} {o['shape'][1:]}" for o in meta["output_specs"])
+        )
     accuracy = (meta.get("quantization") or {}).get("accuracy") or meta.get("accuracy")
     if accuracy:
         print(
@@ -159,7 +170,7 @@ def _quantization_arguments(args: argparse.Namespace) -> dict:
             ("--evaluate", args.evaluate),
         ):
             if value:
-                raise UsageError(f"argument {flag}: only for --format onnx or litert")
+                raise UsageError(f"argument {flag}: only for --format onnx, litert or openvino")
     onnx_int8 = args.format == "onnx" and args.quantize == "int8"
     for flag, value in (
         ("--keep-float", args.keep_float),
@@ -170,8 +181,10 @@ def _quantization_arguments(args: argparse.Namespace) -> dict:
             raise UsageError(f"argument {flag}: only for --format onnx --quantize int8")
     if args.format == "saved_model":
         return {}
-    if args.quantize == "float16" and args.format == "onnx":
-        raise UsageError("argument --quantize: float16 is for --format litert; onnx takes int8")
+    if args.quantize == "float16" and args.format != "litert":
+        raise UsageError(
+            f"argument --quantize: float16 is for --format litert; {args.format} takes int8"
+        )
     if args.quantize == "int8" and args.calibration_dataset is None:
         raise UsageError("argument --quantize int8: needs --calibration-dataset NAME")
     if args.calibration_dataset and args.quantize != "int8" and not args.evaluate:

@@ -6,9 +6,9 @@ layers, Keras operations that are not layers (``x + y``, ``keras.ops.relu``, ``k
 and, recursively, the nodes inside nested Functional and Sequential models, which are flattened
 into the outer graph. ``model.layers`` and its order play no part.
 
-Cannot: models with several inputs or outputs, layers called with several tensors other than
-merges, subclassed models whose ``call`` is their own code (their graph is not data; they are
-leaves, converted only if they answer ``plain_ops``).
+Cannot: models with several inputs, layers called with several tensors other than merges,
+subclassed models whose ``call`` is their own code (their graph is not data; they are leaves,
+converted only if they answer ``plain_ops``).
 """
 
 from __future__ import annotations
@@ -66,28 +66,52 @@ class Node:
 @dataclasses.dataclass
 class Graph:
     """Nodes in topological order, the input and output values, and each value's consumers
-    (``(node, argument position)`` pairs, one per use)."""
+    (``(node, argument position)`` pairs, one per use). ``outputs`` are the model's outputs in
+    the order of ``model.outputs`` (a backbone's stage outputs); ``output`` is the one the
+    graph computes last."""
 
     model_name: str
     input: Value
     output: Value
     nodes: list[Node]
     consumers: dict[int, list[tuple[Node, int]]]
+    outputs: list[Value] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.outputs:
+            self.outputs = [self.output]
+
+    def output_positions(self, value: Value) -> list[int]:
+        """Which of ``outputs`` ``value`` is (none, one, or several that are the same tensor)."""
+        return [i for i, out in enumerate(self.outputs) if out is value]
 
     def uses(self, value: Value) -> list[tuple[Node, int]]:
         return self.consumers.get(value.index, [])
 
     def is_chain(self) -> bool:
         """Single-path: every tensor used once, no node with several inputs, and no layer that
-        rewrites itself (``plain_ops``: a residual block inside one layer)."""
+        rewrites itself (``plain_ops``: a residual block inside one layer). With several
+        outputs, a tensor may also be read by ``Identity`` layers that are outputs (how
+        ``to_plain`` names a backbone's stage outputs)."""
+
+        def used_once(value: Value) -> bool:
+            return sum(not self._output_tap(node) for node, _ in self.uses(value)) <= 1
+
         return (
             all(
                 len(node.inputs) == 1
-                and len(self.uses(node.output)) <= 1
+                and used_once(node.output)
                 and not hasattr(node.operation, "plain_ops")
                 for node in self.nodes
             )
             and len(self.uses(self.input)) == 1
+        )
+
+    def _output_tap(self, node: Node) -> bool:
+        return (
+            len(self.outputs) > 1
+            and isinstance(node.operation, keras.layers.Identity)
+            and bool(self.output_positions(node.output))
         )
 
 
@@ -178,8 +202,9 @@ def _is_graph_model(operation) -> bool:
     return isinstance(operation, functional) and type(operation).call is functional.call
 
 
-def read_graph(model) -> Graph:
-    """The flattened graph of a built single-input, single-output Keras model."""
+def read_graph(model, *, several_outputs: bool = False) -> Graph:
+    """The flattened graph of a built single-input Keras model; one output unless
+    ``several_outputs`` (what ``to_plain`` reads; the graph rewriters take one)."""
     if not isinstance(model, keras.Model):
         raise ConversionError(
             f"{getattr(model, 'name', model)!r} ({type(model).__name__}) is not a keras.Model"
@@ -194,10 +219,14 @@ def read_graph(model) -> Graph:
             "Sequential model without an input shape); build it from keras.Input, or give "
             "`input_shape`"
         )
-    if len(inputs) != 1 or len(outputs) != 1:
+    if len(inputs) != 1:
         raise ConversionError(
-            f"model {model.name!r} has {len(inputs)} inputs and {len(outputs)} outputs; the "
-            "converter handles one image input and one output"
+            f"model {model.name!r} has {len(inputs)} inputs; the converter handles one image input"
+        )
+    if len(outputs) != 1 and not several_outputs:
+        raise ConversionError(
+            f"model {model.name!r} has {len(outputs)} outputs; this operation handles models "
+            "with one output (to_plain converts several)"
         )
     if not isinstance(model, keras.Sequential) and not _is_graph_model(model):
         raise ConversionError(
@@ -207,13 +236,16 @@ def read_graph(model) -> Graph:
     recorder = _Recorder()
     source = recorder.value()
     output = keras.tree.flatten(recorder.call(model, (source,), {}, ""))
-    if len(output) != 1 or not isinstance(output[0], Value):
-        raise ConversionError(f"model {model.name!r}: its output is not one tensor of the graph")
+    if len(output) != len(outputs) or not all(isinstance(v, Value) for v in output):
+        raise ConversionError(f"model {model.name!r}: its outputs are not tensors of the graph")
+    if any(v is source for v in output):
+        raise ConversionError(f"model {model.name!r}: its input is also one of its outputs")
     consumers: dict[int, list[tuple[Node, int]]] = {}
     for node in recorder.nodes:
         for position, value in enumerate(node.inputs):
             consumers.setdefault(value.index, []).append((node, position))
-    return Graph(model.name, source, output[0], recorder.nodes, consumers)
+    last = max(output, key=lambda v: v.producer.index)
+    return Graph(model.name, source, last, recorder.nodes, consumers, outputs=output)
 
 
 def copy_call(node: Node, args: list, name: str | None = None, *, weights: bool = True, **changes):

@@ -21,12 +21,13 @@ from keras_dmr.rm.ops import (
     GlobalPoolOp,
     Op,
     PoolOp,
+    TapOp,
     fuse_linear_pairs,
     order_channels,
 )
 from keras_dmr.utils import keras_internals
 
-__all__ = ["PlainContext", "compare", "plain_ops", "to_plain"]
+__all__ = ["PlainContext", "compare", "output_names", "plain_ops", "to_plain"]
 
 DOWNSAMPLE_METHODS = ("dirac", "prelu")
 PLAIN_DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -68,14 +69,14 @@ def residual_shortcuts(model: keras.Model) -> tuple[Graph, dict]:
     Raises:
         ConversionError: what :func:`to_plain` would refuse.
     """
-    walker = _walk(model, "dirac", False, keep_walker=True)
+    walker = _walk(model, "dirac", False, keep_walker=True, several_outputs=False)
     return walker.graph, walker.report.shortcuts
 
 
-def _walk(model, downsample: str, relu_only: bool, keep_walker: bool = False):
+def _walk(model, downsample: str, relu_only: bool, keep_walker: bool = False, several_outputs=True):
     if downsample not in DOWNSAMPLE_METHODS:
         raise ValueError(f"`downsample` must be one of {DOWNSAMPLE_METHODS}; got {downsample!r}")
-    graph = read_graph(model)
+    graph = read_graph(model, several_outputs=several_outputs)
     shape = tuple(model.inputs[0].shape[1:])
     if len(shape) != 3:
         raise ConversionError(
@@ -153,14 +154,25 @@ def _conv_layer(op: ConvOp, groups: int, use_bias: bool, dtype):
 
 
 def build_model(
-    ops, input_tensor_spec, *, fuse_bn: bool, name: str, dtype: str = "float32"
+    ops,
+    input_tensor_spec,
+    *,
+    fuse_bn: bool,
+    name: str,
+    dtype: str = "float32",
+    outputs: tuple | None = None,
 ) -> keras.Model:
     """Keras layers for a chain of ops (fused, channels ordered) as a functional model, every
-    layer in the dtype policy ``dtype`` (weights cast once from float64)."""
+    layer in the dtype policy ``dtype`` (weights cast once from float64).
+
+    ``outputs``, for a chain with :class:`TapOp` marks: ``(structure, names)``, the source's
+    output structure (``model.output``: a list, a dict, ...) and its output names; each tapped
+    tensor passes through an ``Identity`` layer of that name, packed into that structure."""
     shape, input_dtype, input_name = input_tensor_spec
     inputs = keras.Input(shape=shape, dtype=input_dtype, name=input_name)
     x = inputs
-    used: set[str] = set()
+    used: set[str] = set(outputs[1]) if outputs else set()
+    taps: dict[int, object] = {}
 
     def unique(base: str) -> str:
         candidate, i = base, 1
@@ -224,7 +236,34 @@ def build_model(
             )
             x = layer(x)
             layer.set_weights([op.kernel, op.bias])
-    return keras.Model(inputs, x, name=name)
+        elif isinstance(op, TapOp):
+            taps[op.position] = x
+    if outputs is None:
+        return keras.Model(inputs, x, name=name)
+    structure, names = outputs
+    missing = [n for i, n in enumerate(names) if i not in taps]
+    if missing:
+        raise ConversionError(f"model {name!r}: no tensor of the plain chain for {missing}")
+    tensors = [keras.layers.Identity(name=n, dtype=dtype)(taps[i]) for i, n in enumerate(names)]
+    return keras.Model(inputs, keras.tree.pack_sequence_as(structure, tensors), name=name)
+
+
+def output_names(model: keras.Model) -> list[str]:
+    """What ``model``'s outputs are called, in ``keras.tree.flatten`` order: the keys of a dict
+    output (a feature pyramid's ``"P3"``...), else the output layers' names, repeats suffixed
+    ``_2``, ``_3`` (a model may output one tensor twice). The plain model's output layers and
+    every exporter's outputs take these names."""
+    structure = model.output
+    if isinstance(structure, dict) and all(
+        not isinstance(v, dict | list | tuple) for v in structure.values()
+    ):
+        return sorted(structure)
+    seen: dict[str, int] = {}
+    names = []
+    for n in model.output_names:
+        seen[n] = seen.get(n, 0) + 1
+        names.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
+    return names
 
 
 # ------------------------------------------------------------------------------ public API
@@ -290,9 +329,11 @@ def compare(
     batch_size: int = 2,
     seed: int = 0,
     inputs=None,
-) -> float:
+    per_output: bool = False,
+) -> float | list[float]:
     """Max relative error ``max|a-b| / max|b|`` of ``plain`` against ``source`` over random
-    normal batches (or the given ``inputs``), in inference mode.
+    normal batches (or the given ``inputs``), in inference mode; the worst output's, or with
+    ``per_output`` one per output (in ``source.outputs`` order).
 
     Args:
         source: the reference model.
@@ -301,9 +342,10 @@ def compare(
         batch_size: images per random batch.
         seed: seed of the random batches.
         inputs: a list of input arrays to use instead.
+        per_output: return one error per output.
 
     Returns:
-        The maximum relative error over all batches (float64).
+        The maximum relative error over all batches (float64), or the list of them.
     """
     shape = list(source.inputs[0].shape[1:])
     if inputs is None and any(s is None for s in shape):
@@ -314,6 +356,8 @@ def compare(
     rng = np.random.default_rng(seed)
     if inputs is None:
         inputs = [rng.normal(size=(batch_size, *shape)).astype("float32") for _ in range(batches)]
+    if per_output:
+        return kernels.relative_errors(source, plain, inputs)
     return kernels.max_relative_error(source, plain, inputs)
 
 
@@ -339,6 +383,13 @@ def to_plain(
     Reserved signals that may be negative pass through slope-1 PReLU; ``relu_only=True`` refuses
     them instead (for runtimes without PReLU).
 
+    A model with several outputs (a backbone's feature pyramid: ``keras.Model(inputs, [c3, c4,
+    c5])`` or a dict such as KerasHub's ``pyramid_outputs``) converts when every output is taken
+    between blocks, on the network's main path: the plain chain computes the same tensor there
+    and hands it out through an ``Identity`` layer named as the source's output, in the same
+    structure (list or dict). Each output is verified; the report lists them. An output inside
+    a residual block, or a side head that forks off and never rejoins, is refused.
+
     The plain model is built in the dtype policy ``dtype`` (``"float32"`` by default, whatever
     the global policy; ``"mixed_float16"`` or ``"mixed_bfloat16"`` on request), from weights
     folded in float64 and cast once. The reference it is verified against is always the float32
@@ -350,7 +401,8 @@ def to_plain(
     relative error exceeds ``tolerance`` (default by ``dtype``: 1e-4 for float32, 5e-3 for
     mixed_float16, 5e-2 for mixed_bfloat16). The result carries ``conversion_report``: the
     error, parameter and multiply-accumulate counts before and after, the options used, each
-    residual block found (its addition, branch and shortcut) and what passed through unchanged.
+    residual block found (its addition, branch and shortcut), what passed through unchanged and
+    every output (name, shape, its own error).
 
     Args:
         model: a built functional or builder model (residual or already plain).
@@ -378,23 +430,35 @@ def to_plain(
         tolerance = DEFAULT_TOLERANCES[dtype]
     ops, walk = _walk(model, downsample, relu_only)
     spec = (tuple(model.inputs[0].shape[1:]), model.inputs[0].dtype, model.inputs[0].name)
+    names = output_names(model)
+    several = len(model.outputs) > 1
     try:
         plain = build_model(
-            ops, spec, fuse_bn=fuse_bn, name=name or f"{model.name}_plain", dtype=dtype
+            ops,
+            spec,
+            fuse_bn=fuse_bn,
+            name=name or f"{model.name}_plain",
+            dtype=dtype,
+            outputs=(model.output, names) if several else None,
         )
     except ValueError as err:  # a Keras shape error here is a walker bug or an odd model
         raise ConversionError(
             f"model {model.name!r}: the plain model cannot be built: {err}"
         ) from err
-    error = None
+    error, errors = None, [None] * len(names)
     if verify:
         # Two single-image batches: enough to catch a wrong rewrite (every output depends on
         # every weight), cheap for a 224² ResNet-50 (tests compare more batches themselves).
-        error = compare(float32_reference(model), plain, batch_size=1, inputs=verify_inputs)
+        errors = compare(
+            float32_reference(model), plain, batch_size=1, inputs=verify_inputs, per_output=True
+        )
+        error = max(errors)
         if not error <= tolerance:
+            worst = names[errors.index(error)]
+            where = f" (output {worst!r})" if several else ""
             raise ConversionError(
                 f"model {model.name!r}: the plain model differs from it by a maximum relative "
-                f"error of {error:.3g}, above the tolerance {tolerance:g}"
+                f"error of {error:.3g}{where}, above the tolerance {tolerance:g}"
             )
     known_size = all(s is not None for s in model.inputs[0].shape[1:3])
     plain.conversion_report = {
@@ -413,5 +477,9 @@ def to_plain(
         "flops_after": (count_flops_of_layers(plain) or count_flops(plain)) if known_size else None,
         "blocks": walk.blocks,
         "passed_through": walk.passed,
+        "outputs": [
+            {"name": n, "shape": list(t.shape[1:]), "max_relative_error": e}
+            for n, t, e in zip(names, model.outputs, errors, strict=True)
+        ],
     }
     return plain

@@ -13,7 +13,8 @@ Cannot: a branch that forks again (a block inside a branch), two branches with c
 (only the package's own blocks have those), concatenations, gating (squeeze-excitation),
 anything after the global pooling but a dense head (a 1×1 convolution on a keepdims pooling and
 reshapes of the pooled channels count as one), a Flatten of a spatial map followed by anything but
-a Dense layer.
+a Dense layer, an output of the model inside a residual block or on a side path (outputs taken
+between blocks are marked in the chain with :class:`~keras_dmr.rm.ops.TapOp`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from keras_dmr.rm.ops import (
     GlobalPoolOp,
     Op,
     PoolOp,
+    TapOp,
     identity_skip,
     output_hw,
     reserve_and_merge,
@@ -361,6 +363,18 @@ class Chain:
         if isinstance(layer, RESIDUAL_BLOCKS):
             report.blocks.append({"node": node.name, "kind": type(layer).__name__})
 
+    def tap(self, value: Value, positions: list[int]) -> None:
+        """The tensor at the end of the chain is the model's output(s) ``positions``."""
+        where = value.producer.describe() if value.producer else "the model input"
+        if self.pending is not None or self.flattened is not None:
+            node = self.pending[0] if self.pending is not None else self.flattened
+            raise el.refuse(
+                node,
+                f"is pending (it waits for the layer that reads it) where {where} is an output",
+            )
+        for position in positions:
+            self.ops.append(TapOp(position, value.producer.name if value.producer else "input"))
+
     def finish(self) -> None:
         if self.pending is not None:
             raise el.refuse(self.pending[0], "padding at the end of a path")
@@ -398,9 +412,19 @@ class GraphWalker:
         return self._elements[node.index]
 
     def run(self) -> list[Op]:
+        """The plain ops from the input to the (last) output; with several outputs a
+        :class:`TapOp` marks where each one is read off the chain."""
         chain = Chain(self.hw, False, self.options, self.options["input_channels"])
         value = self.graph.input
-        while value is not self.graph.output:
+        several = len(self.graph.outputs) > 1
+        reached: set[int] = set()
+        while True:
+            positions = self.graph.output_positions(value)
+            if several and positions:
+                chain.tap(value, positions)
+                reached.update(positions)
+            if value is self.graph.output:
+                break
             uses = self.graph.uses(value)
             if not uses:  # cannot happen for a value on the way to the output
                 raise ConversionError(f"model {self.graph.model_name!r}: a dangling tensor")
@@ -411,6 +435,12 @@ class GraphWalker:
             else:
                 value = self.residual(chain, value, uses)
         chain.finish()
+        missed = sorted(set(range(len(self.graph.outputs))) - reached)
+        if several and missed:  # an output on a side path: caught in residual(), kept as a net
+            raise ConversionError(
+                f"model {self.graph.model_name!r}: outputs {missed} are not on the network's "
+                "main path; the converter reads outputs taken between blocks"
+            )
         return chain.ops
 
     # -- residual blocks
@@ -424,6 +454,13 @@ class GraphWalker:
                     node,
                     "a path from a fork reaches the output without meeting an addition",
                     "Only residual blocks (a fork joined again by an addition) are understood",
+                )
+            if self.graph.output_positions(node.output):
+                raise el.refuse(
+                    node,
+                    "is an output of the model inside a residual block (a fork not yet joined "
+                    "again)",
+                    "Take outputs between blocks, where the plain network computes the same tensor",
                 )
             uses = self.graph.uses(node.output)
             if len(uses) != 1:

@@ -3,9 +3,8 @@ or int8 (post-training, calibrated), with the exporters' input, outputs and meta
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,12 +22,14 @@ from keras_dmr.export.serving import (
     INPUT_NAME,
     ExportError,
     check_class_names,
+    check_classifier,
     check_file_destination,
     metadata,
     prepare,
     resolve_preprocessing,
+    serving_function,
+    staged_saved_model,
 )
-from keras_dmr.layers.conv import split_grouped_convolutions
 from keras_dmr.utils.files import atomic_output
 from keras_dmr.utils.native import native_output_to_log
 
@@ -86,23 +87,27 @@ def litert(
     """
     path = Path(path)
     check_file_destination(path, ".tflite", overwrite)
-    source, exported, logits_model, conversion = prepare(model, plain=plain, tolerance=tolerance)
-    check_class_names(class_names, logits_model.outputs[0].shape[-1])
+    source, exported, head, conversion = prepare(model, plain=plain, tolerance=tolerance)
+    check_class_names(class_names, head)
+    if evaluation is not None:
+        check_classifier(head, "`evaluation` (accuracy)")
     streams = 0
     if quantize == "int8":  # XNNPACK has no int8 PReLU: the reserved channels as their own convs
-        logits_model, streams = split_reserved_streams(logits_model)
+        split, streams = split_reserved_streams(head.model)
+        head = dataclasses.replace(head, model=split)
     norm = resolve_preprocessing(preprocessing)
-    shape = tuple(logits_model.inputs[0].shape[1:])
+    shape = tuple(head.model.inputs[0].shape[1:])
     images, held_out = quantization_inputs(
         quantize, QUANTIZE, calibration, evaluation, shape, uint8=norm is not None
     )
 
-    name = logits_model.name
-    with _staged_saved_model(_serving_function(logits_model, norm), logits_model) as saved:
+    name = head.model.name
+    serve, _ = serving_function(head, preprocessing, check_shape=False)
+    with staged_saved_model(serve, head.model) as saved:
         blob = _convert(saved, name, quantize, images)
         compare = quantize is not None and held_out is not None
         float_blob = _convert(saved, name, None, None) if compare else None
-    info = metadata(source, exported, conversion, norm, class_names, fmt="litert")
+    info = metadata(source, exported, conversion, norm, class_names, fmt="litert", head=head)
     if quantize is not None:
         float_run = quant_run = None
         if compare:
@@ -127,46 +132,6 @@ def litert(
     with atomic_output(path) as tmp:
         Path(tmp).write_bytes(blob)
     return str(path)
-
-
-def _serving_function(logits_model: keras.Model, norm):
-    """The serving function without the SavedModel's shape assertion (an ``Assert`` is a Flex
-    op; LiteRT checks input shapes itself)."""
-    import tensorflow as tf
-
-    h, w, c = logits_model.inputs[0].shape[1:]
-    dtype = tf.uint8 if norm is not None else tf.float32
-    spec = tf.TensorSpec([None, h, w, c], dtype, name=INPUT_NAME)
-
-    @tf.function(input_signature=[spec])
-    def serve(images):
-        x = tf.cast(images, tf.float32)
-        if norm is not None:
-            x = (x - tf.constant(norm[0])) / tf.constant(norm[1])
-        logits = logits_model(x, training=False)
-        return {
-            "logits": logits,
-            "probabilities": tf.nn.softmax(logits),
-            "classes": tf.argmax(logits, axis=-1, output_type=tf.int64),
-        }
-
-    return serve
-
-
-@contextlib.contextmanager
-def _staged_saved_model(serve, logits_model: keras.Model):
-    """A scratch SavedModel of the serving function: the converter's best-supported input (it
-    freezes the variables and keeps the signature's names)."""
-    import tensorflow as tf
-
-    with tempfile.TemporaryDirectory() as scratch:
-        module = tf.Module()
-        module.model_variables = [v.value for v in logits_model.variables]
-        module.serve = serve
-        with split_grouped_convolutions():  # builtin CONV_2D per group, whatever this machine
-            concrete = serve.get_concrete_function()
-        tf.saved_model.save(module, scratch, signatures={"serving_default": concrete})
-        yield scratch
 
 
 def _convert(saved: str, name: str, quantize: str | None, images: np.ndarray | None) -> bytes:

@@ -19,9 +19,9 @@ from keras_dmr.export.calibration import (
 )
 from keras_dmr.export.serving import (
     INPUT_NAME,
-    OUTPUT_NAMES,
     ExportError,
     check_class_names,
+    check_classifier,
     check_file_destination,
     metadata,
     prepare,
@@ -69,8 +69,9 @@ def onnx(
 ) -> str:
     """Export ``model`` as an ONNX file (dynamic batch) and return its path.
 
-    The graph is the SavedModel's serving function, so input ``images`` and outputs ``logits``,
-    ``probabilities`` and ``classes`` mean the same (see :func:`keras_dmr.export.saved_model` for
+    The graph is the SavedModel's serving function, so input ``images`` and the outputs
+    (``logits``, ``probabilities`` and ``classes`` of a classifier, a backbone's named feature
+    maps) mean the same (see :func:`keras_dmr.export.saved_model` for
     ``preprocessing`` and ``plain``); the metadata JSON is stored in the model's
     ``metadata_props`` under ``keras_dmr``. Written to a temporary file and renamed at the end.
 
@@ -111,10 +112,12 @@ def onnx(
     check_file_destination(path, ".onnx", overwrite)
     if not isinstance(opset, int) or not 13 <= opset <= 18:
         raise ExportError(f"`opset` must be an integer in 13..18 (tf2onnx 1.17); got {opset!r}")
-    source, exported, logits_model, conversion = prepare(model, plain=plain, tolerance=tolerance)
-    check_class_names(class_names, logits_model.outputs[0].shape[-1])
-    serve, norm = serving_function(logits_model, preprocessing)
-    shape = tuple(logits_model.inputs[0].shape[1:])
+    source, exported, head, conversion = prepare(model, plain=plain, tolerance=tolerance)
+    check_class_names(class_names, head)
+    if evaluation is not None:
+        check_classifier(head, "`evaluation` (accuracy)")
+    serve, norm = serving_function(head, preprocessing)
+    shape = tuple(head.model.inputs[0].shape[1:])
     images, held_out = quantization_inputs(
         quantize, QUANTIZE, calibration, evaluation, shape, uint8=norm is not None
     )
@@ -125,8 +128,8 @@ def onnx(
     spec = serve.input_signature
     with split_grouped_convolutions():  # standard ops, whatever this machine's kernels
         proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
-    _rename_io(proto)
-    info = metadata(source, exported, conversion, norm, class_names, fmt="onnx")
+    _rename_io(proto, head.names)
+    info = metadata(source, exported, conversion, norm, class_names, fmt="onnx", head=head)
     info["opset"] = opset
     if quantize == "int8":
         float_proto = proto
@@ -169,19 +172,28 @@ def onnx(
     return str(path)
 
 
-def _rename_io(proto) -> None:
-    """tf2onnx names tensors after graph ops (``images:0``, ``Identity:0``); give the graph's
-    inputs and outputs the serving names, in the order the serving function returns them."""
+def _rename_io(proto, names: Sequence[str]) -> None:
+    """tf2onnx names tensors after graph ops (``images:0``, ``Identity:0``, ``Identity_1:0``
+    ...); give the graph's inputs and outputs the serving names, in the order the serving
+    function returns them (its dict flattened: sorted keys)."""
     graph = proto.graph
     renames = {graph.input[0].name: INPUT_NAME}
-    outputs = sorted(graph.output, key=lambda o: o.name)
-    for out, name in zip(outputs, sorted(OUTPUT_NAMES), strict=True):
+    outputs = sorted(graph.output, key=lambda o: _op_order(o.name))
+    for out, name in zip(outputs, sorted(names), strict=True):
         renames[out.name] = name
     for value in [*graph.input, *graph.output]:
         value.name = renames.get(value.name, value.name)
     for node in graph.node:
         node.input[:] = [renames.get(n, n) for n in node.input]
         node.output[:] = [renames.get(n, n) for n in node.output]
+
+
+def _op_order(name: str) -> tuple:
+    """``Identity:0`` < ``Identity_1:0`` < ... < ``Identity_10:0`` (numerically, not as text)."""
+    match = re.fullmatch(r"(.*?)(?:_(\d+))?:(\d+)", name)
+    if not match:
+        return (name, 0, 0)
+    return (match.group(1), int(match.group(2) or 0), int(match.group(3)))
 
 
 CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy")

@@ -39,8 +39,11 @@ def saved_model(
     ``preprocessing`` says what the signature receives: a dataset name of :mod:`keras_dmr.data`
     (``"digits"``, ``"cifar10"``, ...) or a ``(mean, std)`` pair on the 0..255 scale makes the
     input ``images`` **uint8** pixels ``[batch, H, W, 3]``, normalised inside the graph;
-    ``"none"`` makes it float32 fed to the model as is. The ``serving_default`` signature returns
-    ``logits`` (float32), ``probabilities`` (softmax) and ``classes`` (int64 argmax).
+    ``"none"`` makes it float32 fed to the model as is. The ``serving_default`` signature of a
+    classifier (one output, a Dense layer's) returns ``logits`` (float32), ``probabilities``
+    (softmax) and ``classes`` (int64 argmax); any other model (a backbone with one output or a
+    feature pyramid) returns each output under its name (a dict output's keys, else the output
+    layers' names), float32.
 
     With ``plain=True`` a residual model is first converted by :func:`keras_dmr.to_plain` and
     verified (the error goes into the metadata asset ``assets/keras_dmr.json``, beside the source
@@ -73,16 +76,16 @@ def saved_model(
     if base.exists() and not base.is_dir():
         raise ExportError(f"`base_dir` {base} exists and is not a directory")
     check_writable(base)
-    source, exported, logits_model, conversion = prepare(model, plain=plain, tolerance=tolerance)
-    check_class_names(class_names, logits_model.outputs[0].shape[-1])
-    serve, norm = serving_function(logits_model, preprocessing)
+    source, exported, head, conversion = prepare(model, plain=plain, tolerance=tolerance)
+    check_class_names(class_names, head)
+    serve, norm = serving_function(head, preprocessing)
     base.mkdir(parents=True, exist_ok=True)
     if version is not None and (base / str(version)).exists():
         raise ExportError(
             f"{base / str(version)} exists: an exported version is never overwritten; pass "
             "another `version` or None for the next one"
         )
-    info = metadata(source, exported, conversion, norm, class_names, fmt="saved_model")
+    info = metadata(source, exported, conversion, norm, class_names, fmt="saved_model", head=head)
     with staging_directory(base) as tmp, tempfile.TemporaryDirectory() as scratch:
         meta_path = Path(scratch) / METADATA_FILE
         meta_path.write_text(json.dumps(info, indent=2) + "\n")
@@ -92,7 +95,7 @@ def saved_model(
         # TF1 Session restore of `saved_model_cli run` and TF Serving's C++ loader cannot
         # ("Could not find variable ..."). Listing them also reaches variables of layers held
         # in nested lists (a residual ParallelBranchBlock).
-        module.model_variables = [v.value for v in logits_model.variables]
+        module.model_variables = [v.value for v in head.model.variables]
         module.serve = serve
         module.metadata = tf.saved_model.Asset(str(meta_path))
         export_dir = tmp / "version"

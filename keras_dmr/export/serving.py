@@ -1,9 +1,11 @@
-"""What both export formats share: the plain model, the serving function, metadata, atomic
-versioned writing."""
+"""What the export formats share: the plain model, what it serves (a classifier's logits,
+probabilities and classes, or a backbone's named feature maps), the serving function, metadata,
+atomic versioned writing."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -15,14 +17,74 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_dmr.convert import to_plain
+from keras_dmr.convert import output_names, to_plain
 from keras_dmr.convert.graph import read_graph
 from keras_dmr.errors import ConversionError, ExportError
+from keras_dmr.layers.conv import split_grouped_convolutions
+from keras_dmr.utils import keras_internals
 from keras_dmr.utils.arguments import directory_problem
 from keras_dmr.utils.files import umask
 
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("logits", "probabilities", "classes")
+OUTPUT_NAMES = ("logits", "probabilities", "classes")  # a classifier's
+
+
+@dataclasses.dataclass
+class Head:
+    """What an export serves. ``kind="classifier"``: a model with one output after a Dense
+    layer, served as ``logits`` (``model``: the model with its softmax moved out),
+    ``probabilities`` and ``classes``. ``kind="features"``: any other model (a backbone, one
+    output or several), each output served as it is under its name (``names``: the dict keys
+    of a dict-structured output, else the output layers' names)."""
+
+    model: keras.Model
+    kind: str
+    names: tuple[str, ...]
+
+    @property
+    def classes(self) -> int | None:
+        return self.model.outputs[0].shape[-1] if self.kind == "classifier" else None
+
+    def outputs(self, x) -> dict:
+        """The served outputs of the float32 batch ``x`` (TensorFlow tensors)."""
+        import tensorflow as tf
+
+        y = self.model(x, training=False)
+        if self.kind == "features":
+            return dict(zip(self.names, keras.tree.flatten(y), strict=True))
+        return {
+            "logits": tf.identity(y, name="logits"),
+            "probabilities": tf.nn.softmax(y, name="probabilities"),
+            "classes": tf.argmax(y, axis=-1, output_type=tf.int64, name="classes"),
+        }
+
+    def describe(self) -> list[dict]:
+        """The served outputs for the metadata: name, and shape and dtype of each."""
+        if self.kind == "classifier":
+            c = self.classes
+            return [
+                {"name": "logits", "shape": [None, c], "dtype": "float32"},
+                {"name": "probabilities", "shape": [None, c], "dtype": "float32"},
+                {"name": "classes", "shape": [None], "dtype": "int64"},
+            ]
+        flat = keras.tree.flatten(self.model.output)
+        return [
+            {"name": n, "shape": [None, *t.shape[1:]], "dtype": "float32"}
+            for n, t in zip(self.names, flat, strict=True)
+        ]
+
+
+def feature_names(model: keras.Model) -> tuple[str, ...]:
+    """The names a backbone's outputs are served under (:func:`keras_dmr.convert.output_names`:
+    a dict output's keys, else the output layers' names)."""
+    return tuple(output_names(model))
+
+
+def is_classifier(model: keras.Model) -> bool:
+    """One output, computed by a Dense layer: served as logits, probabilities and classes."""
+    return len(model.outputs) == 1 and isinstance(
+        keras_internals.producer(model.outputs[0]), keras.layers.Dense
+    )
 
 
 def resolve_preprocessing(preprocessing) -> tuple[np.ndarray, np.ndarray] | None:
@@ -57,17 +119,18 @@ def is_plain(model: keras.Model) -> bool:
     no tensor used twice, no merge, no layer that rewrites itself. A model whose graph cannot
     be read is not known to be plain."""
     try:
-        return read_graph(model).is_chain()
+        return read_graph(model, several_outputs=True).is_chain()
     except ConversionError:
         return False
 
 
 def prepare(model, *, plain: bool, tolerance: float):
-    """The model to export, its logits model, and what the metadata says about conversion."""
+    """The model to export, what it serves (:class:`Head`), and what the metadata says about
+    conversion."""
     if not isinstance(model, keras.Model) or not model.built:
         raise ExportError(f"{model!r} is not a built keras.Model")
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ExportError(f"model {model.name!r}: one input and one output are required")
+    if len(model.inputs) != 1:
+        raise ExportError(f"model {model.name!r}: one image input is required")
     shape = tuple(model.inputs[0].shape[1:])
     if len(shape) != 3 or any(s is None for s in shape):
         raise ExportError(
@@ -78,7 +141,21 @@ def prepare(model, *, plain: bool, tolerance: float):
     if plain and not is_plain(model):
         model = to_plain(model, tolerance=tolerance)
         conversion = dict(model.conversion_report)
-    return source, model, _logits_model(model), conversion
+    if is_classifier(model):
+        head = Head(_logits_model(model), "classifier", OUTPUT_NAMES)
+    else:
+        head = Head(model, "features", feature_names(model))
+    return source, model, head, conversion
+
+
+def check_classifier(head: Head, what: str) -> None:
+    """Refuse what only a classifier has (class names, accuracy) for a feature model."""
+    if head.kind != "classifier":
+        raise ExportError(
+            f"model {head.model.name!r} serves feature maps ({', '.join(head.names)}), not a "
+            f"classifier's logits (its output is not one Dense layer's), so {what} does not "
+            "apply to it"
+        )
 
 
 def _logits_model(model: keras.Model) -> keras.Model:
@@ -103,37 +180,51 @@ def _logits_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, outputs, name=model.name)
 
 
-def serving_function(logits_model: keras.Model, preprocessing):
+def serving_function(head: Head, preprocessing, *, check_shape: bool = True):
     """A ``tf.function`` from ``images`` (uint8, or float32 without preprocessing) to the named
-    outputs ``logits``, ``probabilities`` and ``classes``."""
+    outputs of ``head``; ``check_shape=False`` leaves out the input shape assertion (an
+    ``Assert`` is a Flex op in LiteRT, which checks input shapes itself)."""
     import tensorflow as tf
 
-    h, w, c = logits_model.inputs[0].shape[1:]
+    h, w, c = head.model.inputs[0].shape[1:]
     norm = resolve_preprocessing(preprocessing)
     dtype = tf.uint8 if norm is not None else tf.float32
     spec = tf.TensorSpec([None, h, w, c], dtype, name=INPUT_NAME)
 
     @tf.function(input_signature=[spec])
     def serve(images):
-        tf.debugging.assert_equal(
-            tf.shape(images)[1:],
-            tf.constant([h, w, c]),
-            message=f"`images` must have shape [batch, {h}, {w}, {c}]",
-        )
+        if check_shape:
+            tf.debugging.assert_equal(
+                tf.shape(images)[1:],
+                tf.constant([h, w, c]),
+                message=f"`images` must have shape [batch, {h}, {w}, {c}]",
+            )
         x = tf.cast(images, tf.float32)
         if norm is not None:
             x = (x - tf.constant(norm[0])) / tf.constant(norm[1])
-        logits = logits_model(x, training=False)
-        return {
-            "logits": tf.identity(logits, name="logits"),
-            "probabilities": tf.nn.softmax(logits, name="probabilities"),
-            "classes": tf.argmax(logits, axis=-1, output_type=tf.int64, name="classes"),
-        }
+        return head.outputs(x)
 
     return serve, norm
 
 
-def metadata(source, exported, conversion, norm, class_names, *, fmt: str) -> dict:
+@contextlib.contextmanager
+def staged_saved_model(serve, model: keras.Model):
+    """A scratch SavedModel of the serving function ``serve`` (calling ``model``): what the
+    LiteRT and OpenVINO converters read best (they freeze the variables and keep the
+    signature's names). Removed on exit."""
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as scratch:
+        module = tf.Module()
+        module.model_variables = [v.value for v in model.variables]
+        module.serve = serve
+        with split_grouped_convolutions():  # builtin CONV_2D per group, whatever this machine
+            concrete = serve.get_concrete_function()
+        tf.saved_model.save(module, scratch, signatures={"serving_default": concrete})
+        yield scratch
+
+
+def metadata(source, exported, conversion, norm, class_names, *, fmt: str, head: Head) -> dict:
     import tensorflow as tf
 
     from keras_dmr.version import __version__
@@ -155,7 +246,9 @@ def metadata(source, exported, conversion, norm, class_names, *, fmt: str) -> di
             if norm is None
             else {"mean": norm[0].tolist(), "std": norm[1].tolist(), "scale": "0..255"},
         },
-        "outputs": list(OUTPUT_NAMES),
+        "head": head.kind,
+        "outputs": list(head.names),
+        "output_specs": head.describe(),
         "class_names": list(class_names) if class_names is not None else None,
         "versions": {
             "keras_dmr": __version__,
@@ -165,8 +258,12 @@ def metadata(source, exported, conversion, norm, class_names, *, fmt: str) -> di
     }
 
 
-def check_class_names(class_names: Sequence[str] | None, classes: int):
-    if class_names is not None and len(class_names) != classes:
+def check_class_names(class_names: Sequence[str] | None, head: Head):
+    if class_names is None:
+        return
+    check_classifier(head, "`class_names`")
+    classes = head.classes
+    if len(class_names) != classes:
         raise ExportError(
             f"`class_names` must have one name per class ({classes}); got {len(class_names)}"
         )

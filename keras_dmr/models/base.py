@@ -197,8 +197,13 @@ def build_graph(
     include_top: bool,
     pooling,
     classifier_activation,
+    feature_outputs: bool = False,
 ):
-    """Inputs and outputs of a network: stem → stages of blocks → pooling → classifier."""
+    """Inputs, outputs and pyramid of a network: stem → stages of blocks → pooling →
+    classifier. The pyramid is every stage's output keyed ``"P<level>"`` as KerasHub's
+    ``pyramid_outputs`` are (level: log2 of the stage's stride from the input); with
+    ``feature_outputs`` it is the outputs (no head)."""
+    check_feature_outputs(feature_outputs, include_top, pooling)
     inputs = keras.Input(shape=input_shape, name="images")
     stacked = mapping != "vanilla"
     copies = branches if stacked and not share_stem_and_head else 1
@@ -212,7 +217,10 @@ def build_graph(
         x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
     if stacked and share_stem_and_head and branches > 1:
         x = TileBranches(branches, name="stem_tile")(x)
+    level = 0 if variant == "cifar" else 2
+    pyramid = {}
     for s, stage in enumerate(stages):
+        level += 1 if s > 0 else 0
         for b in range(stage.blocks):
             x = ParallelBranchBlock(
                 stage.filters,
@@ -225,6 +233,9 @@ def build_graph(
                 implementation=implementation,
                 name=f"stage{s + 1}_block{b + 1}",
             )(x)
+        pyramid[f"P{level}"] = x
+    if feature_outputs:
+        return inputs, dict(pyramid), pyramid
     shared_head = stacked and share_stem_and_head and branches > 1
     x = classifier_head(
         x,
@@ -234,7 +245,18 @@ def build_graph(
         classifier_activation=classifier_activation,
         merge=BranchMean(branches, name="branch_mean") if shared_head else None,
     )
-    return inputs, x
+    return inputs, x, pyramid
+
+
+def check_feature_outputs(feature_outputs, include_top, pooling) -> None:
+    if not isinstance(feature_outputs, bool):
+        raise ValueError(f"`feature_outputs` must be True or False; got {feature_outputs!r}")
+    if feature_outputs and (include_top or pooling is not None):
+        raise ValueError(
+            "`feature_outputs=True` returns the stages' feature maps, so it needs "
+            f"`include_top=False` and `pooling=None`; got include_top={include_top!r}, "
+            f"pooling={pooling!r}"
+        )
 
 
 def classifier_head(x, *, include_top, pooling, classes, classifier_activation, merge=None):
@@ -278,9 +300,13 @@ class ResidualClassifier(keras.Model):
     ``get_config``, so ``from_config`` rebuilds them and ``.keras`` files load in safe mode.
     """
 
-    def _finish(self, config: dict, weights: str | None) -> None:
-        """Keep the constructor arguments for ``get_config``, load weights, compile."""
+    def _finish(self, config: dict, weights: str | None, pyramid: dict | None = None) -> None:
+        """Keep the constructor arguments for ``get_config``, load weights, compile.
+        ``pyramid``: the stages' outputs by level, kept as ``pyramid_outputs`` (KerasHub's
+        attribute: ``keras.Model(model.inputs, model.pyramid_outputs)`` is a backbone)."""
         self._config = config
+        if pyramid is not None:
+            self.pyramid_outputs = pyramid
         if weights is not None:
             self.load_weights(weights)
         if config["compile"] and config["include_top"]:

@@ -79,6 +79,7 @@ class _AssemblyNet(ResidualClassifier):
         classifier_activation: str | None = None,
         weights: str | None = None,
         compile: bool = True,
+        feature_outputs: bool = False,
         name: str | None = None,
         **kwargs,
     ):
@@ -96,7 +97,7 @@ class _AssemblyNet(ResidualClassifier):
         check_choice("mapping", mapping, ("merge_and_run", "identity", "vanilla"))
         implementation = resolve_implementation(implementation)
         kind, stages, stem = _plan(variant, depth, branch, widths and tuple(widths), width)
-        inputs, outputs = build_graph(
+        inputs, outputs, pyramid = build_graph(
             variant=variant,
             stem_filters=stem,
             stages=stages,
@@ -110,6 +111,7 @@ class _AssemblyNet(ResidualClassifier):
             include_top=include_top,
             pooling=pooling,
             classifier_activation=classifier_activation,
+            feature_outputs=feature_outputs,
         )
         check_model_kwargs(type(self).__name__, kwargs)
         super().__init__(
@@ -132,8 +134,10 @@ class _AssemblyNet(ResidualClassifier):
                 pooling=pooling,
                 classifier_activation=classifier_activation,
                 compile=compile,
+                feature_outputs=feature_outputs,
             ),
             weights,
+            pyramid,
         )
 
     def default_name(self, depth):
@@ -159,6 +163,11 @@ class DMRNet(_AssemblyNet):
         input_shape, classes, include_top, pooling, classifier_activation, weights: as in
             ``keras.applications``; ``classifier_activation=None`` (default) outputs logits.
         compile: compile with the paper's recipe (:mod:`keras_dmr.recipe`) so ``fit`` works.
+        feature_outputs: with ``include_top=False``, output every stage's feature map, a dict
+            keyed ``"P<level>"`` (KerasHub's ``pyramid_outputs`` naming; CIFAR: P0, P1, P2;
+            ImageNet: P2 to P5) for a detector or segmenter; the maps of a multi-branch
+            network hold its K branches stacked on the channel axis. The same dict is the
+            model's ``pyramid_outputs`` attribute either way.
     """
 
     def __init__(self, depth: int = 50, *, branches: int = 2, mapping: str = "merge_and_run", **kw):
@@ -248,7 +257,7 @@ class DMRNeXt(ResidualClassifier):
         stem_filters: channels of the first convolution.
         implementation: ``"auto"``, ``"split"`` or ``"grouped"`` (as :class:`DMRNet`).
         input_shape, classes, include_top, pooling, classifier_activation, weights, compile,
-            name: as keras.applications and :class:`DMRNet`.
+            feature_outputs, name: as keras.applications and :class:`DMRNet`.
     """
 
     def __init__(
@@ -268,6 +277,7 @@ class DMRNeXt(ResidualClassifier):
         classifier_activation: str | None = None,
         weights: str | None = None,
         compile: bool = True,
+        feature_outputs: bool = False,
         name: str | None = None,
         **kwargs,
     ):
@@ -297,7 +307,7 @@ class DMRNeXt(ResidualClassifier):
             Stage(n, w, bottleneck_width=groups * bottleneck_width * 2**s, groups=groups)
             for s, w in enumerate(widths)
         ]
-        inputs, outputs = build_graph(
+        inputs, outputs, pyramid = build_graph(
             variant="cifar",
             stem_filters=stem_filters,
             stages=stages,
@@ -311,6 +321,7 @@ class DMRNeXt(ResidualClassifier):
             include_top=include_top,
             pooling=pooling,
             classifier_activation=classifier_activation,
+            feature_outputs=feature_outputs,
         )
         check_model_kwargs(type(self).__name__, kwargs)
         super().__init__(inputs=inputs, outputs=outputs, name=name or f"dmrnext{depth}", **kwargs)
@@ -329,6 +340,8 @@ class DMRNeXt(ResidualClassifier):
                 pooling=pooling,
                 classifier_activation=classifier_activation,
                 compile=compile,
+                feature_outputs=feature_outputs,
             ),
             weights,
+            pyramid,
         )

@@ -78,17 +78,39 @@ def identity_bn(bias, epsilon, mean=None, variance=None) -> list[np.ndarray]:
     return [np.sqrt(variance + float(epsilon)), mean + bias, mean, variance]
 
 
+def _flatten(outputs) -> list:
+    """A model's outputs as a list, in ``keras.tree.flatten``'s order (dicts by sorted key)."""
+    if isinstance(outputs, dict):
+        return [leaf for key in sorted(outputs) for leaf in _flatten(outputs[key])]
+    if isinstance(outputs, list | tuple):
+        return [leaf for item in outputs for leaf in _flatten(item)]
+    return [outputs]
+
+
+def relative_errors(reference, candidate, inputs) -> list[float]:
+    """Per output of ``reference`` (in the order ``keras.tree.flatten`` gives), ``max|b - a| /
+    max|a|`` over ``inputs`` (float64), ``a`` its outputs and ``b`` those of ``candidate``, both
+    called in inference mode; the two must return the same structure of outputs."""
+    worst: list[float] | None = None
+    for batch in inputs:
+        expected = _flatten(reference(batch, training=False))
+        got = _flatten(candidate(batch, training=False))
+        if len(expected) != len(got):
+            raise ValueError(f"{len(expected)} outputs to compare with {len(got)}")
+        errors = []
+        for a, b in zip(expected, got, strict=True):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            scale = max(float(np.max(np.abs(a))), 1e-12)
+            errors.append(float(np.max(np.abs(b - a))) / scale)
+        worst = errors if worst is None else [max(w, e) for w, e in zip(worst, errors, strict=True)]
+    return worst or []
+
+
 def max_relative_error(reference, candidate, inputs) -> float:
     """``max|b - a| / max|a|`` over ``inputs`` (float64), ``a`` the outputs of ``reference`` and
     ``b`` those of ``candidate``, both called in inference mode: the one error measure every
-    verification of the package reports."""
-    worst = 0.0
-    for batch in inputs:
-        expected = np.asarray(reference(batch, training=False), np.float64)
-        got = np.asarray(candidate(batch, training=False), np.float64)
-        scale = max(float(np.max(np.abs(expected))), 1e-12)
-        worst = max(worst, float(np.max(np.abs(got - expected))) / scale)
-    return worst
+    verification of the package reports (the worst output's, where there are several)."""
+    return max(relative_errors(reference, candidate, inputs), default=0.0)
 
 
 def identity_bn_channels(gamma, variance, epsilon, rtol: float = 1e-6) -> np.ndarray:

@@ -160,7 +160,17 @@ class DenseOp:
         return self.kernel.shape[0]
 
 
-Op = ConvOp | PoolOp | GlobalPoolOp | DenseOp
+@dataclasses.dataclass
+class TapOp:
+    """Not a computation: the tensor at this point of the chain is the model's output number
+    ``position`` (a backbone's stage output). Ops on either side of it are never fused into
+    one, nor its channels reordered, so the tensor stays what the source computes there."""
+
+    position: int
+    name: str = "output"
+
+
+Op = ConvOp | PoolOp | GlobalPoolOp | DenseOp | TapOp
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -524,6 +534,17 @@ def group_layout(dense: np.ndarray) -> tuple[int, np.ndarray]:
     return 1, np.arange(c_out)
 
 
+def _tapped(ops: Sequence[Op], i: int) -> bool:
+    """Whether an output (:class:`TapOp`) reads conv ``i``'s channels before the next
+    convolution or dense layer does."""
+    for op in ops[i + 1 :]:
+        if isinstance(op, TapOp):
+            return True
+        if isinstance(op, ConvOp | DenseOp):
+            return False
+    return False
+
+
 def order_channels(ops: Sequence[Op]) -> list[tuple[Op, int]]:
     """Reorder each conv's outputs (and the next op's inputs) to expose groups: ``(op, groups)``."""
     ops = list(ops)
@@ -533,7 +554,9 @@ def order_channels(ops: Sequence[Op]) -> list[tuple[Op, int]]:
             result.append((op, 1))
             continue
         groups, order = group_layout(op.kernel)
-        if groups > 1 and not np.array_equal(order, np.arange(op.c_out)):
+        if groups > 1 and not np.array_equal(order, np.arange(op.c_out)) and _tapped(ops, i):
+            groups = 1  # an output reads these channels in their own order: kept dense
+        elif groups > 1 and not np.array_equal(order, np.arange(op.c_out)):
             op = op.take_outputs(order)
             for j in range(i + 1, len(ops)):
                 if isinstance(ops[j], ConvOp | DenseOp):
