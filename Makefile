@@ -31,7 +31,8 @@ test: venv
 	$(MAKE) --no-print-directory docs
 
 # The tests that train for real (the demo end to end, distributed training, Keras Tuner searches,
-# the benchmark run): tens of minutes on 2 cores, so outside `make test`; CI runs them too.
+# the benchmark run) and the heaviest conversions and exports (50-layer networks, every family's
+# export, the property tests): tens of minutes on 2 cores, so outside `make test`; CI runs them.
 slow: venv
 	$(BIN)/python -m pytest -q -m "slow and not notebook"
 

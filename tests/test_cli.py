@@ -171,6 +171,7 @@ def test_train_checkpoints_and_resumes(tmp_path, capsys):
     assert "--depth 8" in err and "--fresh" in err
 
 
+@pytest.mark.slow
 def test_train_builds_the_cifar_mobilenet_v2_with_width_as_alpha(tmp_path, capsys):
     """``--model mobilenetv2``: the RMNet paper's CIFAR MobileNetV2 (one depth); ``--width`` is
     its alpha, a resume key; the default checkpoint name has no depth."""

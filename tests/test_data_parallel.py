@@ -58,6 +58,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_two_devices_train_to_the_same_loss_as_one():
     done = _run(["-c", SCRIPT])
     assert done.returncode == 0, done.stderr[-3000:]

@@ -131,6 +131,7 @@ def apps(fn, shape=(32, 32, 3), **kwargs):
     return fn(weights=None, input_shape=shape, **kwargs)
 
 
+@pytest.mark.slow
 def test_keras_resnet50_converts_on_an_odd_size_keeping_bn():
     """keras.applications' ResNet v1 (stride on the first 1×1, biases, epsilon 1.001e-5) on an
     odd size (Dirac taps depend on parity), by Fig. 9a, BN kept for fine-tuning. Fig. 9b on an
@@ -141,6 +142,7 @@ def test_keras_resnet50_converts_on_an_odd_size_keeping_bn():
     assert len(plain.conversion_report["blocks"]) == 16
 
 
+@pytest.mark.slow
 def test_keras_resnet50_v2_converts_through_slope_one_prelu():
     plain = assert_converts(apps(keras.applications.ResNet50V2, (33, 32, 3)))
     report = plain.conversion_report
@@ -181,7 +183,12 @@ def test_keras_mobilenet_v2_converts(alpha, shape, kwargs):
 
 
 @pytest.mark.parametrize(
-    "fn", [keras.applications.ResNet50, keras.applications.MobileNetV2], ids=["r50", "mnv2"]
+    "fn",
+    [
+        pytest.param(keras.applications.ResNet50, marks=pytest.mark.slow),
+        keras.applications.MobileNetV2,
+    ],
+    ids=["r50", "mnv2"],
 )
 def test_transfer_learning_model_converts(fn):
     """The usual fine-tuning model: a keras.applications backbone nested in a new head."""

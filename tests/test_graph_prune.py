@@ -98,7 +98,7 @@ def test_dropping_channels_that_carry_zeros_keeps_the_function(seed):
     assert max_rel_err(model, pruned) <= 1e-5
 
 
-@pytest.mark.parametrize("criterion", ["bn", "l2"])
+@pytest.mark.parametrize("criterion", ["bn", pytest.param("l2", marks=pytest.mark.slow)])
 def test_macs_budget_on_keras_applications_resnet50(criterion):
     model = randomize(
         keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10), seed=3
@@ -185,6 +185,7 @@ def test_a_grouped_convolution_loses_as_many_channels_in_every_group(seed):
     assert max_rel_err(model, pruned) <= 1e-5
 
 
+@pytest.mark.slow
 def test_resnet50_plain_form_with_grouped_convolutions_prunes_to_a_macs_budget():
     """to_plain writes a bottleneck's 3×3 convolution with its reserved channels as a grouped
     convolution; pruning keeps every group even and still meets the budget."""
@@ -240,6 +241,7 @@ def test_stacked_states_without_tile_branches_are_refused():
         unfold(model)
 
 
+@pytest.mark.slow
 def test_dmrnet_prunes_as_residual_and_as_plain_model_to_a_macs_budget():
     """Issue 28's DMRNet path: with_skip_bn → residual pruning, and to_plain(fuse_bn=False) →
     plain pruning, both at macs=0.5; a threshold that drops nothing keeps the function."""
@@ -280,6 +282,7 @@ def test_reestimated_statistics_are_the_data_statistics_and_identities_stay():
     assert np.isclose(np.asarray(bn.gamma)[0], np.sqrt(var2[0] + bn.epsilon), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_prune_to_budget_reaches_the_macs_in_steps_and_fine_tunes():
     model = randomize(keras_dmr.ResNet(depth=8, widths=(8, 16, 32), compile=False), seed=9)
     plain = keras_dmr.to_plain(model, fuse_bn=False)
@@ -303,7 +306,7 @@ def test_prune_to_budget_reaches_the_macs_in_steps_and_fine_tunes():
         keras_dmr.prune.prune_to_budget(plain, train, macs=0.0)
 
 
-@pytest.mark.parametrize("round_to", [4, 8])
+@pytest.mark.parametrize("round_to", [pytest.param(4, marks=pytest.mark.slow), 8])
 def test_round_to_keeps_a_multiple_of_filters_in_every_layer(round_to):
     model = randomize(
         keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10), seed=10

@@ -139,6 +139,7 @@ WITHOUT_TENSORFLOW = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_the_package_trains_and_converts_under_jax_without_tensorflow():
     script = WITHOUT_TENSORFLOW + textwrap.dedent(
         """

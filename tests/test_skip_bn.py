@@ -68,7 +68,9 @@ def dmrnet14():
 @pytest.mark.parametrize(
     "build, shape, scales",
     [
-        (keras_resnet50, (64, 64, 3), 32),  # 16 blocks: a skip scale and a sum record each
+        pytest.param(  # 16 blocks: a skip scale and a sum record each
+            keras_resnet50, (64, 64, 3), 32, marks=pytest.mark.slow
+        ),
         (keras_hub_resnet, (32, 32, 3), 8),
         (dmrnet14, (32, 32, 3), 0),  # inside its blocks (ParallelBranchBlock(skip_bn=True))
     ],
