@@ -439,7 +439,9 @@ def test_load_missing_tfds_dependency_is_not_called_a_download_failure(tmp_path)
     assert "download" not in message
 
 
-@pytest.mark.parametrize("name", TFDS_NAMES)
+@pytest.mark.parametrize(
+    "name", [TFDS_NAMES[0], *(pytest.param(n, marks=pytest.mark.slow) for n in TFDS_NAMES[1:])]
+)
 def test_dmrnet_fits_one_step_on_a_mocked_tfds_pipeline(name):
     import keras
 

@@ -306,7 +306,8 @@ def test_prune_to_budget_reaches_the_macs_in_steps_and_fine_tunes():
         keras_dmr.prune.prune_to_budget(plain, train, macs=0.0)
 
 
-@pytest.mark.parametrize("round_to", [pytest.param(4, marks=pytest.mark.slow), 8])
+@pytest.mark.slow
+@pytest.mark.parametrize("round_to", [4, 8])
 def test_round_to_keeps_a_multiple_of_filters_in_every_layer(round_to):
     model = randomize(
         keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10), seed=10

@@ -368,6 +368,7 @@ def test_a_cap_of_6_on_reserved_channels_would_fail(keras_pair):
     assert compare(source, wrong, inputs=scaled_batches((64, 64, 3))) > 1e-2
 
 
+@pytest.mark.slow
 def test_keras_mobilenet_v2_odd_and_unknown_sizes_without_top():
     source = keras.applications.MobileNetV2(
         alpha=0.35, input_shape=(65, 65, 3), weights=None, include_top=False, pooling="avg"

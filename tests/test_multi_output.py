@@ -55,9 +55,8 @@ def cut(model, names, as_dict=False):
     return keras.Model(model.input, outputs, name=f"{model.name}_backbone")
 
 
-@pytest.mark.parametrize(
-    "as_dict", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["list", "dict"]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("as_dict", [False, True], ids=["list", "dict"])
 def test_keras_applications_resnet50_stage_outputs(as_dict):
     source = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(64, 64, 3))
     plain = assert_every_output_converts(cut(source, RESNET50_STAGES, as_dict))

@@ -252,7 +252,14 @@ def output_names(model: keras.Model) -> list[str]:
     """What ``model``'s outputs are called, in ``keras.tree.flatten`` order: the keys of a dict
     output (a feature pyramid's ``"P3"``...), else the output layers' names, repeats suffixed
     ``_2``, ``_3`` (a model may output one tensor twice). The plain model's output layers and
-    every exporter's outputs take these names."""
+    every exporter's outputs take these names.
+
+    Args:
+        model: a built functional model.
+
+    Returns:
+        One name per output.
+    """
     structure = model.output
     if isinstance(structure, dict) and all(
         not isinstance(v, dict | list | tuple) for v in structure.values()
