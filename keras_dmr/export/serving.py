@@ -50,8 +50,9 @@ class Head:
         import tensorflow as tf
 
         y = self.model(x, training=False)
-        if self.kind == "features":
-            return dict(zip(self.names, keras.tree.flatten(y), strict=True))
+        if self.kind == "features":  # float32 whatever the model's compute dtype
+            flat = [tf.cast(t, tf.float32) for t in keras.tree.flatten(y)]
+            return dict(zip(self.names, flat, strict=True))
         return {
             "logits": tf.identity(y, name="logits"),
             "probabilities": tf.nn.softmax(y, name="probabilities"),
