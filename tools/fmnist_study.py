@@ -410,15 +410,7 @@ def main(
         help="--protocol quick: 256 training images, 1 epoch, 512 test images, one seed; "
         "never touches docs/",
     )
-    parser.add_argument(
-        "--data-dir",
-        help="where Fashion-MNIST's four IDX files are (default: Debian's location)",
-    )
-    parser.add_argument(
-        "--max-minutes",
-        type=float,
-        help="start no run after this many minutes (the rest resumes next time)",
-    )
+    add_resume_arguments(parser)
     parser.add_argument(
         "--table-only", action="store_true", help="regenerate tables and plot from the JSON"
     )
@@ -435,6 +427,19 @@ def main(
     write_docs(runs, protocol, docs)
     _log(f"regenerated {docs}")
     return 0
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir`` and ``--max-minutes``: what a study run in pieces on a lent GPU takes."""
+    parser.add_argument(
+        "--data-dir",
+        help="where Fashion-MNIST's four IDX files are (default: Debian's location)",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        help="start no run after this many minutes (the rest resumes next time)",
+    )
 
 
 def quick_docs(pages: tuple[str, ...] = ("studies.md", "pruning.md")) -> Path:

@@ -595,7 +595,7 @@ def write_docs(record: dict, docs: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from tools.fmnist_study import quick_docs
+    from tools.fmnist_study import add_resume_arguments, quick_docs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -611,15 +611,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--models", type=Path, default=MODELS_DIR, help="where the pruned models are saved"
     )
-    parser.add_argument(
-        "--data-dir",
-        help="where Fashion-MNIST's four IDX files are (default: Debian's location)",
-    )
-    parser.add_argument(
-        "--max-minutes",
-        type=float,
-        help="start no run after this many minutes (the rest resumes next time)",
-    )
+    add_resume_arguments(parser)
     parser.add_argument(
         "--table-only", action="store_true", help="regenerate table and plot from the JSON"
     )
