@@ -5,6 +5,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
+# The tests run in one pytest-xdist worker per core, each pinned to its own core (tests/conftest.py):
+# most tests are single-threaded Python for much of their time (tracing, tf2onnx, NNCF), so two
+# workers finish sooner than one process on both cores. PARALLEL= runs them in one process.
+PARALLEL ?= -n auto --dist worksteal
 
 .PHONY: venv demo test slow notebooks lint docs format
 
@@ -26,7 +30,7 @@ demo: venv
 	$(BIN)/keras-dmr demo $(DEMO_ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q -m "not notebook and not slow"
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "not notebook and not slow"
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory docs
 
@@ -34,11 +38,11 @@ test: venv
 # the benchmark run) and the heaviest conversions and exports (50-layer networks, every family's
 # export, the property tests): tens of minutes on 2 cores, so outside `make test`; CI runs them.
 slow: venv
-	$(BIN)/python -m pytest -q -m "slow and not notebook"
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "slow and not notebook"
 
 # Every notebook, executed top to bottom in a scratch copy (a few minutes; CI runs it too).
 notebooks: venv
-	$(BIN)/python -m pytest -q -m notebook tests/test_notebooks.py
+	$(BIN)/python -m pytest -q $(PARALLEL) -m notebook tests/test_notebooks.py
 
 # The documentation site (docs/ → site/); strict: a broken link or missing page fails.
 docs: venv

@@ -2,6 +2,22 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (``make test``: one worker per core), give each worker its own cores
+    before TensorFlow, ONNX Runtime or OpenVINO start their thread pools: each sizes its pool
+    by the process's affinity, and two pools spinning on the same two cores waste both."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= count:
+        os.sched_setaffinity(0, cores[int(worker[2:]) % count :: count])
+
+
+_pin_xdist_worker()
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

@@ -415,11 +415,12 @@ def _deploy_row(form: str, engine: str, precision: str, speed: float) -> dict:
 @pytest.mark.slow
 def test_deploy_section_times_every_form_engine_and_precision(tmp_path, capsys):
     """``keras-dmr bench --quick --sections deploy``: ResNet-20 residual, plain and pruned
-    plain through SavedModel, ONNX Runtime and LiteRT, float32 and int8, against its Keras
-    model; the table lands in the report."""
+    plain through SavedModel, ONNX Runtime, LiteRT and OpenVINO (the ONNX file and the IR),
+    float32 and int8, against its Keras model; the table lands in the report."""
     from keras_dmr.bench import deploy
 
-    assert "openvino" in available_engines(deploy.DEPLOY_ENGINES)  # the bench extra has it
+    for engine in deploy.OPENVINO_ENGINES:  # the bench extra has both
+        assert engine in available_engines(deploy.DEPLOY_ENGINES)
     out = tmp_path / "bench"
     args = parse(["--quick", "--sections", "deploy", "--output-dir", str(out)])
     assert command.run_bench(args) == 0
@@ -442,7 +443,14 @@ def test_deploy_section_times_every_form_engine_and_precision(tmp_path, capsys):
     pruned = [r for r in group["rows"] if r["form"] == "pruned plain"]
     plain = [r for r in group["rows"] if r["form"] == "plain"]
     assert pruned[0]["macs"] < plain[0]["macs"]
-    assert "| ResNet-20 | pruned plain | LiteRT | int8 |" in capsys.readouterr().out
+    for r in group["rows"]:  # each int8 file ONNX Runtime or OpenVINO ran is profiled
+        profiled = r["precision"] == "int8" and r["engine"] in ("onnx", *deploy.OPENVINO_ENGINES)
+        assert ("int8_kernel_share" in r) == profiled, r
+        if profiled:
+            assert 0 < r["int8_kernel_share"] <= 1 and len(r["top_kernels"]) == 4
+    printed = capsys.readouterr().out
+    assert "| ResNet-20 | pruned plain | LiteRT | int8 |" in printed
+    assert "| ResNet-20 | pruned plain | OpenVINO IR | int8 |" in printed
 
 
 JAX_SCRIPT = """
@@ -537,6 +545,18 @@ def test_merge_joins_runs_of_one_machine_and_refuses_two():
         bench_targets.merge([first, other])
     with pytest.raises(ValueError, match="parts"):
         bench_targets.merge([])
+
+
+def test_merge_replaces_a_deploy_family_measured_again():
+    gpu = json.loads((DOCS / "data" / "benchmarks_gpu.json").read_text())
+    old = [{"family": "ResNet-20", "rows": ["old"]}, {"family": "DMRNet-14", "rows": ["kept"]}]
+    new = [{"family": "ResNet-20", "rows": ["new"]}, {"family": "RMNeXt", "rows": ["added"]}]
+    merged = bench_targets.merge([dict(gpu, deploy=old), dict(gpu, deploy=new)])
+    assert [(g["family"], g["rows"]) for g in merged["deploy"]] == [
+        ("DMRNet-14", ["kept"]),
+        ("ResNet-20", ["new"]),
+        ("RMNeXt", ["added"]),
+    ]
 
 
 def test_conversion_rows_render_and_meet_or_miss_the_target():

@@ -14,7 +14,7 @@ from keras_dmr.cli.demo import shipped_form, shipped_row, summary
 def test_demo_trains_converts_quantizes_exports_and_reruns(tmp_path, capfd):
     """The default family (MobileNetV2 → RMNetV1, shipped unpruned). ``capfd`` reads the file
     descriptors, so native (C++) output would be caught too: the console gets no warnings."""
-    argv = ["demo", "--epochs", "1", "--runs", str(tmp_path / "runs")]
+    argv = ["demo", "--epochs", "1", "--repeats", "1", "--runs", str(tmp_path / "runs")]
     argv += ["--base-dir", str(tmp_path / "savedmodels")]
     assert cli.main(argv) == 0
     out, err = capfd.readouterr()
@@ -37,15 +37,20 @@ def test_demo_trains_converts_quantizes_exports_and_reruns(tmp_path, capfd):
     assert {r["form"] for r in record["rows"]} == {"residual", "plain"}
     shipped = shipped_row(record["rows"])
     assert shipped["form"] == "plain" and shipped["engine"] != "keras"
-    if shipped["precision"] != "int8":  # the shipped file itself is exported too
-        suffix = "tflite" if shipped["engine"] == "litert" else "onnx"
-        assert (base / f"rmnetv1_w0.5_digits_v1_float32.{suffix}").is_file()
+    # OpenVINO runs both the ONNX file and its own IR, each form in each precision.
+    ran = {(r["form"], r["engine"], r["precision"]) for r in record["rows"] if "error" not in r}
+    for form in ("residual", "plain"):
+        assert {(form, "openvino_ir", p) for p in ("float32", "int8")} <= ran
+    precision = "int8" if shipped["precision"] == "int8" else "float32"
+    suffix = {"litert": "tflite", "openvino_ir": "xml"}.get(shipped["engine"], "onnx")
+    assert (base / f"rmnetv1_w0.5_digits_v1_{precision}.{suffix}").is_file()  # the shipped file
     assert [t["met"] for t in record["targets"]] == [
         line.startswith("met") for line in out.splitlines() if line.startswith(("met ", "MISSED"))
     ]
     assert summary(record["rows"], record["machine"], record["load_average"]) in out
-    # A second run reuses the trained checkpoint and exports a new version.
-    assert cli.main(argv) == 0
+    # A second run reuses the trained checkpoint and exports a new version (measuring one
+    # engine: the shipped files are the same whatever it measures).
+    assert cli.main([*argv, "--engines", "litert"]) == 0
     out = capfd.readouterr().out
     assert "already trained for 1 epochs" in out
     assert (base / "rmnetv1_w0.5_digits" / "2" / "saved_model.pb").is_file()
@@ -58,7 +63,7 @@ def test_demo_pruned_families_train_for_slimming_prune_and_fine_tune(
     tmp_path, capsys, family, budget
 ):
     argv = ["demo", "--family", family, "--epochs", "1", "--finetune-epochs", "1"]
-    argv += ["--prune-steps", "2"]
+    argv += ["--prune-steps", "2", "--engines", "onnx", "--repeats", "1"]
     argv += ["--runs", str(tmp_path / "runs"), "--base-dir", str(tmp_path / "savedmodels")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -126,21 +131,22 @@ def test_summary_ships_the_fastest_file_within_the_accuracy_target():
 def test_summary_can_ship_float32_and_compares_with_the_residuals_faster_precision():
     rows = _rows(
         ("residual", "keras", "float32", 1000, 0.990),
-        ("residual", "openvino", "float32", 3000, 0.990),
-        ("residual", "openvino", "int8", 2500, 0.990),
+        ("residual", "openvino_ir", "float32", 3000, 0.990),
+        ("residual", "openvino_ir", "int8", 2500, 0.990),
         ("plain", "keras", "float32", 3000, 0.990),
-        ("plain", "openvino", "int8", 4000, 0.970),
-        ("plain", "openvino", "float32", 3300, 0.990),
+        ("plain", "openvino", "float32", 3200, 0.990),  # the ONNX file: slower than the IR
+        ("plain", "openvino_ir", "int8", 4000, 0.970),
+        ("plain", "openvino_ir", "float32", 3300, 0.990),
     )
     text = summary(rows, MACHINE, None)
-    assert "plain, OpenVINO float32 (shipped)" in text  # int8 lost 2 points
+    assert "plain, OpenVINO IR float32 (shipped)" in text  # int8 lost 2 points
     assert "MISSED shipped ≥ 5× the baseline's throughput: 3.30×" in text
     assert "MISSED shipped ≥ 1.2× the residual model under the same engine" in text
-    assert "1.10× (OpenVINO, residual float32)" in text
+    assert "1.10× (OpenVINO IR, residual float32)" in text
     # When every file loses too much, the fastest one ships and the accuracy target is missed.
-    rows[-1]["accuracy"] = 0.980
+    rows[-1]["accuracy"] = rows[-3]["accuracy"] = 0.980
     text = summary(rows, MACHINE, None)
-    assert "plain, OpenVINO int8 (shipped)" in text
+    assert "plain, OpenVINO IR int8 (shipped)" in text
     assert "MISSED accuracy loss ≤ 0.5 points: +2.00 points" in text
 
 
@@ -168,10 +174,25 @@ def test_summary_ships_only_what_ran_and_misses_every_target_when_nothing_did():
         (["--prune-macs", "0.3"], "apply to --family resnet20, dmrnet14 only"),
         (["--family", "resnet20", "--prune-macs", "0"], "--prune-macs: must be a fraction"),
         (["--family", "dmrnet14", "--prune-steps", "0"], "--prune-steps"),
+        (["--engines", "onnx,tensorrt"], "--engines: a comma-separated list of onnx, litert"),
+        (["--repeats", "0"], "--repeats"),
     ],
 )
-def test_demo_pruning_arguments_are_checked_before_training(tmp_path, capsys, extra, message):
+def test_demo_arguments_are_checked_before_training(tmp_path, capsys, extra, message):
     argv = ["demo", *extra, "--runs", str(tmp_path / "runs"), "--base-dir", str(tmp_path / "sm")]
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_demo_refuses_an_engine_that_is_not_installed_before_training(
+    tmp_path, capsys, monkeypatch
+):
+    from keras_dmr.bench import engines
+
+    monkeypatch.setattr(engines, "available_engines", lambda names: ("onnx", "litert"))
+    argv = ["demo", "--engines", "litert,openvino_ir", "--runs", str(tmp_path / "runs")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--engines: openvino_ir cannot run here (not installed); installed: onnx, litert" in err
+    assert not (tmp_path / "runs").exists()

@@ -23,7 +23,7 @@ def blocks(page: Path):
 
 
 # The pages whose examples train or search (tens of seconds each) run with the slow tests.
-SLOW_PAGES = ("index.md", "tuning.md", "pruning.md")
+SLOW_PAGES = ("index.md", "tuning.md", "pruning.md", "quantization.md")
 
 
 @pytest.mark.parametrize(

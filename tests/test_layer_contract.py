@@ -14,6 +14,9 @@ from keras_dmr.layers import (
     ChannelScale,
     ChannelwiseReLU,
     ConstantPadding2D,
+    FakeQuantConv2D,
+    FakeQuantDense,
+    FakeQuantDepthwiseConv2D,
     GroupedConv2D,
     InvertedResidualBlock,
     ParallelBranchBlock,
@@ -96,6 +99,24 @@ CASES = {
         0,
     ),
     "channel_scale": (ChannelScale, {}, (2, 5, 5, 3), (2, 5, 5, 3), 1, 2),
+    # kernel and bias, then the input range and whether a batch has set it
+    "fake_quant_conv": (
+        FakeQuantConv2D,
+        {"filters": 4, "kernel_size": 3, "padding": "same", "weight_bits": 7},
+        (2, 6, 6, 3),
+        (2, 6, 6, 4),
+        2,
+        2,
+    ),
+    "fake_quant_depthwise": (
+        FakeQuantDepthwiseConv2D,
+        {"kernel_size": 3, "strides": 2, "depth_multiplier": 2},
+        (2, 6, 6, 3),
+        (2, 2, 2, 6),
+        2,
+        2,
+    ),
+    "fake_quant_dense": (FakeQuantDense, {"units": 5}, (2, 3), (2, 5), 2, 2),
     "channelwise_relu": (
         ChannelwiseReLU,
         {"negative_slope": [0.0, 1.0, 0.0], "max_value": [6.0, np.inf, np.inf]},
@@ -134,7 +155,7 @@ def test_keras_run_layer_test(case):
         expected_num_non_trainable_weights=non_trainable,
         expected_num_seed_generators=0,
         expected_num_losses=0,
-        supports_masking=False,
+        supports_masking=issubclass(cls, keras.layers.Dense),  # as Keras' Dense does
     )
 
 

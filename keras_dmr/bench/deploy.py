@@ -1,5 +1,6 @@
 """Deployment forms of one model side by side: residual, plain and pruned plain, each as
-exported files (SavedModel, ONNX Runtime, LiteRT; float32 and int8), timed against the residual
+exported files (SavedModel, ONNX Runtime, LiteRT, OpenVINO running the ONNX file and its own IR;
+float32 and int8), timed against the residual
 Keras model in one interleaved run, with accuracy when labelled images are given.
 
 :func:`export_artifacts` writes the files and opens each in its own runtime;
@@ -21,24 +22,29 @@ import numpy as np
 
 from keras_dmr.analysis.flops import count_flops
 from keras_dmr.bench.engines import available_engines
-from keras_dmr.export import litert, onnx, saved_model
+from keras_dmr.export import litert, onnx, openvino, saved_model
 from keras_dmr.export.litert import interpreter
 from keras_dmr.export.onnx import onnx_session
 from keras_dmr.export.serving import resolve_preprocessing
 from keras_dmr.utils.timing import interleaved
 
-DEPLOY_ENGINES = ("saved_model", "onnx", "litert", "openvino")
+DEPLOY_ENGINES = ("saved_model", "onnx", "litert", "openvino", "openvino_ir")
 ENGINE_NAMES = {
     "keras": "Keras (TF graph)",
     "saved_model": "SavedModel",
     "onnx": "ONNX Runtime",
     "litert": "LiteRT",
-    "openvino": "OpenVINO",
+    "openvino": "OpenVINO (ONNX)",
+    "openvino_ir": "OpenVINO IR",
 }
+# The two OpenVINO rows: ``openvino`` compiles the ONNX file (ONNX Runtime's int8 QDQ graph for
+# int8), ``openvino_ir`` the package's IR (:func:`keras_dmr.export.openvino`: converted from the
+# SavedModel, int8 by NNCF). The same runtime, two routes to its graph.
+OPENVINO_ENGINES = ("openvino", "openvino_ir")
 PRECISIONS = ("float32", "int8")
-# OpenVINO only, on a CPU with native bfloat16 (AVX512-BF16, AMX): the float32 ONNX file run
-# with bfloat16 arithmetic. OpenVINO picks bfloat16 by itself on such a CPU; every other row here
-# pins float32 arithmetic, so that "float32" means it.
+# OpenVINO only, on a CPU with native bfloat16 (AVX512-BF16, AMX): the float32 ONNX file or IR
+# run with bfloat16 arithmetic. OpenVINO picks bfloat16 by itself on such a CPU; every other
+# row here pins float32 arithmetic, so that "float32" means it.
 BFLOAT16 = "bfloat16"
 _OPENVINO_HINT = {"float32": "f32", "int8": "f32", BFLOAT16: "bf16"}
 
@@ -93,7 +99,7 @@ def bfloat16_supported() -> bool:
 
 
 def _open(engine: str, path: str, precision: str) -> Callable[[np.ndarray], np.ndarray]:
-    if engine == "openvino":  # the ONNX file itself, compiled for this CPU
+    if engine in OPENVINO_ENGINES:  # the ONNX file or the IR, compiled for this CPU
         import openvino as ov
 
         config = {
@@ -133,8 +139,9 @@ def export_artifacts(
     """Export every ``forms`` model (form name → model, exported as it is: a residual model
     stays residual) with every one of ``engines`` (default: :func:`available_engines`) and
     ``precisions`` (int8: ONNX Runtime, OpenVINO and LiteRT, calibrated on ``calibration``,
-    uint8 images; OpenVINO runs the ONNX file, ONNX Runtime's int8 QDQ graph included;
-    :data:`BFLOAT16`: OpenVINO only, where :func:`bfloat16_supported`);
+    uint8 images; ``openvino`` runs the ONNX file, ONNX Runtime's int8 QDQ graph included,
+    ``openvino_ir`` the IR, NNCF's int8 included; :data:`BFLOAT16`: OpenVINO only, where
+    :func:`bfloat16_supported`, on the float32 file);
     returns them opened, in that order; an engine that cannot run its file is an artifact
     with an ``error`` (see :func:`measure`)."""
     engines = available_engines(DEPLOY_ENGINES) if engines is None else tuple(engines)
@@ -148,7 +155,7 @@ def export_artifacts(
             for precision in precisions:
                 if precision == "int8" and engine == "saved_model":
                     continue  # TF Serving has no int8 path of its own here
-                if precision == BFLOAT16 and engine != "openvino":
+                if precision == BFLOAT16 and engine not in OPENVINO_ENGINES:
                     continue
                 log(f"  export {form}: {ENGINE_NAMES[engine]} {precision}")
                 quant = {}
@@ -158,10 +165,15 @@ def export_artifacts(
                 if engine == "saved_model":
                     path = saved_model(model, workdir / f"{stem}_savedmodel", **kw)
                 elif engine in ("onnx", "openvino"):
-                    onnx_precision = "float32" if precision == BFLOAT16 else precision
-                    path = workdir / f"{stem}_{onnx_precision}.onnx"
+                    file_precision = "float32" if precision == BFLOAT16 else precision
+                    path = workdir / f"{stem}_{file_precision}.onnx"
                     if not path.exists():  # one file for both runtimes
                         path = onnx(model, path, **kw, **quant)
+                elif engine == "openvino_ir":
+                    file_precision = "float32" if precision == BFLOAT16 else precision
+                    path = workdir / f"{stem}_{file_precision}.xml"
+                    if not path.exists():  # bfloat16 runs the float32 IR
+                        path = openvino(model, path, **kw, **quant)
                 else:
                     path = litert(model, workdir / f"{stem}_{precision}.tflite", **kw, **quant)
                 out.append(
@@ -320,6 +332,7 @@ def run_section(
                 repeats=2 if quick else repeats,
                 latency_iters=2 if quick else 20,
             )
+            profile_int8(rows, images)
         for row in rows:
             row.pop("path", None)
         out.append({"family": label, "batch_size": batch_size, "rows": rows, "missing": missing})
@@ -327,15 +340,31 @@ def run_section(
     return out
 
 
+def profile_int8(rows: list[dict], images: np.ndarray) -> None:
+    """Add to every int8 row that ran in ONNX Runtime or OpenVINO its engine's own profile
+    (:func:`keras_dmr.bench.kernels.profile_row`: the share of time in int8 kernels and the
+    costliest kernels), run apart from the timing."""
+    from keras_dmr.bench import kernels
+
+    for row in rows:
+        if (
+            row["precision"] == "int8"
+            and row["engine"] in kernels.KERNEL_PROFILE_ENGINES
+            and "error" not in row
+        ):
+            row.update(kernels.profile_row(row["engine"], row["path"], images, threads=threads()))
+
+
 def table(groups: list[dict]) -> str:
     """The deploy section of docs/benchmarks.md: throughput and latency against the residual
-    Keras float32 model of the same family, measured in the same run."""
+    Keras float32 model of the same family, measured in the same run, and for int8 files the
+    share of their engine's time spent in int8 kernels (:func:`profile_int8`)."""
     if not groups:
         return "_not measured in this run_ (`keras-dmr bench --sections deploy`)"
     lines = [
         "| family | form | engine | precision | params | MACs | images/s (batch "
-        f"{groups[0]['batch_size']}) | × residual Keras | latency batch 1 (ms) |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        f"{groups[0]['batch_size']}) | × residual Keras | latency batch 1 (ms) | int8 kernels |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for g in groups:
         for r in g["rows"]:
@@ -343,17 +372,20 @@ def table(groups: list[dict]) -> str:
                 lines.append(
                     f"| {g['family']} | {r['form']} | {ENGINE_NAMES[r['engine']]} | "
                     f"{r['precision']} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:.1f}M | "
-                    f"could not run: {_cell(r['error'])} | – | – |"
+                    f"could not run: {_cell(r['error'])} | – | – | – |"
                 )
                 continue
+            share = r.get("int8_kernel_share")
             lines.append(
                 f"| {g['family']} | {r['form']} | {ENGINE_NAMES[r['engine']]} | {r['precision']} "
                 f"| {r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:.1f}M | {r['images_per_s']:,.0f} "
-                f"| {r['ratio']:.2f}× | {r['latency_ms']:.2f} |"
+                f"| {r['ratio']:.2f}× | {r['latency_ms']:.2f} | "
+                + ("–" if share is None else f"{100 * share:.0f}%")
+                + " |"
             )
         for form, why in g["missing"].items():
             lines.append(
-                f"| {g['family']} | {form} | – | – | – | – | not made: {_cell(why)} | – | – |"
+                f"| {g['family']} | {form} | – | – | – | – | not made: {_cell(why)} | – | – | – |"
             )
     return "\n".join(lines)
 

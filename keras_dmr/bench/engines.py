@@ -49,6 +49,7 @@ _ENGINE_NEEDS = {
     "onnx": ("tensorflow", "tf2onnx", "onnxruntime"),
     "litert": ("tensorflow",),  # ai_edge_litert's interpreter, else TensorFlow's
     "openvino": ("tensorflow", "tf2onnx", "openvino"),
+    "openvino_ir": ("tensorflow", "openvino", "nncf"),  # NNCF: the IR's int8
 }
 
 
@@ -57,8 +58,8 @@ def available_engines(engines: Sequence[str] = ENGINES) -> tuple[str, ...]:
     (:data:`ENGINES`) by default, or the deploy section's.
 
     Args:
-        engines: names among ``keras``, ``xla``, ``saved_model``, ``onnx``, ``litert`` and
-            ``openvino``.
+        engines: names among ``keras``, ``xla``, ``saved_model``, ``onnx``, ``litert``,
+            ``openvino`` and ``openvino_ir``.
 
     Returns:
         Those whose packages are installed; on a backend other than TensorFlow only ``keras``

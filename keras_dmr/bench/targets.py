@@ -182,7 +182,8 @@ def _peak_fraction_target(result: dict) -> dict | None:
 def merge(parts: Sequence[dict]) -> dict:
     """One result from runs of the same machine split by ``sections`` (say, where one command
     may run only so long): their groups side by side, every part's settings kept under
-    ``parts``, the targets evaluated again. Ratios stay within a group, so within one run."""
+    ``parts``, the targets evaluated again. Ratios stay within a group, so within one run. A
+    deploy family that a later part measured again replaces the earlier part's group."""
     if not parts:
         raise ValueError("`parts` must hold at least one benchmark result")
     keys = ("cpu", "gpus", "backend", "keras")
@@ -196,10 +197,15 @@ def merge(parts: Sequence[dict]) -> dict:
     merged = dict(parts[0])
     merged["inference"] = [g for p in parts for g in p.get("inference", [])]
     merged["training"] = [g for p in parts for g in p.get("training", [])]
-    for key in ("conversion", "deploy"):
-        rows = [r for p in parts for r in p.get(key, [])]
-        if rows:
-            merged[key] = rows
+    rows = [r for p in parts for r in p.get("conversion", [])]
+    if rows:
+        merged["conversion"] = rows
+    deploy = {}  # a family measured again in a later part replaces its earlier group
+    for group in (g for p in parts for g in p.get("deploy", [])):
+        deploy.pop(group["family"], None)
+        deploy[group["family"]] = group
+    if deploy:
+        merged["deploy"] = list(deploy.values())
     trains = [p["train"] for p in parts if p.get("train")]
     if len(trains) > 1:
         raise ValueError("`parts` hold more than one `train` section: merge one of them")

@@ -6,6 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
+from keras_dmr.cli.common import _choices_list
 from keras_dmr.utils.arguments import int_at_least as _int_at_least
 from keras_dmr.utils.arguments import output_path
 from keras_dmr.utils.files import write_json
@@ -23,19 +24,6 @@ DESCRIPTION = (
     "small CPU; --quick ends in about a minute. Writes benchmarks.json, benchmarks.md and its "
     "PNG charts to --output-dir and prints the Markdown."
 )
-
-
-def _choices_list(valid):
-    def parse(text: str) -> tuple[str, ...]:
-        values = tuple(v.strip() for v in text.split(",") if v.strip())
-        bad = [v for v in values if v not in valid]
-        if not values or bad:
-            raise argparse.ArgumentTypeError(
-                f"a comma-separated list of {', '.join(valid)}; got {text!r}"
-            )
-        return values
-
-    return parse
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

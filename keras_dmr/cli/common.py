@@ -197,3 +197,18 @@ def _make_strategy(name: str, batch_size: int | None = None):
     from keras_dmr.training.parallel import make_strategy
 
     return make_strategy(name, batch_size=batch_size)
+
+
+def _choices_list(valid):
+    """An argparse type: a comma-separated list of names among ``valid``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        bad = [v for v in values if v not in valid]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(
+                f"a comma-separated list of {', '.join(valid)}; got {text!r}"
+            )
+        return values
+
+    return parse

@@ -61,7 +61,8 @@ ROUND_TO = 8
 TARGET_SPEEDUP = 5.0
 TARGET_SAME_ENGINE = 1.2
 TARGET_ACCURACY_POINTS = 0.5
-MEASURED_ENGINES = ("onnx", "litert", "openvino")
+MEASURED_ENGINES = ("onnx", "litert", "openvino", "openvino_ir")
+TIMING_REPEATS = 5
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ DEFAULT_FAMILY = "mobilenetv2"
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     from keras_dmr import data
-    from keras_dmr.cli.common import _natural, _positive_int
+    from keras_dmr.cli.common import _choices_list, _natural, _positive_int
     from keras_dmr.utils.arguments import output_path
 
     parser.add_argument(
@@ -184,6 +185,20 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fresh", action="store_true", help="retrain from scratch instead of resuming"
+    )
+    parser.add_argument(
+        "--engines",
+        type=_choices_list(MEASURED_ENGINES),
+        metavar="LIST",
+        help="the engines whose files are exported and measured, comma-separated among "
+        f"{', '.join(MEASURED_ENGINES)} (default: those installed)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=TIMING_REPEATS,
+        metavar="N",
+        help=f"interleaved timing repeats whose median is reported (default {TIMING_REPEATS})",
     )
 
 
@@ -250,6 +265,16 @@ def run_demo(args: argparse.Namespace) -> int:
             f"--prune-macs, --prune-steps and --finetune-epochs apply to --family {pruned} "
             f"only; --family {args.family} ships its plain form unpruned"
         )
+    if args.engines:
+        from keras_dmr.bench.engines import available_engines
+
+        installed = available_engines(MEASURED_ENGINES)
+        missing = [e for e in args.engines if e not in installed]
+        if missing:
+            raise UsageError(
+                f"argument --engines: {', '.join(missing)} cannot run here (not installed); "
+                f"installed: {', '.join(installed) or 'none'}"
+            )
     if family.prune and args.prune_macs is None:
         args.prune_macs = family.prune_macs
     residual, run, factor = _train_residual(family, args)
@@ -421,7 +446,7 @@ def _measure_forms(forms: dict, args: argparse.Namespace) -> tuple:
     )
     labelled = _uint8_batches(args.dataset, args.data_dir, "test", 128)
     images = np.concatenate([x for x, _ in labelled])[:128]
-    engines = available_engines(MEASURED_ENGINES)
+    engines = available_engines(args.engines or MEASURED_ENGINES)
     precisions = deploy.PRECISIONS + ((deploy.BFLOAT16,) if deploy.bfloat16_supported() else ())
     shipped_form = list(forms)[-1]
     with tempfile.TemporaryDirectory(prefix="keras_dmr_demo_") as tmp:
@@ -443,13 +468,14 @@ def _measure_forms(forms: dict, args: argparse.Namespace) -> tuple:
             for form in forms
             for row in [in_process[form], *(a for a in exported if a.form == form)]
         ]
-        rows = deploy.measure(artifacts, images, labelled=labelled)
+        rows = deploy.measure(artifacts, images, labelled=labelled, repeats=args.repeats)
     return rows, calibration, machine_description(), load_average()
 
 
 def _export_shipped(model, row: dict | None, family: Family, args, calibration) -> dict:
     """The shipped model as a SavedModel (TF Serving), ONNX and LiteRT files in int8, and the
-    shipped file itself when it is not int8 (OpenVINO's bfloat16 runs the float32 ONNX file)."""
+    shipped file itself when it is not one of those (an OpenVINO IR, or a float32 file:
+    OpenVINO's bfloat16 runs the float32 ONNX file or IR)."""
     from keras_dmr import export
 
     name = f"{family.shipped_name}_{args.dataset}"
@@ -457,22 +483,23 @@ def _export_shipped(model, row: dict | None, family: Family, args, calibration) 
         "SavedModel": export.saved_model(model, args.base_dir / name, preprocessing=args.dataset)
     }
     version = Path(shipped["SavedModel"]).name
-    int8 = dict(preprocessing=args.dataset, quantize="int8", calibration=calibration)
-    float32 = dict(preprocessing=args.dataset)
-    files = [("ONNX int8", "onnx", int8), ("LiteRT int8", "tflite", int8)]
-    if row is not None and row["precision"] != "int8":
-        litert = row["engine"] == "litert"
-        files.append(
-            (
-                "LiteRT float32" if litert else "ONNX float32",
-                "tflite" if litert else "onnx",
-                float32,
-            )
-        )
-    for kind, suffix, kw in files:
-        writer = export.litert if suffix == "tflite" else export.onnx
-        precision = kind.split()[-1]
-        shipped[kind] = writer(
+    files = [("ONNX", "int8"), ("LiteRT", "int8")]
+    if row is not None:
+        precision = "int8" if row["precision"] == "int8" else "float32"
+        kind = {"litert": "LiteRT", "openvino_ir": "OpenVINO IR"}.get(row["engine"], "ONNX")
+        if (kind, precision) not in files:
+            files.append((kind, precision))
+    writers = {
+        "ONNX": (export.onnx, "onnx"),
+        "LiteRT": (export.litert, "tflite"),
+        "OpenVINO IR": (export.openvino, "xml"),
+    }
+    for kind, precision in files:
+        writer, suffix = writers[kind]
+        kw = dict(preprocessing=args.dataset)
+        if precision == "int8":
+            kw.update(quantize="int8", calibration=calibration)
+        shipped[f"{kind} {precision}"] = writer(
             model, args.base_dir / f"{name}_v{version}_{precision}.{suffix}", **kw
         )
     return shipped
@@ -547,7 +574,7 @@ def summary(rows: list[dict], machine: dict, load: list[float] | None) -> str:
     from keras_dmr.bench.deploy import ENGINE_NAMES
 
     base, shipped = rows[0], shipped_row(rows)
-    header = f"| {'form':<46} | accuracy | {'params':>9} | {'MACs':>11} | images/s | vs baseline |"
+    header = f"| {'form':<48} | accuracy | {'params':>9} | {'MACs':>11} | images/s | vs baseline |"
     lines = [header, "|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|"]
     for r in rows:
         label = f"{r['form']}, {ENGINE_NAMES[r['engine']]} {r['precision']}"
@@ -556,10 +583,10 @@ def summary(rows: list[dict], machine: dict, load: list[float] | None) -> str:
         elif r is shipped:
             label += " (shipped)"
         if "error" in r:
-            lines.append(f"| {label:<46} | could not run: {r['error']}")
+            lines.append(f"| {label:<48} | could not run: {r['error']}")
             continue
         lines.append(
-            f"| {label:<46} | {r['accuracy']:8.4f} | {r['params']:>9,} | {r['macs']:>11,} | "
+            f"| {label:<48} | {r['accuracy']:8.4f} | {r['params']:>9,} | {r['macs']:>11,} | "
             f"{r['images_per_s']:8.0f} | {r['ratio']:10.2f}× |"
         )
     lines.append("")

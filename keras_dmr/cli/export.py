@@ -82,6 +82,21 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "all 8 (RepVGG-style fused kernels need it, see docs/quantization.md) (default: int8)",
     )
     group.add_argument(
+        "--qat-epochs",
+        type=_positive_int,
+        metavar="N",
+        help="int8: first fine-tune the plain model N epochs through fake-quantized weights and "
+        "inputs (quantization-aware training) on --calibration-dataset's training split, as "
+        "keras-dmr train feeds it; then quantize as without it (docs/quantization.md)",
+    )
+    group.add_argument(
+        "--qat-learning-rate",
+        type=float,
+        metavar="LR",
+        help="the QAT fine-tuning's initial learning rate, decayed by a cosine to zero "
+        "(default: 0.001)",
+    )
+    group.add_argument(
         "--evaluate",
         action="store_true",
         help="measure the float32 and the quantized file's accuracy on the calibration "
@@ -118,6 +133,8 @@ def run_export(args: argparse.Namespace) -> int:
         if len(names) != model.outputs[0].shape[-1]:
             names = None
     quantization = _quantization_arguments(args)
+    if args.qat_epochs:
+        model = _quantization_aware(model, args)
     try:
         if args.format == "saved_model":
             path = export.saved_model(
@@ -147,6 +164,12 @@ def run_export(args: argparse.Namespace) -> int:
     meta = export.read_metadata(path)
     if meta["conversion"] is not None:
         print(describe_report(meta["conversion"]))
+    if meta.get("qat"):
+        q = meta["qat"]
+        print(
+            f"quantization-aware fine-tuning: {q['epochs']} epoch(s), {q['weight_bits']}-bit "
+            f"weights, last training accuracy through fake quantization {q['accuracy']:.4f}"
+        )
     if meta.get("head") == "features":
         print(
             "outputs (feature maps): "
@@ -159,6 +182,32 @@ def run_export(args: argparse.Namespace) -> int:
             + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items() if k in ("float32", *QUANT))
         )
     return 0
+
+
+def _quantization_aware(model, args: argparse.Namespace):
+    """The checkpoint's plain form fine-tuned through fake quantization (``--qat-epochs``)."""
+    from keras_dmr.convert import ConversionError, to_plain
+    from keras_dmr.export.serving import is_plain
+    from keras_dmr.training import qat
+
+    if not is_plain(model):
+        try:
+            model = to_plain(model)
+        except ConversionError as e:
+            raise UsageError(f"argument --qat-epochs: {e}") from None
+        print(describe_report(model.conversion_report))
+    train = data.load(args.calibration_dataset, "train", batch_size=64, data_dir=args.data_dir)
+    try:
+        return qat.fine_tune(
+            model,
+            train,
+            epochs=args.qat_epochs,
+            engine={"litert": "litert", "openvino": "openvino"}.get(args.format, "onnx"),
+            learning_rate=args.qat_learning_rate or qat.LEARNING_RATE,
+            verbose=2,
+        )
+    except ValueError as e:
+        raise UsageError(f"argument --qat-epochs: {e}") from None
 
 
 def _quantization_arguments(args: argparse.Namespace) -> dict:
@@ -179,6 +228,18 @@ def _quantization_arguments(args: argparse.Namespace) -> dict:
     ):
         if value and not onnx_int8:
             raise UsageError(f"argument {flag}: only for --format onnx --quantize int8")
+    for flag, value in (
+        ("--qat-epochs", args.qat_epochs),
+        ("--qat-learning-rate", args.qat_learning_rate),
+    ):
+        if value is not None and args.quantize != "int8":
+            raise UsageError(f"argument {flag}: only with --quantize int8")
+    if args.qat_learning_rate is not None and not args.qat_epochs:
+        raise UsageError("argument --qat-learning-rate: only with --qat-epochs N")
+    if args.qat_learning_rate is not None and not args.qat_learning_rate > 0:
+        raise UsageError(
+            f"argument --qat-learning-rate: must be positive; got {args.qat_learning_rate}"
+        )
     if args.format == "saved_model":
         return {}
     if args.quantize == "float16" and args.format != "litert":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_dmr.convert.streams import split_reserved_streams
 from keras_dmr.export.calibration import (
     accuracy_record,
     in_batches,
@@ -75,6 +77,15 @@ def onnx(
     ``preprocessing`` and ``plain``); the metadata JSON is stored in the model's
     ``metadata_props`` under ``keras_dmr``. Written to a temporary file and renamed at the end.
 
+    A plain model's activations that are ReLU on its own channels and identity on the reserved
+    ones (slope-1 PReLU, ``ChannelwiseReLU``) are split into two convolutions first
+    (:func:`keras_dmr.convert.streams.split_reserved_streams`, same outputs; the count is the
+    metadata's ``reserved_streams_split``): tf2onnx writes such an activation as four float
+    elementwise operators, which ONNX Runtime runs unfused (a third of the plain MobileNetV1's
+    time in float32) and which in int8 leave a dequantize–float–quantize round trip after every
+    convolution (ONNX Runtime and OpenVINO profiles, docs/quantization.md); split, each
+    convolution ends in a ReLU that both runtimes fuse into it.
+
     ``quantize="int8"``: ONNX Runtime's static quantization (QDQ format, per-channel int8
     weights in a 7-bit range, see :data:`QDQ_SETTINGS`, uint8 activations, MinMax ranges
     from ``calibration``: up to 512 images in the export's input form, see
@@ -116,6 +127,8 @@ def onnx(
     check_class_names(class_names, head)
     if evaluation is not None:
         check_classifier(head, "`evaluation` (accuracy)")
+    split, streams = split_reserved_streams(head.model)
+    head = dataclasses.replace(head, model=split)
     serve, norm = serving_function(head, preprocessing)
     shape = tuple(head.model.inputs[0].shape[1:])
     images, held_out = quantization_inputs(
@@ -131,6 +144,7 @@ def onnx(
     _rename_io(proto, head.names)
     info = metadata(source, exported, conversion, norm, class_names, fmt="onnx", head=head)
     info["opset"] = opset
+    info["reserved_streams_split"] = streams
     if quantize == "int8":
         float_proto = proto
         proto = quantize_int8(
@@ -280,10 +294,12 @@ def node_layer(node: str) -> str | None:
 
 def _prepared_names(keep_float: Sequence[str], prepared: list[str]) -> list[str]:
     """The weighted nodes of the pre-processed graph that come from the layers ``keep_float``
-    names (every node whose name scope is the layer's, with or without a ``_N`` suffix)."""
+    names (every node whose name scope is the layer's, with or without a ``_N`` suffix, and
+    both halves of a layer split by :func:`split_reserved_streams`)."""
     out = []
     for layer in keep_float:
-        pattern = re.compile(rf"{re.escape(layer)}(_\d+)?")
+        # a layer split into its own and reserved streams keeps both halves in float32
+        pattern = re.compile(rf"{re.escape(layer)}(_own|_reserved)?(_\d+)?")
         found = [n for n in prepared if any(pattern.fullmatch(p) for p in n.split("/")[:-1])]
         if not found:
             layers = sorted({node_layer(n) for n in prepared} - {None})
@@ -319,7 +335,13 @@ def onnx_providers() -> list[str]:
     return [p for p in preferred if p in available] or available
 
 
-def onnx_session(model: str | Path | bytes, threads: int | None = None, *, cpu_only: bool = False):
+def onnx_session(
+    model: str | Path | bytes,
+    threads: int | None = None,
+    *,
+    cpu_only: bool = False,
+    profile_prefix: str | None = None,
+):
     """The one ONNX Runtime session every part of the package opens (the exporter's accuracy
     checks, ``bench`` and its deploy section), so they all time and score the same settings.
 
@@ -327,6 +349,8 @@ def onnx_session(model: str | Path | bytes, threads: int | None = None, *, cpu_o
         model: an ``.onnx`` file or its bytes.
         threads: intra-op threads (``None``: ONNX Runtime's default).
         cpu_only: the CPU provider only (``False``: CUDA first where it is installed).
+        profile_prefix: turn ONNX Runtime's profiler on, its JSON written under this prefix
+            (``end_profiling()`` returns the file).
 
     Returns:
         An ``onnxruntime.InferenceSession`` with every graph optimisation on and denormals
@@ -340,6 +364,9 @@ def onnx_session(model: str | Path | bytes, threads: int | None = None, *, cpu_o
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
     if threads:
         options.intra_op_num_threads = threads
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     providers = ["CPUExecutionProvider"] if cpu_only else onnx_providers()
     source = bytes(model) if isinstance(model, bytes | bytearray) else str(model)
     return ort.InferenceSession(source, options, providers=providers)

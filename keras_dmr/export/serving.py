@@ -239,6 +239,8 @@ def metadata(source, exported, conversion, norm, class_names, *, fmt: str, head:
         "source": {"name": source.name, "class": type(source).__name__, "config": config},
         "plain": conversion is not None or is_plain(source),
         "conversion": conversion,
+        # quantization-aware fine-tuning (keras_dmr.training.qat.fine_tune) the model went through
+        "qat": json.loads(json.dumps(getattr(source, "qat_report", None), default=str)),
         "input": {
             "name": INPUT_NAME,
             "shape": [None, h, w, c],

@@ -9,6 +9,7 @@ from keras_dmr.layers.blocks import (
     branch_units,
 )
 from keras_dmr.layers.conv import GroupedConv2D
+from keras_dmr.layers.fake_quant import FakeQuantConv2D, FakeQuantDense, FakeQuantDepthwiseConv2D
 from keras_dmr.layers.inverted import InvertedResidualBlock
 from keras_dmr.layers.padding import ConstantPadding2D
 from keras_dmr.layers.repvgg import RepVGGBlock
@@ -28,6 +29,9 @@ __all__ = [
     "ChannelScale",
     "ChannelwiseReLU",
     "ConstantPadding2D",
+    "FakeQuantConv2D",
+    "FakeQuantDense",
+    "FakeQuantDepthwiseConv2D",
     "GroupedConv2D",
     "InvertedResidualBlock",
     "ParallelBranchBlock",

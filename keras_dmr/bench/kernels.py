@@ -1,0 +1,131 @@
+"""Which kernels an engine runs for an exported file, from the engine's own profiler.
+
+An int8 file is only faster when its convolutions run as int8 kernels with nothing float
+between them; a quantizer that cannot place a quantize/dequantize pair around an operator
+leaves a float round trip after every convolution, and the file runs no faster than float32.
+The profiles say which, per operator:
+
+* ONNX Runtime: the session's own profiler (``SessionOptions.enable_profiling``), kernel time per
+  operator type of the optimised graph (``QLinearConv``, ``DequantizeLinear``, ``Mul`` …).
+* OpenVINO: the compiled model's performance counters (``PERF_COUNT``), time per node type and
+  the kernel OpenVINO chose for it (``Convolution:jit_avx2_I8``, ``FakeQuantize:jit_avx2_f32``);
+  the kernel name's suffix is the precision it computes in.
+
+LiteRT's Python interpreter has no per-operator profiler; its int8 files are read from the
+flatbuffer's operator list instead (:func:`keras_dmr.export.litert.operator_names`).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from keras_dmr.export.onnx import onnx_session
+from keras_dmr.export.serving import INPUT_NAME
+
+# ONNX Runtime's operators that compute on quantized tensors (its QDQ graphs are fused into them).
+ORT_INT8_PREFIXES = ("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "QAttention")
+# Operators that move values between float and int8: time there is time int8 did not save.
+ORT_CONVERSIONS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+OPENVINO_INT8_SUFFIXES = ("_i8", "_u8")
+# OpenVINO names a kernel by its input precision: these move the uint8 input images (to float,
+# to another layout) and are not int8 arithmetic.
+OPENVINO_DATA_MOVEMENT = ("Convert", "Transpose", "Reorder")
+KERNEL_PROFILE_ENGINES = ("onnx", "openvino", "openvino_ir")
+
+
+def onnx_kernel_times(
+    path: str | Path, images: np.ndarray, *, threads: int | None = None, runs: int = 3
+) -> dict[str, float]:
+    """Seconds per run spent in each operator type when ONNX Runtime runs ``path`` on
+    ``images`` (after one untimed run), from the session's profiler."""
+    with tempfile.TemporaryDirectory(prefix="keras_dmr_profile_") as tmp:
+        session = onnx_session(path, threads, cpu_only=True, profile_prefix=str(Path(tmp) / "p"))
+        session.run(None, {INPUT_NAME: images})  # its events are skipped below
+        for _ in range(runs):
+            session.run(None, {INPUT_NAME: images})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    runs_seen = [e for e in events if e.get("name") == "model_run"]
+    if len(runs_seen) < runs + 1:
+        raise RuntimeError(f"ONNX Runtime's profile of {path} has {len(runs_seen)} runs")
+    first_end = runs_seen[0]["ts"] + runs_seen[0]["dur"]
+    times: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > first_end:
+            times[e["args"]["op_name"]] += e["dur"] * 1e-6 / runs
+    return dict(times)
+
+
+def openvino_kernel_times(
+    path: str | Path,
+    images: np.ndarray,
+    *,
+    threads: int | None = None,
+    precision_hint: str = "f32",
+    runs: int = 3,
+) -> dict[str, float]:
+    """Seconds per run spent in each ``node type:kernel`` when OpenVINO runs ``path`` (an
+    ``.xml`` IR or an ``.onnx`` file) on ``images``, from its performance counters (the
+    counters of the last run, averaged by running ``runs`` times after one untimed run)."""
+    import openvino as ov
+
+    config = {"PERF_COUNT": True, "INFERENCE_PRECISION_HINT": precision_hint}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+    request.infer({INPUT_NAME: images})
+    times: collections.Counter = collections.Counter()
+    for _ in range(runs):
+        request.infer({INPUT_NAME: images})
+        for info in request.get_profiling_info():
+            if info.status == ov.ProfilingInfo.Status.EXECUTED:
+                seconds = info.real_time.total_seconds()
+                times[f"{info.node_type}:{info.exec_type}"] += seconds / runs
+    return dict(times)
+
+
+def kernel_times(engine: str, path: str | Path, images: np.ndarray, **kw) -> dict[str, float]:
+    """:func:`onnx_kernel_times` for ``engine="onnx"``, :func:`openvino_kernel_times` for
+    ``"openvino"`` (the ONNX file) and ``"openvino_ir"``."""
+    if engine == "onnx":
+        kw.pop("precision_hint", None)
+        return onnx_kernel_times(path, images, **kw)
+    if engine in ("openvino", "openvino_ir"):
+        return openvino_kernel_times(path, images, **kw)
+    raise ValueError(f"no kernel profile for engine {engine!r}; valid: {KERNEL_PROFILE_ENGINES}")
+
+
+def is_int8_kernel(engine: str, name: str) -> bool:
+    """Whether the profile entry ``name`` of ``engine`` computes on int8 values."""
+    if engine == "onnx":
+        return name.startswith(ORT_INT8_PREFIXES)
+    node_type = name.split(":")[0]
+    return name.lower().endswith(OPENVINO_INT8_SUFFIXES) and node_type not in OPENVINO_DATA_MOVEMENT
+
+
+def int8_share(engine: str, times: dict[str, float]) -> float:
+    """The fraction of the profiled time spent in int8 kernels."""
+    total = sum(times.values())
+    int8 = sum(t for name, t in times.items() if is_int8_kernel(engine, name))
+    return int8 / total if total else 0.0
+
+
+def top_kernels(times: dict[str, float], n: int = 4) -> list[tuple[str, float]]:
+    """The ``n`` entries that took the most time, each with its fraction of the total."""
+    total = sum(times.values()) or 1.0
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])[:n]
+    return [(name, t / total) for name, t in ranked]
+
+
+def profile_row(engine: str, path: str | Path, images: np.ndarray, **kw) -> dict:
+    """What the deploy benchmark records of one int8 file: the share of time in int8 kernels
+    and the four costliest entries (``[name, share]``)."""
+    times = kernel_times(engine, path, images, **kw)
+    return {
+        "int8_kernel_share": int8_share(engine, times),
+        "top_kernels": [[name, share] for name, share in top_kernels(times)],
+    }
