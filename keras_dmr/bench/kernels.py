@@ -27,14 +27,15 @@ import numpy as np
 from keras_dmr.export.onnx import onnx_session
 from keras_dmr.export.serving import INPUT_NAME
 
-# ONNX Runtime's operators that compute on quantized tensors (its QDQ graphs are fused into them).
-ORT_INT8_PREFIXES = ("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "QAttention")
+# The int8 arithmetic that an int8 file exists for: convolutions and matrix products.
+# ONNX Runtime fuses its QDQ graphs into these operators.
+ORT_INT8_PRODUCTS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger")
 # Operators that move values between float and int8: time there is time int8 did not save.
 ORT_CONVERSIONS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+# OpenVINO names a kernel by the precision it reads (``jit_avx2_I8``); its products are these
+# node types (an elementwise kernel reading the uint8 images is not int8 arithmetic).
+OPENVINO_PRODUCTS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul")
 OPENVINO_INT8_SUFFIXES = ("_i8", "_u8")
-# OpenVINO names a kernel by its input precision: these move the uint8 input images (to float,
-# to another layout) and are not int8 arithmetic.
-OPENVINO_DATA_MOVEMENT = ("Convert", "Transpose", "Reorder")
 KERNEL_PROFILE_ENGINES = ("onnx", "openvino", "openvino_ir")
 
 
@@ -100,15 +101,16 @@ def kernel_times(engine: str, path: str | Path, images: np.ndarray, **kw) -> dic
 
 
 def is_int8_kernel(engine: str, name: str) -> bool:
-    """Whether the profile entry ``name`` of ``engine`` computes on int8 values."""
+    """Whether the profile entry ``name`` of ``engine`` is an int8 convolution or matrix
+    product."""
     if engine == "onnx":
-        return name.startswith(ORT_INT8_PREFIXES)
+        return name in ORT_INT8_PRODUCTS
     node_type = name.split(":")[0]
-    return name.lower().endswith(OPENVINO_INT8_SUFFIXES) and node_type not in OPENVINO_DATA_MOVEMENT
+    return name.lower().endswith(OPENVINO_INT8_SUFFIXES) and node_type.startswith(OPENVINO_PRODUCTS)
 
 
 def int8_share(engine: str, times: dict[str, float]) -> float:
-    """The fraction of the profiled time spent in int8 kernels."""
+    """The fraction of the profiled time spent in int8 convolutions and matrix products."""
     total = sum(times.values())
     int8 = sum(t for name, t in times.items() if is_int8_kernel(engine, name))
     return int8 / total if total else 0.0
@@ -122,8 +124,9 @@ def top_kernels(times: dict[str, float], n: int = 4) -> list[tuple[str, float]]:
 
 
 def profile_row(engine: str, path: str | Path, images: np.ndarray, **kw) -> dict:
-    """What the deploy benchmark records of one int8 file: the share of time in int8 kernels
-    and the four costliest entries (``[name, share]``)."""
+    """What the deploy benchmark records of one int8 file: the share of time in int8
+    convolutions and matrix products (:func:`int8_share`) and the four costliest entries
+    (``[name, share]``)."""
     times = kernel_times(engine, path, images, **kw)
     return {
         "int8_kernel_share": int8_share(engine, times),
