@@ -66,6 +66,7 @@ def test_default_settings_are_the_papers_protocol():
         (dict(engines=("keras", "keras")), "engines"),
         (dict(sections=()), "sections"),
         (dict(peak_size=True), "peak_size"),
+        (dict(deploy_families=("resnet20", "vgg16")), "deploy_families"),
     ],
 )
 def test_bad_settings_name_the_argument(kwargs, named):
@@ -79,6 +80,9 @@ def test_quick_settings_are_small_and_overridable():
     assert s.warmup + s.timed < 10 and s.peak_size <= 1024
     s = command.settings_from_args(parse(["--engines", "onnx,keras", "--sections", "training"]))
     assert s.engines == ("onnx", "keras") and s.sections == ("training",) and not s.quick
+    s = command.settings_from_args(parse(["--sections", "deploy", "--deploy-families", "rmnext26"]))
+    assert s.deploy_families == ("rmnext26",) and s.sections == ("deploy",)
+    assert command.settings_from_args(parse([])).deploy_families is None  # all of them
 
 
 def test_bad_arguments_are_usage_errors(tmp_path):
@@ -88,6 +92,8 @@ def test_bad_arguments_are_usage_errors(tmp_path):
         parse(["--engines", "keras,tflite"])
     with pytest.raises(SystemExit):
         parse(["--warmup", "-1"])
+    with pytest.raises(SystemExit):
+        parse(["--deploy-families", "resnet20,vgg16"])
     args = parse(["--timed", "2", "--repeats", "5", "--output-dir", str(tmp_path / "out")])
     with pytest.raises(UsageError, match="--timed must be >= --repeats"):
         command.run_bench(args)

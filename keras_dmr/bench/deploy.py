@@ -283,6 +283,14 @@ DEPLOY_FAMILIES = {
     "MobileNetV2 → RMNetV1": ("MobileNetV2", {"variant": "cifar"}),
     "RMNeXt 26×3_32": ("RMNeXt", {"depth": 26, "expansion": 3, "channels_per_group": 32}),
 }
+# What `keras-dmr bench --deploy-families` calls each family.
+FAMILY_IDS = {
+    "resnet20": "ResNet-20",
+    "dmrnet14": "DMRNet-14",
+    "repvgg21": "RM+RepVGG-21 (r=0.25)",
+    "mobilenetv2": "MobileNetV2 → RMNetV1",
+    "rmnext26": "RMNeXt 26×3_32",
+}
 QUICK_FAMILIES = ("ResNet-20",)
 PRUNE_RATIO = 0.5
 
@@ -305,10 +313,16 @@ def family_forms(label: str, seed: int = 0) -> tuple[dict[str, keras.Model], dic
 
 
 def run_section(
-    *, quick: bool = False, batch_size: int = 128, repeats: int = 5, log=print
+    *,
+    quick: bool = False,
+    batch_size: int = 128,
+    repeats: int = 5,
+    families: Sequence[str] | None = None,
+    log=print,
 ) -> list[dict]:
-    """Every family × form × engine × precision, each family timed in one interleaved run
-    against its residual Keras model (random weights: no accuracy)."""
+    """Every family (``families``: ids of :data:`FAMILY_IDS`; default all, ResNet-20 when
+    ``quick``) × form × engine × precision, each family timed in one interleaved run against
+    its residual Keras model (random weights: no accuracy)."""
     import tempfile
 
     from keras_dmr.data import load_digits_arrays
@@ -316,7 +330,11 @@ def run_section(
     calibration = load_digits_arrays("train")[0][:256]
     images = np.resize(load_digits_arrays("test")[0], (batch_size, 32, 32, 3))
     out = []
-    for label in QUICK_FAMILIES if quick else DEPLOY_FAMILIES:
+    if families is not None:
+        labels = [FAMILY_IDS[f] for f in families]
+    else:
+        labels = QUICK_FAMILIES if quick else tuple(DEPLOY_FAMILIES)
+    for label in labels:
         log(f"deploy: {label}")
         forms, missing = family_forms(label)
         with tempfile.TemporaryDirectory(prefix="keras_dmr_deploy_") as tmp:

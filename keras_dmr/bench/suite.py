@@ -76,6 +76,7 @@ class Settings:
     peak_size: int = 4096
     seed: int = 0
     quick: bool = False
+    deploy_families: tuple[str, ...] | None = None  # deploy.FAMILY_IDS; None: all (quick: one)
 
     def __post_init__(self):
         for name in ("batch_size", "timed", "repeats", "train_batch_size", "peak_size"):
@@ -96,6 +97,10 @@ class Settings:
                 )
         self.engines = _check_subset("engines", self.engines, ENGINES)
         self.sections = _check_subset("sections", self.sections, SECTIONS)
+        if self.deploy_families is not None:
+            self.deploy_families = _check_subset(
+                "deploy_families", self.deploy_families, tuple(deploy.FAMILY_IDS)
+            )
 
     def protocol(self, kind: str) -> dict:
         """Batch size, warm-up batches, timed batches per round and rounds for ``kind``
@@ -590,6 +595,7 @@ def _run_sections(result, settings, inference_groups, training_groups, workdir, 
             quick=settings.quick,
             batch_size=settings.batch_size,
             repeats=settings.repeats,
+            families=settings.deploy_families,
             log=_log,
         )
         progress()

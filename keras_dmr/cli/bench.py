@@ -27,6 +27,7 @@ DESCRIPTION = (
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from keras_dmr.bench.deploy import FAMILY_IDS
     from keras_dmr.bench.engines import ENGINES
     from keras_dmr.bench.suite import SECTIONS
 
@@ -48,6 +49,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         type=_choices_list(SECTIONS),
         metavar="LIST",
         help=f"what to run, comma-separated among {', '.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument(
+        "--deploy-families",
+        type=_choices_list(tuple(FAMILY_IDS)),
+        metavar="LIST",
+        help="the deploy section's families, comma-separated among "
+        f"{', '.join(FAMILY_IDS)} (default: all; --quick: resnet20)",
     )
     parser.add_argument(
         "--engines",
@@ -107,6 +115,7 @@ SETTING_ARGS = (
     "peak_size",
     "engines",
     "sections",
+    "deploy_families",
     "seed",
 )
 
