@@ -48,6 +48,19 @@ class _FakeQuant:
     # the kernel axes reduced to one scale per output channel
     kernel_axes: tuple[int, ...] = ()
 
+    def __init__(self, *args, weight_bits=8, activation_bits=8, momentum=0.99, **kwargs):
+        super().__init__(*args, **kwargs)
+        if getattr(self, "data_format", "channels_last") != "channels_last":
+            raise ValueError(f"{type(self).__name__} takes channels_last inputs only")
+        self._init_fake_quant(weight_bits, activation_bits, momentum)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_range()
+
+    def get_config(self):
+        return {**super().get_config(), **self._fake_quant_config()}
+
     def _init_fake_quant(self, weight_bits: int, activation_bits: int, momentum: float):
         if not (isinstance(weight_bits, int) and 2 <= weight_bits <= 8):
             raise ValueError(f"`weight_bits` must be an integer in 2..8; got {weight_bits!r}")
@@ -129,22 +142,9 @@ class FakeQuantConv2D(_FakeQuant, keras.layers.Conv2D):
 
     kernel_axes = (0, 1, 2)
 
-    def __init__(self, *args, weight_bits=8, activation_bits=8, momentum=0.99, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.data_format != "channels_last":
-            raise ValueError(f"{type(self).__name__} takes channels_last inputs only")
-        self._init_fake_quant(weight_bits, activation_bits, momentum)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_range()
-
     def call(self, inputs, training=None):
         x = self._quantize_input(inputs, training)
         return self._finish(self.convolution_op(x, self._quantized_kernel()))
-
-    def get_config(self):
-        return {**super().get_config(), **self._fake_quant_config()}
 
 
 @keras.saving.register_keras_serializable(package="keras_dmr")
@@ -153,16 +153,6 @@ class FakeQuantDepthwiseConv2D(_FakeQuant, keras.layers.DepthwiseConv2D):
     channel: per input channel and multiplier) and input."""
 
     kernel_axes = (0, 1)
-
-    def __init__(self, *args, weight_bits=8, activation_bits=8, momentum=0.99, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.data_format != "channels_last":
-            raise ValueError(f"{type(self).__name__} takes channels_last inputs only")
-        self._init_fake_quant(weight_bits, activation_bits, momentum)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_range()
 
     def call(self, inputs, training=None):
         x = self._quantize_input(inputs, training)
@@ -176,9 +166,6 @@ class FakeQuantDepthwiseConv2D(_FakeQuant, keras.layers.DepthwiseConv2D):
         )
         return self._finish(outputs)
 
-    def get_config(self):
-        return {**super().get_config(), **self._fake_quant_config()}
-
 
 @keras.saving.register_keras_serializable(package="keras_dmr")
 class FakeQuantDense(_FakeQuant, keras.layers.Dense):
@@ -186,20 +173,9 @@ class FakeQuantDense(_FakeQuant, keras.layers.Dense):
 
     kernel_axes = (0,)
 
-    def __init__(self, *args, weight_bits=8, activation_bits=8, momentum=0.99, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_fake_quant(weight_bits, activation_bits, momentum)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_range()
-
     def call(self, inputs, training=None):
         x = self._quantize_input(inputs, training)
         return self._finish(ops.matmul(x, self._quantized_kernel()))
-
-    def get_config(self):
-        return {**super().get_config(), **self._fake_quant_config()}
 
 
 # Each layer the QAT rewrite replaces, and its fake-quantized counterpart.
