@@ -449,14 +449,29 @@ def test_deploy_section_times_every_form_engine_and_precision(tmp_path, capsys):
     pruned = [r for r in group["rows"] if r["form"] == "pruned plain"]
     plain = [r for r in group["rows"] if r["form"] == "plain"]
     assert pruned[0]["macs"] < plain[0]["macs"]
-    for r in group["rows"]:  # each int8 file ONNX Runtime or OpenVINO ran is profiled
-        profiled = r["precision"] == "int8" and r["engine"] in ("onnx", *deploy.OPENVINO_ENGINES)
-        assert ("int8_kernel_share" in r) == profiled, r
+    for r in group["rows"]:  # each file ONNX Runtime or OpenVINO ran is profiled
+        profiled = r["engine"] in ("onnx", *deploy.OPENVINO_ENGINES)
+        assert ("product_seconds" in r) == profiled, r
+        assert ("int8_kernel_share" in r) == (profiled and r["precision"] == "int8"), r
         if profiled:
-            assert 0 < r["int8_kernel_share"] <= 1 and len(r["top_kernels"]) == 4
+            assert 0 < r["product_seconds"] <= r["profiled_seconds"] and len(r["top_kernels"]) == 4
+        if "int8_kernel_share" in r:
+            assert 0 < r["int8_kernel_share"] <= 1
     printed = capsys.readouterr().out
     assert "| ResNet-20 | pruned plain | LiteRT | int8 |" in printed
     assert "| ResNet-20 | pruned plain | OpenVINO IR | int8 |" in printed
+    # Does int8 pay: every engine's plain pair, the cause named where it falls short.
+    from keras_dmr.bench import int8_gain
+
+    gains = int8_gain.gains(data["deploy"])
+    assert {g["engine"] for g in gains} == set(int8_gain.INT8_ENGINES) & set(
+        available_engines(deploy.DEPLOY_ENGINES)
+    )
+    for g in gains:
+        assert g["meets"] == (g["gain"] >= int8_gain.TARGET) and bool(g["cause"]) != g["meets"]
+        if g["engine"] != "litert":
+            assert g["product_gain"] > 0
+    assert "## Does int8 pay?" in printed and int8_gain.table(data["deploy"]) in printed
 
 
 JAX_SCRIPT = """

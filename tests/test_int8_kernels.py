@@ -101,3 +101,96 @@ def test_openvino_ir_int8_profile_and_a_float_file_has_no_int8_kernel(
 def test_kernel_profiles_refuse_an_engine_without_one(tmp_path):
     with pytest.raises(ValueError, match="no kernel profile for engine 'litert'"):
         kernels.kernel_times("litert", tmp_path / "x.tflite", np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def test_a_float_files_products_are_counted_in_each_engine(plain_mobilenet, digits, tmp_path):
+    """The float32 side of int8_gain's product speed-up: ONNX Runtime's and OpenVINO's float
+    convolutions are products, and most of a plain model's time."""
+    _, images = digits
+    path = onnx(plain_mobilenet, tmp_path / "f.onnx", preprocessing="digits", plain=False)
+    for engine in ("onnx", "openvino"):
+        row = kernels.profile_row(engine, path, images, threads=2, runs=1)
+        assert 0.5 * row["profiled_seconds"] < row["product_seconds"] <= row["profiled_seconds"]
+        assert row["int8_kernel_share"] == 0, row
+
+
+def _row(engine, precision, images_per_s, **profile):
+    return {
+        "form": "plain",
+        "engine": engine,
+        "precision": precision,
+        "images_per_s": images_per_s,
+        **profile,
+    }
+
+
+def test_int8_gain_names_what_holds_a_slow_int8_file_back():
+    from keras_dmr.bench import int8_gain
+
+    top = [["QLinearConv", 0.5], ["DequantizeLinear", 0.3], ["Add", 0.1], ["Relu", 0.1]]
+    rows = [
+        _row("onnx", "float32", 100.0, product_seconds=1.0),
+        _row("onnx", "int8", 110.0, product_seconds=0.5, int8_kernel_share=0.5, top_kernels=top),
+        _row("openvino", "float32", 100.0, product_seconds=1.0),
+        _row("openvino", "int8", 105.0, product_seconds=0.9, int8_kernel_share=0.9),
+        _row("openvino_ir", "float32", 100.0, product_seconds=1.0),
+        _row("openvino_ir", "int8", 200.0, product_seconds=0.4, int8_kernel_share=0.95),
+        _row("litert", "float32", 100.0),
+        _row("litert", "int8", 120.0),
+    ]
+    got = {g["engine"]: g for g in int8_gain.gains([{"family": "F", "rows": rows}])}
+    assert got["onnx"]["gain"] == pytest.approx(1.1) and not got["onnx"]["meets"]
+    assert got["onnx"]["cause"].startswith("float work left: 50%")
+    assert (
+        "DequantizeLinear 30%" in got["onnx"]["cause"] and "QLinearConv" not in got["onnx"]["cause"]
+    )
+    assert got["openvino"]["product_gain"] == pytest.approx(1 / 0.9)
+    assert "1.11× as fast" in got["openvino"]["cause"]
+    assert got["openvino_ir"]["meets"] and got["openvino_ir"]["cause"] == ""
+    assert got["litert"]["product_gain"] is None and "no kernel profiler" in got["litert"]["cause"]
+    table = int8_gain.table([{"family": "F", "rows": rows}])
+    assert "| F | OpenVINO IR | 100 | 200 | 2.00× | 95% | 2.50× | yes |" in table
+    assert int8_gain.summary([{"family": "F", "rows": rows}]).count("0 of 1 families") == 3
+
+
+def _input_readers(stem: str) -> keras.Model:
+    """Two branches read the images: convolutions (with BN) or, for ``stem="pool"``, a max
+    pooling first (not foldable)."""
+    inputs = keras.Input((12, 12, 3))
+    if stem == "pool":
+        first = [keras.layers.MaxPooling2D(padding="same")(inputs)]
+    else:
+        first = [
+            keras.layers.Conv2D(6, 3, padding="same", use_bias=False)(inputs),
+            keras.layers.Conv2D(6, 3, strides=2, padding="same")(inputs),
+        ]
+    pooled = [
+        keras.layers.GlobalAveragePooling2D()(
+            keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3, padding="same")(x))
+        )
+        for x in first
+    ]
+    x = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate()(pooled)
+    return keras.Model(inputs, keras.layers.Dense(5)(x))
+
+
+@pytest.mark.parametrize("stem", ["conv", "pool"])
+@pytest.mark.parametrize("preprocessing", ["cifar10", "digits", ((10, 20, 30), (50, 60, 70))])
+def test_onnx_normalises_after_the_transpose_and_folds_1_over_std(stem, preprocessing, tmp_path):
+    """tf2onnx's Sub and Mul over the NHWC last axis (element by element in ONNX Runtime) move
+    after the transpose; 1/std is folded into the convolutions that read the images (both of
+    them here) and stays a Mul before a reader that is not one. The file computes the same:
+    float32 relative error ≤ 1e-5 of the Keras model (random weights and BN statistics) on 3
+    batches of random uint8 images, per-channel and uniform normalisations."""
+    model = randomize(_input_readers(stem), seed=4)
+    path = onnx(model, tmp_path / "m.onnx", preprocessing=preprocessing, plain=False)
+    ops = _op_types(path)
+    assert ops[:3] == ["Transpose", "Cast", "Sub"], ops
+    assert ops[3] == ("Conv" if stem == "conv" else "Mul"), ops  # folded, or kept
+    predict = session_predict(open(path, "rb").read())
+    mean, std = keras_dmr.export.serving.resolve_preprocessing(preprocessing)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        images = rng.integers(0, 256, (8, 12, 12, 3), dtype=np.uint8)
+        want = model((images.astype("float32") - mean) / std)
+        assert max_rel_error(predict(images), want) <= 1e-5

@@ -109,3 +109,33 @@ def test_quantization_study_quick(docs, tmp_path, capsys):
     for name, content in qs.sections(results, qs.QUICK).items():
         assert content in text, name
     assert (docs / "quantization.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_qat_study_quick(docs, tmp_path, capsys):
+    """Float32, post-training and quantization-aware int8 of one family through three runtimes
+    (one fine-tuning per weight grid), a rerun that measures nothing again, the page
+    regenerated."""
+    from tools import qat_study as qs
+
+    argv = ["--quick", "--docs", str(docs), "--checkpoints", str(tmp_path / "ckpt")]
+    assert qs.main(argv) == 0
+    results = json.loads((docs / "data" / "qat.json").read_text())
+    (record,) = results.values()
+    for engine in qs.ENGINES:
+        for key in ("residual", "plain", "qat"):
+            r = record[key][engine]
+            assert 0 <= r["int8"] <= 1 and r["images"] == qs.QUICK["test_examples"]
+        q = record["qat"][engine]
+        assert q["weight_bits"] == (7 if engine == "onnx" else 8)
+        float32 = record["plain"][engine]["float32"]
+        assert q["drop_points"] == pytest.approx(100 * (float32 - q["int8"]))
+    assert (
+        record["qat"]["litert"]["fine_tune_seconds"]
+        == record["qat"]["openvino"]["fine_tune_seconds"]
+    )  # one 8-bit fine-tuning for both
+    assert qs.main(argv) == 0
+    assert "0 of 1 families to measure" in capsys.readouterr().out
+    text = (docs / "quantization.md").read_text()
+    for name, content in qs.sections(results, qs.QUICK).items():
+        assert content in text, name
+    assert (docs / "quantization_qat.png").read_bytes()[:4] == b"\x89PNG"

@@ -128,8 +128,9 @@ def _data(protocol: dict):
     return np.concatenate(calibration), batches(0, n_test), batches(n_test, len(labels)), train
 
 
-def trained(label: str, protocol: dict, train, checkpoints: Path):
-    """The family trained with the recipe on ``protocol`` (reloaded when its checkpoint exists)."""
+def trained(label: str, protocol: dict, train, checkpoints: Path, spec=None):
+    """The family trained with the recipe on ``protocol`` (reloaded when its checkpoint exists);
+    ``spec``: its ``(builder, arguments)`` when ``label`` is not one of :data:`MODELS`."""
     import keras
 
     from keras_dmr import models
@@ -142,12 +143,24 @@ def trained(label: str, protocol: dict, train, checkpoints: Path):
         stored = json.loads(stamp.read_text())
         if {k: stored.get(k) for k in TRAINING_KEYS} == training:
             return keras.saving.load_model(path, safe_mode=True), stored.get("train_seconds")
-    builder, kwargs = MODELS[label]
+    builder, kwargs = spec or MODELS[label]
     keras.utils.set_random_seed(protocol["seed"])
     model = getattr(models, builder)(compile=False, **kwargs)
     compile_with_recipe(model, learning_rate=protocol["learning_rate"])
+    progress = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: _log(
+            f"    epoch {epoch + 1}/{protocol['epochs']}: loss {logs['loss']:.4f}, "
+            f"accuracy {logs['accuracy']:.4f} ({time.monotonic() - start:.0f} s)"
+        )
+    )
     start = time.monotonic()
-    model.fit(train, epochs=protocol["epochs"], shuffle=False, verbose=0, callbacks=[StepDecay()])
+    model.fit(
+        train,
+        epochs=protocol["epochs"],
+        shuffle=False,
+        verbose=0,
+        callbacks=[StepDecay(), progress],
+    )
     seconds = time.monotonic() - start
     checkpoints.mkdir(parents=True, exist_ok=True)
     model.save(path)
@@ -160,7 +173,7 @@ def _export(engine: str, model, path: Path, protocol: dict, calibration, test) -
     from keras_dmr import export
     from keras_dmr.export.readers import read_metadata
 
-    exporter = export.onnx if engine == "onnx" else export.litert
+    exporter = {"onnx": export.onnx, "litert": export.litert, "openvino": export.openvino}[engine]
     start = time.monotonic()
     exporter(
         model,

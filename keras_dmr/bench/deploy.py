@@ -350,7 +350,7 @@ def run_section(
                 repeats=2 if quick else repeats,
                 latency_iters=2 if quick else 20,
             )
-            profile_int8(rows, images)
+            profile_rows(rows, images)
         for row in rows:
             row.pop("path", None)
         out.append({"family": label, "batch_size": batch_size, "rows": rows, "missing": missing})
@@ -358,25 +358,29 @@ def run_section(
     return out
 
 
-def profile_int8(rows: list[dict], images: np.ndarray) -> None:
-    """Add to every int8 row that ran in ONNX Runtime or OpenVINO its engine's own profile
-    (:func:`keras_dmr.bench.kernels.profile_row`: the share of time in int8 kernels and the
-    costliest kernels), run apart from the timing."""
+def profile_rows(rows: list[dict], images: np.ndarray) -> None:
+    """Add to every float32 and int8 row that ran in ONNX Runtime or OpenVINO its engine's own
+    profile (:func:`keras_dmr.bench.kernels.profile_row`: time in convolutions and products,
+    the share in int8 ones, the costliest kernels), run apart from the timing: what says why
+    an int8 file is or is not faster than its float32 one (:mod:`keras_dmr.bench.int8_gain`)."""
     from keras_dmr.bench import kernels
 
     for row in rows:
         if (
-            row["precision"] == "int8"
+            row["precision"] in PRECISIONS
             and row["engine"] in kernels.KERNEL_PROFILE_ENGINES
             and "error" not in row
         ):
-            row.update(kernels.profile_row(row["engine"], row["path"], images, threads=threads()))
+            profile = kernels.profile_row(row["engine"], row["path"], images, threads=threads())
+            if row["precision"] != "int8":
+                del profile["int8_kernel_share"]
+            row.update(profile)
 
 
 def table(groups: list[dict]) -> str:
     """The deploy section of docs/benchmarks.md: throughput and latency against the residual
     Keras float32 model of the same family, measured in the same run, and for int8 files the
-    share of their engine's time spent in int8 kernels (:func:`profile_int8`)."""
+    share of their engine's time spent in int8 kernels (:func:`profile_rows`)."""
     if not groups:
         return "_not measured in this run_ (`keras-dmr bench --sections deploy`)"
     lines = [

@@ -30,6 +30,17 @@ from keras_dmr.export.serving import INPUT_NAME
 # The int8 arithmetic that an int8 file exists for: convolutions and matrix products.
 # ONNX Runtime fuses its QDQ graphs into these operators.
 ORT_INT8_PRODUCTS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+# The float32 convolutions and matrix products they replace (ONNX Runtime's optimised graph
+# names its fused and NCHWc-blocked convolutions Conv or FusedConv).
+ORT_FLOAT_PRODUCTS = (
+    "Conv",
+    "FusedConv",
+    "NhwcFusedConv",
+    "Gemm",
+    "FusedGemm",
+    "MatMul",
+    "FusedMatMul",
+)
 # Operators that move values between float and int8: time there is time int8 did not save.
 ORT_CONVERSIONS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 # OpenVINO names a kernel by the precision it reads (``jit_avx2_I8``); its products are these
@@ -109,6 +120,14 @@ def is_int8_kernel(engine: str, name: str) -> bool:
     return name.lower().endswith(OPENVINO_INT8_SUFFIXES) and node_type.startswith(OPENVINO_PRODUCTS)
 
 
+def is_product_kernel(engine: str, name: str) -> bool:
+    """Whether the profile entry ``name`` of ``engine`` is a convolution or matrix product, in
+    any precision."""
+    if engine == "onnx":
+        return name in ORT_INT8_PRODUCTS or name in ORT_FLOAT_PRODUCTS
+    return name.split(":")[0].startswith(OPENVINO_PRODUCTS)
+
+
 def int8_share(engine: str, times: dict[str, float]) -> float:
     """The fraction of the profiled time spent in int8 convolutions and matrix products."""
     total = sum(times.values())
@@ -124,11 +143,13 @@ def top_kernels(times: dict[str, float], n: int = 4) -> list[tuple[str, float]]:
 
 
 def profile_row(engine: str, path: str | Path, images: np.ndarray, **kw) -> dict:
-    """What the deploy benchmark records of one int8 file: the share of time in int8
-    convolutions and matrix products (:func:`int8_share`) and the four costliest entries
-    (``[name, share]``)."""
+    """What the deploy benchmark records of one file: the profiled seconds per run, those in
+    convolutions and matrix products (any precision), the share of time in int8 ones
+    (:func:`int8_share`) and the four costliest entries (``[name, share]``)."""
     times = kernel_times(engine, path, images, **kw)
     return {
+        "profiled_seconds": sum(times.values()),
+        "product_seconds": sum(t for n, t in times.items() if is_product_kernel(engine, n)),
         "int8_kernel_share": int8_share(engine, times),
         "top_kernels": [[name, share] for name, share in top_kernels(times)],
     }

@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from keras_dmr.bench import int8_gain
 from keras_dmr.bench.conversion import table as conversion_table
 from keras_dmr.bench.deploy import table as deploy_table
 from keras_dmr.bench.engines import ENGINES, engine_label
@@ -304,6 +305,11 @@ def targets_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def int8_text(groups: list[dict]) -> str:
+    """The plain int8 ÷ float32 table (:mod:`keras_dmr.bench.int8_gain`) and its summary."""
+    return "\n\n".join(p for p in (int8_gain.table(groups), int8_gain.summary(groups)) if p)
+
+
 def sections(data: dict) -> dict[str, str]:
     families = [g for g in data["inference"] if g["section"] == "families"]
     peers = [g for g in data["inference"] if g["section"] == "peers"]
@@ -318,6 +324,7 @@ def sections(data: dict) -> dict[str, str]:
         "train": train_table(data.get("train")),
         "conversion": conversion_table(data.get("conversion", [])),
         "deploy": deploy_table(data.get("deploy", [])),
+        "int8": int8_text(data.get("deploy", [])),
     }
 
 
@@ -334,6 +341,7 @@ def markdown(data: dict) -> str:
         "train": "Training throughput per backend and dtype policy (images/s)",
         "conversion": "Conversion cost (to_plain, verified)",
         "deploy": "Deployment forms: residual, plain, pruned plain × engines × float32/int8",
+        "int8": "Does int8 pay? Plain int8 against plain float32 per engine",
     }
     parts = ["# keras_dmr benchmark", ""]
     for name, text in sections(data).items():

@@ -142,6 +142,7 @@ def onnx(
     with split_grouped_convolutions():  # standard ops, whatever this machine's kernels
         proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
     _rename_io(proto, head.names)
+    normalize_after_transpose(proto)
     info = metadata(source, exported, conversion, norm, class_names, fmt="onnx", head=head)
     info["opset"] = opset
     info["reserved_streams_split"] = streams
@@ -200,6 +201,97 @@ def _rename_io(proto, names: Sequence[str]) -> None:
     for node in graph.node:
         node.input[:] = [renames.get(n, n) for n in node.input]
         node.output[:] = [renames.get(n, n) for n in node.output]
+
+
+NCHW = [0, 3, 1, 2]
+
+
+def normalize_after_transpose(proto) -> bool:
+    """Move the input's normalisation after tf2onnx's NHWC → NCHW transpose and fold its
+    ``1/std`` into the convolutions that read it, in place; True when the graph had the
+    pattern.
+
+    tf2onnx writes ``images → Cast → Sub(mean) → Mul(1/std) → Transpose → convolution``, the
+    per-channel constants broadcast over a last axis of three, which ONNX Runtime runs element
+    by element (measured on an AMD EPYC: a tenth of a plain MobileNetV1's float32 time, and
+    quantized as a ``QLinearMul``, an eighth of its int8 time). Rewritten as ``images →
+    Transpose (uint8) → Cast → Sub(mean)`` with the constant reshaped to ``[1, C, 1, 1]``, and
+    each reading convolution's kernel scaled by ``1/std`` along its input channels (exact: a
+    convolution is linear in each input channel, and its zero padding stays zero under a
+    scale), the same values come out. Where a reader is not a convolution with its own kernel
+    initializer, the ``Mul`` stays, after the transpose. Any other graph (an intermediate read
+    twice, constants that are not initializers of 1 or ``C`` values) is left as it is."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    nodes = list(graph.node)
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    initializers = {i.name: i for i in graph.initializer}
+
+    def only_consumer(tensor: str, op_type: str):
+        found = consumers.get(tensor, [])
+        if tensor in outputs or len(found) != 1 or found[0].op_type != op_type:
+            return None
+        return found[0]
+
+    cast = only_consumer(graph.input[0].name, "Cast")
+    sub = cast and only_consumer(cast.output[0], "Sub")
+    mul = sub and only_consumer(sub.output[0], "Mul")
+    transpose = mul and only_consumer(mul.output[0], "Transpose")
+    if transpose is None or list(transpose.attribute[0].ints) != NCHW:
+        return False
+    channels = graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    values = []
+    for node, source in ((sub, cast), (mul, sub)):
+        value = initializers.get(node.input[1])
+        if node.input[0] != source.output[0] or value is None:
+            return False
+        array = numpy_helper.to_array(value).reshape(-1)
+        if array.size not in (1, channels):
+            return False
+        values.append(np.broadcast_to(array, (channels,)).astype(array.dtype))
+    mean, inv_std = values
+    replaced = (sub.input[1], mul.input[1])
+    nchw = transpose.output[0]
+    readers = consumers.get(nchw, [])
+    kernels = [initializers.get(r.input[1]) if r.op_type == "Conv" else None for r in readers]
+    foldable = nchw not in outputs and all(
+        k is not None and len(consumers.get(k.name, [])) == 1 and len(k.dims) == 4 for k in kernels
+    )
+    # images → Transpose (uint8) → Cast → Sub(mean) [→ Mul(1/std)] → the old readers
+    transpose.input[0], transpose.output[0] = graph.input[0].name, f"{nchw}_uint8"
+    cast.input[0] = transpose.output[0]
+    chain = [transpose, cast, sub]
+    sub.input[1] = _initializer(graph, f"{sub.input[1]}_nchw", mean.reshape(1, -1, 1, 1))
+    if foldable:
+        for kernel in kernels:  # [out, in, h, w]: scale each input channel
+            array = numpy_helper.to_array(kernel) * inv_std.reshape(1, -1, 1, 1)
+            kernel.CopyFrom(numpy_helper.from_array(array.astype(np.float32), kernel.name))
+        last = sub.output[0]
+    else:
+        mul.input[1] = _initializer(graph, f"{mul.input[1]}_nchw", inv_std.reshape(1, -1, 1, 1))
+        chain.append(mul)
+        last = mul.output[0]
+    for node in readers:
+        node.input[:] = [last if n == nchw else n for n in node.input]
+    ids = {id(n) for n in (transpose, cast, sub, mul)}
+    del graph.node[:]
+    graph.node.extend([*chain, *(n for n in nodes if id(n) not in ids)])
+    used = {name for n in graph.node for name in n.input} | outputs
+    for name in set(replaced) - used:  # the NHWC constants, unless something else reads them
+        graph.initializer.remove(initializers[name])
+    return True
+
+
+def _initializer(graph, name: str, array: np.ndarray) -> str:
+    from onnx import numpy_helper
+
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    return name
 
 
 def _op_order(name: str) -> tuple:
