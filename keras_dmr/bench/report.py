@@ -35,6 +35,7 @@ SECTIONS = (
     "train",
     "conversion",
     "deploy",
+    "int8",
 )
 # Sections the docs show once per machine (every docs/data/benchmarks_train_*.json), not from
 # the one run that regenerates the others.
