@@ -457,6 +457,8 @@ def test_deploy_section_times_every_form_engine_and_precision(tmp_path, capsys):
             assert 0 < r["product_seconds"] <= r["profiled_seconds"] and len(r["top_kernels"]) == 4
         if "int8_kernel_share" in r:
             assert 0 < r["int8_kernel_share"] <= 1
+        if r["engine"] == "litert":  # its execution plan instead of kernel times
+            assert 0 < r["xnnpack_products"] <= r["products"], r
     printed = capsys.readouterr().out
     assert "| ResNet-20 | pruned plain | LiteRT | int8 |" in printed
     assert "| ResNet-20 | pruned plain | OpenVINO IR | int8 |" in printed

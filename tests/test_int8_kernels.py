@@ -114,6 +114,32 @@ def test_a_float_files_products_are_counted_in_each_engine(plain_mobilenet, digi
         assert row["int8_kernel_share"] == 0, row
 
 
+def test_litert_plan_reads_which_products_xnnpack_runs(plain_mobilenet, digits, tmp_path):
+    """The plain model's int8 LiteRT file: every convolution (depthwise ones included) and the
+    classifier run in XNNPACK's int8 kernels; without the delegate, none does, and every node
+    is counted outside it."""
+    from keras_dmr.export import litert
+    from keras_dmr.export.litert import operator_names
+
+    calibration, _ = digits
+    path = litert(
+        plain_mobilenet,
+        tmp_path / "q.tflite",
+        preprocessing="digits",
+        quantize="int8",
+        calibration=calibration,
+    )
+    names = operator_names(open(path, "rb").read())
+    plan = kernels.litert_plan(path)
+    assert plan["products"] == sum(name in kernels.LITERT_PRODUCTS for name in names) > 10
+    assert plan["xnnpack_products"] == plan["products"], plan
+    assert not set(plan["outside_xnnpack"]) & set(kernels.LITERT_PRODUCTS)
+    alone = kernels.litert_plan(path, delegate=False)
+    assert alone["products"] == plan["products"] and alone["xnnpack_products"] == 0
+    assert sum(alone["outside_xnnpack"].values()) > sum(plan["outside_xnnpack"].values())
+    assert len(names) == sum(alone["outside_xnnpack"].values())
+
+
 def _row(engine, precision, images_per_s, **profile):
     return {
         "form": "plain",
@@ -136,7 +162,7 @@ def test_int8_gain_names_what_holds_a_slow_int8_file_back():
         _row("openvino_ir", "float32", 100.0, product_seconds=1.0),
         _row("openvino_ir", "int8", 200.0, product_seconds=0.4, int8_kernel_share=0.95),
         _row("litert", "float32", 100.0),
-        _row("litert", "int8", 120.0),
+        _row("litert", "int8", 120.0, products=3, xnnpack_products=3, outside_xnnpack={"CAST": 1}),
     ]
     got = {g["engine"]: g for g in int8_gain.gains([{"family": "F", "rows": rows}])}
     assert got["onnx"]["gain"] == pytest.approx(1.1) and not got["onnx"]["meets"]
@@ -147,7 +173,13 @@ def test_int8_gain_names_what_holds_a_slow_int8_file_back():
     assert got["openvino"]["product_gain"] == pytest.approx(1 / 0.9)
     assert "1.11× as fast" in got["openvino"]["cause"]
     assert got["openvino_ir"]["meets"] and got["openvino_ir"]["cause"] == ""
-    assert got["litert"]["product_gain"] is None and "no kernel profiler" in got["litert"]["cause"]
+    assert got["litert"]["product_gain"] is None
+    assert got["litert"]["cause"].startswith("the int8 products themselves: all 3 ")
+    assert "(outside it: CAST)" in got["litert"]["cause"]
+    rows[-1].update(xnnpack_products=1, outside_xnnpack={"CAST": 1, "CONV_2D": 2})
+    got = {g["engine"]: g for g in int8_gain.gains([{"family": "F", "rows": rows}])}
+    assert "2 of 3 convolutions and products run outside XNNPACK" in got["litert"]["cause"]
+    assert "CONV_2D×2" in got["litert"]["cause"]
     table = int8_gain.table([{"family": "F", "rows": rows}])
     assert "| F | OpenVINO IR | 100 | 200 | 2.00× | 95% | 2.50× | yes |" in table
     assert int8_gain.summary([{"family": "F", "rows": rows}]).count("0 of 1 families") == 3

@@ -361,16 +361,17 @@ def run_section(
 def profile_rows(rows: list[dict], images: np.ndarray) -> None:
     """Add to every float32 and int8 row that ran in ONNX Runtime or OpenVINO its engine's own
     profile (:func:`keras_dmr.bench.kernels.profile_row`: time in convolutions and products,
-    the share in int8 ones, the costliest kernels), run apart from the timing: what says why
+    the share in int8 ones, the costliest kernels), and to LiteRT's rows its execution plan
+    (:func:`keras_dmr.bench.kernels.litert_plan`), run apart from the timing: what says why
     an int8 file is or is not faster than its float32 one (:mod:`keras_dmr.bench.int8_gain`)."""
     from keras_dmr.bench import kernels
 
     for row in rows:
-        if (
-            row["precision"] in PRECISIONS
-            and row["engine"] in kernels.KERNEL_PROFILE_ENGINES
-            and "error" not in row
-        ):
+        if row["precision"] not in PRECISIONS or "error" in row:
+            continue
+        if row["engine"] == "litert":  # no kernel times: which products XNNPACK runs
+            row.update(kernels.litert_plan(row["path"]))
+        elif row["engine"] in kernels.KERNEL_PROFILE_ENGINES:
             profile = kernels.profile_row(row["engine"], row["path"], images, threads=threads())
             if row["precision"] != "int8":
                 del profile["int8_kernel_share"]

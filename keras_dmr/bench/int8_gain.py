@@ -12,8 +12,13 @@ apart from the timing) tell two causes apart:
   float32 file spends in its convolutions and products over the int8 file's, e.g. on a CPU
   without VNNI (AVX2 only), where an int8 multiply-accumulate takes more instructions.
 
-What it cannot say: LiteRT's Python interpreter has no per-kernel profiler, so a LiteRT pair
-gets its ratio and no cause; the profiles run the batch the benchmark timed, three times.
+LiteRT's Python interpreter has no per-kernel profiler; its execution plan
+(:func:`keras_dmr.bench.kernels.litert_plan`) tells the first cause apart — products left
+outside XNNPACK's int8 kernels, in LiteRT's reference ones — and, where every product is inside,
+names the second without timing the products apart from the file.
+
+What it cannot say: the profiles run the batch the benchmark timed, three times, apart from
+the timing; their seconds are not the table's.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ def cause(record: dict, int8_row: dict) -> str:
     if record["meets"]:
         return ""
     engine = record["engine"]
+    if engine == "litert":
+        return _litert_cause(int8_row)
     if engine not in KERNEL_PROFILE_ENGINES:
         return f"{ENGINE_NAMES[engine]} has no kernel profiler here"
     share = record["int8_kernel_share"]
@@ -84,6 +91,25 @@ def cause(record: dict, int8_row: dict) -> str:
     return (
         f"the int8 products themselves: {100 * share:.0f}% of its time is in them, and they "
         f"run {record['product_gain']:.2f}× as fast as the float32 file's on this CPU"
+    )
+
+
+def _litert_cause(int8_row: dict) -> str:
+    if "products" not in int8_row:
+        return "not profiled"
+    n, inside = int8_row["products"], int8_row["xnnpack_products"]
+    outside = ", ".join(
+        f"{name}×{count}" if count > 1 else name
+        for name, count in int8_row["outside_xnnpack"].items()
+    )
+    if inside < n:
+        return (
+            f"products left to LiteRT's reference kernels: {n - inside} of {n} convolutions and "
+            f"products run outside XNNPACK (outside it: {outside})"
+        )
+    return (
+        f"the int8 products themselves: all {n} convolutions and products run in XNNPACK's int8 "
+        f"kernels (outside it: {outside or 'nothing'}); LiteRT times no kernel apart from the file"
     )
 
 

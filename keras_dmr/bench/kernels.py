@@ -11,8 +11,11 @@ The profiles say which, per operator:
   the kernel OpenVINO chose for it (``Convolution:jit_avx2_I8``, ``FakeQuantize:jit_avx2_f32``);
   the kernel name's suffix is the precision it computes in.
 
-LiteRT's Python interpreter has no per-operator profiler; its int8 files are read from the
-flatbuffer's operator list instead (:func:`keras_dmr.export.litert.operator_names`).
+LiteRT's Python interpreter has no per-operator profiler. What it does show is its execution
+plan: after XNNPACK's delegate takes the operators it can run, each run of them is one
+``DELEGATE`` node; :func:`litert_plan` reads which convolutions and products ended up inside
+XNNPACK and which operators run outside it, in LiteRT's own kernels. That says whether an int8
+file's products run in XNNPACK's int8 kernels, not how fast they are.
 """
 
 from __future__ import annotations
@@ -48,6 +51,14 @@ ORT_CONVERSIONS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"
 OPENVINO_PRODUCTS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul")
 OPENVINO_INT8_SUFFIXES = ("_i8", "_u8")
 KERNEL_PROFILE_ENGINES = ("onnx", "openvino", "openvino_ir")
+# LiteRT's convolutions and matrix products (builtin operator names).
+LITERT_PRODUCTS = (
+    "CONV_2D",
+    "DEPTHWISE_CONV_2D",
+    "TRANSPOSE_CONV",
+    "FULLY_CONNECTED",
+    "BATCH_MATMUL",
+)
 
 
 def onnx_kernel_times(
@@ -152,4 +163,41 @@ def profile_row(engine: str, path: str | Path, images: np.ndarray, **kw) -> dict
         "product_seconds": sum(t for n, t in times.items() if is_product_kernel(engine, n)),
         "int8_kernel_share": int8_share(engine, times),
         "top_kernels": [[name, share] for name, share in top_kernels(times)],
+    }
+
+
+def litert_plan(path: str | Path, *, delegate: bool = True) -> dict:
+    """Which operators of the LiteRT file ``path`` XNNPACK's delegate runs, from the
+    interpreter's node list after delegation (``delegate=False``: without it, LiteRT's own
+    kernels only): the number of convolutions and matrix products, how many of them run in
+    XNNPACK, and the operators left outside it (``{name: count}``).
+
+    A ``DELEGATE`` node replaces the nodes that compute its output tensors from its input
+    tensors; those are found by walking back from its outputs until its inputs."""
+    from keras_dmr.export.litert import interpreter
+
+    it = interpreter(path, threads=1, delegate=delegate)
+    it.allocate_tensors()
+    nodes = it._get_ops_details()  # LiteRT's Python API has no public node list
+    plain = [n for n in nodes if n["op_name"] != "DELEGATE"]
+    producer = {int(t): n["index"] for n in plain for t in n["outputs"]}
+    inside: set[int] = set()
+    for node in nodes:
+        if node["op_name"] != "DELEGATE":
+            continue
+        given = {int(t) for t in node["inputs"]}
+        todo = [int(t) for t in node["outputs"]]
+        while todo:
+            tensor = todo.pop()
+            index = producer.get(tensor)
+            if tensor in given or index is None or index in inside:
+                continue
+            inside.add(index)
+            todo += [int(t) for t in nodes[index]["inputs"] if int(t) >= 0]
+    products = [n for n in plain if n["op_name"] in LITERT_PRODUCTS]
+    outside = collections.Counter(n["op_name"] for n in plain if n["index"] not in inside)
+    return {
+        "products": len(products),
+        "xnnpack_products": sum(n["index"] in inside for n in products),
+        "outside_xnnpack": dict(sorted(outside.items())),
     }

@@ -208,16 +208,20 @@ def read_litert_metadata(path: Path) -> dict:
     raise ExportError(f"{path} carries no keras_dmr metadata")
 
 
-def interpreter(blob_or_path, threads: int | None = None):
+def interpreter(blob_or_path, threads: int | None = None, *, delegate: bool = True):
     """A LiteRT interpreter of a flatbuffer (bytes) or file: ``ai-edge-litert``'s when it is
-    installed, else TensorFlow's ``tf.lite.Interpreter``."""
+    installed, else TensorFlow's ``tf.lite.Interpreter``; ``delegate=False`` runs LiteRT's own
+    kernels only (no XNNPACK)."""
     try:
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
     except ImportError:
         import tensorflow as tf
 
         Interpreter = tf.lite.Interpreter  # noqa: N806
+        OpResolverType = tf.lite.experimental.OpResolverType  # noqa: N806
     kwargs = {"num_threads": threads} if threads else {}
+    if not delegate:
+        kwargs["experimental_op_resolver_type"] = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     if isinstance(blob_or_path, bytes | bytearray):
         return Interpreter(model_content=bytes(blob_or_path), **kwargs)
     return Interpreter(model_path=str(blob_or_path), **kwargs)
