@@ -493,3 +493,40 @@ def test_exports_carry_no_native_grouped_convolution(tmp_path, monkeypatch):
     images = pixels(n=2, seed=6)
     out = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(images))
     assert max_rel_error(out["logits"].numpy(), expected_logits(model, images)) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "fmt, module_name, predict_name, message",
+    [
+        ("onnx", "keras_dmr.export.onnx", "session_predict", "the ONNX graph's output 'logits'"),
+        (
+            "litert",
+            "keras_dmr.export.litert",
+            "interpreter_predict",
+            "the LiteRT file's output 'logits'",
+        ),
+    ],
+)
+def test_a_file_its_runtime_computes_differently_is_refused(
+    fmt, module_name, predict_name, message, tmp_path, monkeypatch
+):
+    """Each float32 file runs in its own runtime before it is written: outputs that differ from
+    the Keras model (here the runtime's logits perturbed by 1%) raise, naming the output, and
+    leave no file."""
+    import importlib
+
+    from keras_dmr import export
+
+    module = importlib.import_module(module_name)
+    real = getattr(module, predict_name)
+
+    def perturbed(blob, output="logits", **kw):
+        predict = real(blob, output, **kw)
+        return lambda images: predict(images) * 1.01
+
+    monkeypatch.setattr(module, predict_name, perturbed)
+    model = randomize(keras_dmr.ResNet(8, compile=False), seed=4)
+    suffix = {"onnx": ".onnx", "litert": ".tflite"}[fmt]
+    with pytest.raises(ExportError, match=re.escape(message) + " differs"):
+        getattr(export, fmt)(model, tmp_path / f"wrong{suffix}", preprocessing="digits")
+    assert list(tmp_path.iterdir()) == []

@@ -211,3 +211,25 @@ def test_block_rejects_bad_arguments(kwargs, argument):
 def test_block_rejects_channels_not_divisible_by_branches():
     with pytest.raises(ValueError, match="multiple of `branches`"):
         ParallelBranchBlock(8, branches=3)(np.zeros((1, 4, 4, 8), "float32"))
+
+
+def test_the_grouped_convolution_probe_runs_while_a_function_is_traced_again():
+    """The probe of TensorFlow's grouped kernels may first run while a function is retraced
+    (an exporter's ``tf.saved_model.save``): it must not create variables there, which
+    TensorFlow refuses on a non-first trace, and must answer as it does eagerly."""
+    tf = pytest.importorskip("tensorflow")
+    from keras_dmr.layers import conv
+
+    conv.native_grouped_conv_works.cache_clear()
+    eager = conv.native_grouped_conv_works()
+    answers = []
+
+    @tf.function
+    def traced(x):
+        conv.native_grouped_conv_works.cache_clear()
+        answers.append(conv.native_grouped_conv_works())
+        return x
+
+    traced(tf.ones(1))
+    traced(tf.ones(2))  # a second trace
+    assert answers == [eager, eager]

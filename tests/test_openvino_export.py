@@ -48,6 +48,41 @@ def test_float_ir_matches_keras_and_carries_metadata(tmp_path):
     assert "f16" not in (tmp_path / "dmr.xml").read_text().split("<rt_info>")[0]
 
 
+def test_residual_dmrnet_ir_matches_keras(tmp_path):
+    """The residual DMRNet with random BN statistics, not converted: its merge-and-run
+    projection (a strided 1×1 convolution of the mean of the branch inputs) came out of
+    OpenVINO's TensorFlow frontend 13% wrong in the logits (the export refused it); the IR is
+    now converted from the ONNX graph."""
+    model = randomize(keras_dmr.DMRNet(8, compile=False), seed=5)
+    path = openvino(model, tmp_path / "residual.xml", preprocessing="digits", plain=False)
+    assert read_metadata(path)["plain"] is False
+    net = compiled(path)
+    for seed in (1, 2, 3):
+        images = pixels(n=4, seed=seed)
+        logits = net.create_infer_request().infer({"images": images})[net.output("logits")]
+        assert max_rel_error(logits, expected_logits(model, images)) <= TOLERANCE
+
+
+def test_an_ir_the_runtime_computes_differently_is_refused(tmp_path, monkeypatch):
+    """The float32 IR is run in OpenVINO's runtime before anything is written: outputs that
+    differ from the Keras model (here the runtime's logits perturbed by 1%) raise, naming the
+    output, and leave no file."""
+    import importlib
+
+    module = importlib.import_module("keras_dmr.export.openvino")  # the module, not the function
+    real = module.ir_predict
+
+    def perturbed(ir, output="logits", **kw):
+        predict = real(ir, output, **kw)
+        return lambda images: predict(images) * 1.01
+
+    monkeypatch.setattr(module, "ir_predict", perturbed)
+    model = randomize(keras_dmr.ResNet(8, compile=False), seed=4)
+    with pytest.raises(ExportError, match="the OpenVINO IR's output 'logits' differs"):
+        openvino(model, tmp_path / "wrong.xml", preprocessing="digits")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_int8_ir_states_its_accuracy(tmp_path):
     model = randomize(keras_dmr.ResNet(8, compile=False), seed=4)
     calibration = pixels(n=32, seed=5)

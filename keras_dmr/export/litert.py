@@ -23,6 +23,7 @@ from keras_dmr.export.serving import (
     ExportError,
     check_class_names,
     check_classifier,
+    check_exported_outputs,
     check_file_destination,
     metadata,
     prepare,
@@ -65,9 +66,12 @@ def litert(
     first (:func:`keras_dmr.convert.streams.split_reserved_streams`, same outputs).
     ``evaluation`` (``(images, labels)`` batches in the same form) measures the float32 and the
     quantized file's accuracy with the LiteRT interpreter and stores both in the metadata, a
-    JSON entry ``keras_dmr`` of the flatbuffer's metadata (:func:`read_metadata`). Quantization
-    is post-training only (no quantization-aware training); the input shape is fixed but for
-    the batch.
+    JSON entry ``keras_dmr`` of the flatbuffer's metadata (:func:`read_metadata`). The exporter
+    quantizes post-training (fine-tune through fake quantization first with
+    :func:`keras_dmr.training.qat.fine_tune`); the input shape is fixed but for the batch.
+    The float32 graph (converted apart when quantizing) runs in LiteRT's interpreter on random
+    images and must match the Keras model within ``tolerance``, else :class:`ExportError` and
+    no file.
 
     Args:
         model: the Keras model to export (converted first with ``plain=True``).
@@ -105,8 +109,16 @@ def litert(
     serve, _ = serving_function(head, preprocessing, check_shape=False)
     with staged_saved_model(serve, head.model) as saved:
         blob = _convert(saved, name, quantize, images)
-        compare = quantize is not None and held_out is not None
-        float_blob = _convert(saved, name, None, None) if compare else None
+        float_blob = blob if quantize is None else _convert(saved, name, None, None)
+    check_exported_outputs(  # the converter's graph; a quantized file states its accuracy
+        lambda output: interpreter_predict(float_blob, output),
+        serve,
+        head,
+        tolerance,
+        norm is not None,
+        "the LiteRT file" if quantize is None else "the LiteRT file's float32 graph",
+    )
+    compare = quantize is not None and held_out is not None
     info = metadata(source, exported, conversion, norm, class_names, fmt="litert", head=head)
     if quantize is not None:
         float_run = quant_run = None

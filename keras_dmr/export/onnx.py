@@ -24,9 +24,11 @@ from keras_dmr.export.serving import (
     ExportError,
     check_class_names,
     check_classifier,
+    check_exported_outputs,
     check_file_destination,
     metadata,
     prepare,
+    resolve_preprocessing,
     serving_function,
 )
 from keras_dmr.layers.conv import split_grouped_convolutions
@@ -75,7 +77,9 @@ def onnx(
     (``logits``, ``probabilities`` and ``classes`` of a classifier, a backbone's named feature
     maps) mean the same (see :func:`keras_dmr.export.saved_model` for
     ``preprocessing`` and ``plain``); the metadata JSON is stored in the model's
-    ``metadata_props`` under ``keras_dmr``. Written to a temporary file and renamed at the end.
+    ``metadata_props`` under ``keras_dmr``. The float32 graph runs in ONNX Runtime on random
+    images and must match the Keras model within ``tolerance``, else :class:`ExportError` and
+    no file. Written to a temporary file and renamed at the end.
 
     A plain model's activations that are ReLU on its own channels and identity on the reserved
     ones (slope-1 PReLU, ``ChannelwiseReLU``) are split into two convolutions first
@@ -117,7 +121,6 @@ def onnx(
     """
     import onnx as onnx_lib
     import tensorflow as tf
-    import tf2onnx
 
     path = Path(path)
     check_file_destination(path, ".onnx", overwrite)
@@ -127,9 +130,7 @@ def onnx(
     check_class_names(class_names, head)
     if evaluation is not None:
         check_classifier(head, "`evaluation` (accuracy)")
-    split, streams = split_reserved_streams(head.model)
-    head = dataclasses.replace(head, model=split)
-    serve, norm = serving_function(head, preprocessing)
+    norm = resolve_preprocessing(preprocessing)
     shape = tuple(head.model.inputs[0].shape[1:])
     images, held_out = quantization_inputs(
         quantize, QUANTIZE, calibration, evaluation, shape, uint8=norm is not None
@@ -138,11 +139,7 @@ def onnx(
         raise ExportError(
             "`keep_float`, `calibration_method` and `weights` are only used with quantize='int8'"
         )
-    spec = serve.input_signature
-    with split_grouped_convolutions():  # standard ops, whatever this machine's kernels
-        proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
-    _rename_io(proto, head.names)
-    normalize_after_transpose(proto)
+    proto, head, streams = float_graph(head, preprocessing, opset, tolerance)
     info = metadata(source, exported, conversion, norm, class_names, fmt="onnx", head=head)
     info["opset"] = opset
     info["reserved_streams_split"] = streams
@@ -185,6 +182,36 @@ def onnx(
         onnx_lib.save(proto, str(tmp))
     del tf
     return str(path)
+
+
+def float_graph(head, preprocessing, opset: int, tolerance: float):
+    """The float32 ONNX graph of ``head``'s serving function, as :func:`onnx` writes it (and
+    :func:`keras_dmr.export.openvino` converts it): reserved streams split, grouped
+    convolutions as one convolution per group, inputs and outputs named, the normalisation
+    after the transpose; run in ONNX Runtime and checked against TensorFlow
+    (:func:`keras_dmr.export.serving.check_exported_outputs`). Returns the graph, the head whose
+    model it traced and the number of activations split."""
+    import tf2onnx
+
+    split, streams = split_reserved_streams(head.model)
+    head = dataclasses.replace(head, model=split)
+    serve, norm = serving_function(head, preprocessing)
+    with split_grouped_convolutions():  # standard ops, whatever this machine's kernels
+        proto, _ = tf2onnx.convert.from_function(
+            serve, input_signature=serve.input_signature, opset=opset
+        )
+    _rename_io(proto, head.names)
+    normalize_after_transpose(proto)
+    blob = proto.SerializeToString()
+    check_exported_outputs(
+        lambda name: session_predict(blob, name),
+        serve,
+        head,
+        tolerance,
+        norm is not None,
+        "the ONNX graph",
+    )
+    return proto, head, streams
 
 
 def _rename_io(proto, names: Sequence[str]) -> None:

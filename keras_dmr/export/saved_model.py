@@ -99,9 +99,10 @@ def saved_model(
         module.serve = serve
         module.metadata = tf.saved_model.Asset(str(meta_path))
         export_dir = tmp / "version"
-        with split_grouped_convolutions():  # standard ops any TensorFlow (Serving) build runs
+        # Standard ops any TensorFlow (Serving) build runs; saving traces the function again.
+        with split_grouped_convolutions():
             concrete = serve.get_concrete_function()
-        tf.saved_model.save(module, str(export_dir), signatures={"serving_default": concrete})
+            tf.saved_model.save(module, str(export_dir), signatures={"serving_default": concrete})
         check_no_xla(export_dir)
 
         def record(number: int) -> None:  # the version lands in the exported metadata asset

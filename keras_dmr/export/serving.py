@@ -208,6 +208,38 @@ def serving_function(head: Head, preprocessing, *, check_shape: bool = True):
     return serve, norm
 
 
+# Every exported float32 file is run by its own runtime on this many random images and compared
+# with the serving function in TensorFlow (:func:`check_exported_outputs`).
+VERIFY_IMAGES = 2
+
+
+def check_exported_outputs(predict, serve, head: Head, tolerance: float, uint8: bool, what: str):
+    """Run an exported float32 file (``predict(output_name)(images)``, in its own runtime) and
+    the serving function ``serve`` (TensorFlow) on :data:`VERIFY_IMAGES` random images; every
+    output but ``classes`` (an argmax, compared through the logits) must agree within
+    ``tolerance`` (maximum relative error), else :class:`ExportError` naming ``what``. A
+    converter that mistranslates a graph fails here instead of writing a wrong file."""
+    h, w, c = head.model.inputs[0].shape[1:]
+    rng = np.random.default_rng(0)
+    if uint8:
+        images = rng.integers(0, 256, size=(VERIFY_IMAGES, h, w, c), dtype=np.uint8)
+    else:
+        images = rng.normal(size=(VERIFY_IMAGES, h, w, c)).astype(np.float32)
+    want = {k: np.asarray(v) for k, v in serve(images).items()}
+    for name in head.names:
+        if name == "classes":
+            continue
+        got = np.asarray(predict(name)(images), np.float64)
+        expected = want[name].astype(np.float64)
+        error = float(np.max(np.abs(got - expected))) / max(float(np.max(np.abs(expected))), 1e-12)
+        if not error <= tolerance:
+            raise ExportError(
+                f"{what}'s output {name!r} differs from the Keras model by a maximum relative "
+                f"error of {error:.3g}, above the tolerance {tolerance:g}: the converter "
+                "mistranslated this model; no file was written"
+            )
+
+
 @contextlib.contextmanager
 def staged_saved_model(serve, model: keras.Model):
     """A scratch SavedModel of the serving function ``serve`` (calling ``model``): what the
@@ -219,9 +251,11 @@ def staged_saved_model(serve, model: keras.Model):
         module = tf.Module()
         module.model_variables = [v.value for v in model.variables]
         module.serve = serve
-        with split_grouped_convolutions():  # builtin CONV_2D per group, whatever this machine
+        # Saving traces the function again: split there too (builtin CONV_2D per group,
+        # whatever this machine's kernels).
+        with split_grouped_convolutions():
             concrete = serve.get_concrete_function()
-        tf.saved_model.save(module, scratch, signatures={"serving_default": concrete})
+            tf.saved_model.save(module, scratch, signatures={"serving_default": concrete})
         yield scratch
 
 

@@ -33,24 +33,27 @@ def native_grouped_conv_works() -> bool:
     gradient. Probed once per process on a tiny convolution, eagerly."""
     import tensorflow as tf
 
+    # No tf.Variable: the probe may first run while a function is being traced (an exporter
+    # saving a SavedModel), where creating one raises.
     with tf.init_scope():
         x = tf.ones((1, 4, 4, 4))
-        kernel = tf.Variable(tf.ones((3, 3, 2, 4)))
+        kernel = tf.ones((3, 3, 2, 4))
         bias = tf.ones((4,))
 
         @tf.function
-        def forward():  # a graph grappler rewrites into a fused Conv2D+BiasAdd+Relu
+        def forward(x, kernel, bias):  # grappler rewrites it into a fused Conv2D+BiasAdd+Relu
             return tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias))
 
         @tf.function
-        def backward():
+        def backward(x, kernel):  # the grouped filter gradient
             with tf.GradientTape() as tape:
+                tape.watch(kernel)
                 loss = tf.reduce_sum(tf.nn.conv2d(x, kernel, 1, "SAME"))
             return tape.gradient(loss, kernel)
 
         try:
-            forward()
-            backward()
+            forward(x, kernel, bias)
+            backward(x, kernel)
         except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError):
             return False
     return True
