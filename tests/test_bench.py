@@ -653,3 +653,35 @@ def test_deploy_reports_a_file_its_engine_cannot_run_instead_of_failing(tmp_path
     assert "| ResNet-8 | pruned plain | LiteRT | int8 |" in text and "could not run: LiteRT" in text
     with pytest.raises(ValueError, match="the baseline must run"):
         deploy.measure([failed, base], images)
+
+
+def test_deploy_reports_a_file_its_exporter_refused_and_goes_on(tmp_path, monkeypatch):
+    """An exporter that refuses a model (here the OpenVINO IR's float32 check failing) leaves a
+    row that says why; the other engines' files are still written and opened."""
+    from keras_dmr.bench import deploy
+    from keras_dmr.export import ExportError
+
+    def refuse(*args, **kwargs):
+        raise ExportError("the OpenVINO IR's output 'logits' differs from the Keras model")
+
+    monkeypatch.setattr(deploy, "openvino", refuse)
+    model = keras_dmr.ResNet(depth=8, compile=False)
+    logged = []
+    artifacts = deploy.export_artifacts(
+        {"residual": model},
+        tmp_path,
+        preprocessing="digits",
+        calibration=np.zeros((4, 32, 32, 3), np.uint8),
+        engines=("onnx", "openvino_ir"),
+        precisions=("float32",),
+        log=logged.append,
+    )
+    onnx_file, ir = artifacts
+    assert onnx_file.error is None and onnx_file.predict is not None
+    assert ir.path is None and ir.predict is None
+    assert ir.error.startswith("the OpenVINO IR export refused it: the OpenVINO IR's output")
+    assert any("not exported" in line for line in logged)
+    base = deploy.keras_artifact(model, "residual", "digits")
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    rows = deploy.measure([base, *artifacts], images, warmup=0, iters=1, repeats=1, latency_iters=1)
+    assert rows[2]["error"] == ir.error and "images_per_s" in rows[1]

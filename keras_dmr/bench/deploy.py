@@ -22,7 +22,7 @@ import numpy as np
 
 from keras_dmr.analysis.flops import count_flops
 from keras_dmr.bench.engines import available_engines
-from keras_dmr.export import litert, onnx, openvino, saved_model
+from keras_dmr.export import ExportError, litert, onnx, openvino, saved_model
 from keras_dmr.export.litert import interpreter
 from keras_dmr.export.onnx import onnx_session
 from keras_dmr.export.serving import resolve_preprocessing
@@ -142,8 +142,8 @@ def export_artifacts(
     uint8 images; ``openvino`` runs the ONNX file, ONNX Runtime's int8 QDQ graph included,
     ``openvino_ir`` the IR, NNCF's int8 included; :data:`BFLOAT16`: OpenVINO only, where
     :func:`bfloat16_supported`, on the float32 file);
-    returns them opened, in that order; an engine that cannot run its file is an artifact
-    with an ``error`` (see :func:`measure`)."""
+    returns them opened, in that order; an engine that cannot run its file, or an exporter
+    that refuses the model, is an artifact with an ``error`` (see :func:`measure`)."""
     engines = available_engines(DEPLOY_ENGINES) if engines is None else tuple(engines)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -162,28 +162,32 @@ def export_artifacts(
                 if precision == "int8":
                     quant = {"quantize": "int8", "calibration": calibration}
                 kw = dict(preprocessing=preprocessing, plain=False)
-                if engine == "saved_model":
-                    path = saved_model(model, workdir / f"{stem}_savedmodel", **kw)
-                elif engine in ("onnx", "openvino"):
-                    file_precision = "float32" if precision == BFLOAT16 else precision
-                    path = workdir / f"{stem}_{file_precision}.onnx"
-                    if not path.exists():  # one file for both runtimes
-                        path = onnx(model, path, **kw, **quant)
-                elif engine == "openvino_ir":
-                    file_precision = "float32" if precision == BFLOAT16 else precision
-                    path = workdir / f"{stem}_{file_precision}.xml"
-                    if not path.exists():  # bfloat16 runs the float32 IR
-                        path = openvino(model, path, **kw, **quant)
-                else:
-                    path = litert(model, workdir / f"{stem}_{precision}.tflite", **kw, **quant)
-                out.append(
-                    _opened(
-                        Artifact(form, engine, precision, params, macs, None, str(path)),
-                        calibration[:1],
-                        log,
-                    )
-                )
+                artifact = Artifact(form, engine, precision, params, macs, None, None)
+                try:
+                    artifact.path = _export(engine, precision, model, workdir, stem, kw, quant)
+                except ExportError as err:  # a refused file is a row, not the end of the run
+                    why = " ".join(str(err).split())[:300]
+                    artifact.error = f"the {ENGINE_NAMES[engine]} export refused it: {why}"
+                    log(f"  {artifact.label}: not exported ({why})")
+                    out.append(artifact)
+                    continue
+                out.append(_opened(artifact, calibration[:1], log))
     return out
+
+
+def _export(engine, precision, model, workdir: Path, stem: str, kw: dict, quant: dict) -> str:
+    """One file of :func:`export_artifacts`; the ONNX file serves ONNX Runtime and OpenVINO, the
+    float32 file (ONNX or IR) the bfloat16 rows too."""
+    file_precision = "float32" if precision == BFLOAT16 else precision
+    if engine == "saved_model":
+        return saved_model(model, workdir / f"{stem}_savedmodel", **kw)
+    if engine in ("onnx", "openvino"):
+        path = workdir / f"{stem}_{file_precision}.onnx"
+        return str(path) if path.exists() else onnx(model, path, **kw, **quant)
+    if engine == "openvino_ir":
+        path = workdir / f"{stem}_{file_precision}.xml"
+        return str(path) if path.exists() else openvino(model, path, **kw, **quant)
+    return litert(model, workdir / f"{stem}_{precision}.tflite", **kw, **quant)
 
 
 # What a runtime raises when it cannot prepare or run a file it loaded (LiteRT's XNNPACK
