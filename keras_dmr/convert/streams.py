@@ -24,6 +24,7 @@ import numpy as np
 
 from keras_dmr.errors import ConversionError
 from keras_dmr.layers.activations import ChannelwiseReLU
+from keras_dmr.rm.kernels import relative_error
 from keras_dmr.utils import keras_internals
 
 # The rewritten model may differ from the original only by float32 summation order.
@@ -142,10 +143,10 @@ def split_reserved_streams(model: keras.Model, *, verify: bool = True) -> tuple[
 def _check_same_outputs(model: keras.Model, result: keras.Model) -> None:
     shape = tuple(model.inputs[0].shape[1:])
     batch = np.random.default_rng(0).normal(size=(2, *shape)).astype("float32")
-    expected = keras.ops.convert_to_numpy(model(batch, training=False)).astype(np.float64)
-    got = keras.ops.convert_to_numpy(result(batch, training=False)).astype(np.float64)
-    scale = max(float(np.max(np.abs(expected))), 1e-12)
-    error = float(np.max(np.abs(got - expected))) / scale
+    error = relative_error(
+        keras.ops.convert_to_numpy(model(batch, training=False)),
+        keras.ops.convert_to_numpy(result(batch, training=False)),
+    )
     if not error <= TOLERANCE:
         raise ConversionError(
             f"model {model.name!r}: splitting its reserved streams changed the outputs "

@@ -139,7 +139,7 @@ def onnx(
         raise ExportError(
             "`keep_float`, `calibration_method` and `weights` are only used with quantize='int8'"
         )
-    proto, head, streams = float_graph(head, preprocessing, opset, tolerance)
+    proto, head, streams, _ = float_graph(head, preprocessing, opset, tolerance)
     info = metadata(source, exported, conversion, norm, class_names, fmt="onnx", head=head)
     info["opset"] = opset
     info["reserved_streams_split"] = streams
@@ -190,7 +190,7 @@ def float_graph(head, preprocessing, opset: int, tolerance: float):
     convolutions as one convolution per group, inputs and outputs named, the normalisation
     after the transpose; run in ONNX Runtime and checked against TensorFlow
     (:func:`keras_dmr.export.serving.check_exported_outputs`). Returns the graph, the head whose
-    model it traced and the number of activations split."""
+    model it traced, the number of activations split and the serving function traced."""
     import tf2onnx
 
     split, streams = split_reserved_streams(head.model)
@@ -211,7 +211,7 @@ def float_graph(head, preprocessing, opset: int, tolerance: float):
         norm is not None,
         "the ONNX graph",
     )
-    return proto, head, streams
+    return proto, head, streams, serve
 
 
 def _rename_io(proto, names: Sequence[str]) -> None:

@@ -32,7 +32,6 @@ from keras_dmr.export.serving import (
     metadata,
     prepare,
     resolve_preprocessing,
-    serving_function,
 )
 from keras_dmr.utils.files import umask
 
@@ -116,13 +115,12 @@ def openvino(
     images, held_out = quantization_inputs(
         quantize, QUANTIZE, calibration, evaluation, shape, uint8=norm is not None
     )
-    proto, head, _ = float_graph(head, preprocessing, ONNX_OPSET, tolerance)
+    proto, head, _, serve = float_graph(head, preprocessing, ONNX_OPSET, tolerance)
     with tempfile.TemporaryDirectory(prefix="keras_dmr_ir_") as scratch:
         onnx_path = Path(scratch) / "float.onnx"
         onnx_path.write_bytes(proto.SerializeToString())
         ir = ov.convert_model(str(onnx_path))
     _name_outputs(ir, head.names)
-    serve, _ = serving_function(head, preprocessing)
     check_exported_outputs(
         lambda name: ir_predict(ir, name),
         serve,

@@ -21,6 +21,7 @@ from keras_dmr.convert import output_names, to_plain
 from keras_dmr.convert.graph import read_graph
 from keras_dmr.errors import ConversionError, ExportError
 from keras_dmr.layers.conv import split_grouped_convolutions
+from keras_dmr.rm.kernels import relative_error
 from keras_dmr.utils import keras_internals
 from keras_dmr.utils.arguments import directory_problem
 from keras_dmr.utils.files import umask
@@ -229,9 +230,7 @@ def check_exported_outputs(predict, serve, head: Head, tolerance: float, uint8: 
     for name in head.names:
         if name == "classes":
             continue
-        got = np.asarray(predict(name)(images), np.float64)
-        expected = want[name].astype(np.float64)
-        error = float(np.max(np.abs(got - expected))) / max(float(np.max(np.abs(expected))), 1e-12)
+        error = relative_error(want[name], predict(name)(images))
         if not error <= tolerance:
             raise ExportError(
                 f"{what}'s output {name!r} differs from the Keras model by a maximum relative "

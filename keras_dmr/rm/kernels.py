@@ -87,6 +87,13 @@ def _flatten(outputs) -> list:
     return [outputs]
 
 
+def relative_error(expected, got) -> float:
+    """``max|got - expected| / max|expected|`` of two arrays, in float64: the one error measure
+    every verification of the package reports."""
+    expected, got = np.asarray(expected, np.float64), np.asarray(got, np.float64)
+    return float(np.max(np.abs(got - expected))) / max(float(np.max(np.abs(expected))), 1e-12)
+
+
 def relative_errors(reference, candidate, inputs) -> list[float]:
     """Per output of ``reference`` (in the order ``keras.tree.flatten`` gives), ``max|b - a| /
     max|a|`` over ``inputs`` (float64), ``a`` its outputs and ``b`` those of ``candidate``, both
@@ -97,11 +104,7 @@ def relative_errors(reference, candidate, inputs) -> list[float]:
         got = _flatten(candidate(batch, training=False))
         if len(expected) != len(got):
             raise ValueError(f"{len(expected)} outputs to compare with {len(got)}")
-        errors = []
-        for a, b in zip(expected, got, strict=True):
-            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            scale = max(float(np.max(np.abs(a))), 1e-12)
-            errors.append(float(np.max(np.abs(b - a))) / scale)
+        errors = [relative_error(a, b) for a, b in zip(expected, got, strict=True)]
         worst = errors if worst is None else [max(w, e) for w, e in zip(worst, errors, strict=True)]
     return worst or []
 
