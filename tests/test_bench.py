@@ -393,7 +393,8 @@ def test_report_regenerates_the_marked_sections(tmp_path):
     path.write_text(json.dumps(data))
     doc = tmp_path / "benchmarks.md"
     markers = "\n".join(
-        f"<!-- BEGIN bench-{name} -->\nold\n<!-- END bench-{name} -->" for name in report.SECTIONS
+        f"<!-- BEGIN bench-{name} -->\nold\n<!-- END bench-{name} -->"
+        for name in dict.fromkeys(report.SECTIONS + tuple(report.PER_MACHINE))
     )
     doc.write_text("# Benchmarks\n\nhand-written\n\n" + markers + "\n")
     report.main([str(path), "--docs", str(tmp_path)])
@@ -408,6 +409,44 @@ def test_report_regenerates_the_marked_sections(tmp_path):
         "| Net | plain | LiteRT | int8 | 0.00M | 0.0M | could not run: LiteRT could not |" in text
     )
     assert "| Net | pruned plain | – | – | – | – | not made: slim does not handle it |" in text
+
+
+def test_each_machines_deploy_run_gets_its_int8_table_rows_and_chart(tmp_path):
+    """`benchmarks_deploy_*.json` of two machines: each under its CPU, never mixed."""
+    (tmp_path / "data").mkdir()
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(
+        "".join(
+            f"<!-- BEGIN bench-{name} -->\nold\n<!-- END bench-{name} -->\n"
+            for name in report.PER_MACHINE
+        )
+    )
+    for stem, cpu, int8_speed in (("one", "CPU one", 260.0), ("two", "CPU two", 110.0)):
+        rows = [
+            _deploy_row("residual", "keras", "float32", 100.0),
+            _deploy_row("plain", "onnx", "float32", 200.0),
+            _deploy_row("plain", "onnx", "int8", int8_speed),
+        ]
+        data = {
+            "started_utc": "2026-12-07T16:00:00Z",
+            "machine": {"cpu": cpu, "cores": 2, "cpu_flags": ["avx2", "avx512_vnni"][: len(stem)]},
+            "deploy": [{"family": "Net", "batch_size": 128, "missing": {}, "rows": rows}],
+        }
+        (tmp_path / "data" / f"benchmarks_deploy_{stem}.json").write_text(json.dumps(data))
+    read = report.regenerate_per_machine(tmp_path)
+    assert [Path(p).name for p in read] == [
+        "benchmarks_deploy_one.json",
+        "benchmarks_deploy_two.json",
+    ]
+    text = doc.read_text()
+    one, two = text.index("**CPU one**"), text.index("**CPU two**")
+    assert one < text.index("| Net | ONNX Runtime | 200 | 260 | 1.30× |") < two
+    assert two < text.index("| Net | ONNX Runtime | 200 | 110 | 0.55× |")
+    assert text.count("| Net | plain | ONNX Runtime | int8 |") == 2
+    for stem in ("one", "two"):
+        assert f"(benchmarks_deploy_{stem}.png)" in text
+        assert (tmp_path / f"benchmarks_deploy_{stem}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "_not measured_" in text  # the train section: no run of it here
 
 
 def _deploy_row(form: str, engine: str, precision: str, speed: float) -> dict:
@@ -535,7 +574,8 @@ def test_docs_benchmarks_are_generated_from_the_recorded_runs(tmp_path):
     for name in ("benchmarks_cpu.json", "benchmarks_gpu.json"):
         shutil.copy(DOCS / "data" / name, tmp_path / "data" / name)
     trains = sorted((DOCS / "data").glob("benchmarks_train_*.json"))
-    for path in trains:
+    deploys = sorted((DOCS / "data").glob("benchmarks_deploy_*.json"))
+    for path in trains + deploys:
         shutil.copy(path, tmp_path / "data" / path.name)
     report.main([str(tmp_path / "data" / "benchmarks_cpu.json"), "--docs", str(tmp_path)])
     assert (tmp_path / "benchmarks.md").read_text() == (DOCS / "benchmarks.md").read_text(), (
@@ -553,6 +593,13 @@ def test_docs_benchmarks_are_generated_from_the_recorded_runs(tmp_path):
     for chart in ("speedup", "accuracy"):
         assert (DOCS / f"benchmarks_{chart}.png").is_file()
         assert (DOCS / f"benchmarks_gpu_{chart}.png").is_file()
+    for path in deploys:  # every deploy run of another machine, with its chart
+        run = json.loads(path.read_text())
+        assert not run["settings"]["quick"] and run["deploy"]
+        assert run["machine"]["cpu"] in (DOCS / "benchmarks.md").read_text()
+        chart = path.with_suffix(".png").name
+        assert f"({chart})" in (DOCS / "benchmarks.md").read_text()
+        assert (DOCS / chart).is_file()
 
 
 def test_merge_joins_runs_of_one_machine_and_refuses_two():
@@ -685,3 +732,41 @@ def test_deploy_reports_a_file_its_exporter_refused_and_goes_on(tmp_path, monkey
     images = np.zeros((2, 32, 32, 3), np.uint8)
     rows = deploy.measure([base, *artifacts], images, warmup=0, iters=1, repeats=1, latency_iters=1)
     assert rows[2]["error"] == ir.error and "images_per_s" in rows[1]
+
+
+def test_a_pruned_form_slim_left_unchanged_is_not_timed_or_shown_as_pruned(monkeypatch):
+    """RepVGG's plain form: every BN after fusion has the same scale, so slim(ratio=0.5) drops
+    nothing. The deploy section says so instead of timing the plain model again as "pruned"; rows
+    recorded before that check are shown the same way."""
+    from keras_dmr.bench import deploy
+
+    monkeypatch.setitem(
+        deploy.DEPLOY_FAMILIES,
+        "Tiny RepVGG",
+        ("RepVGG", {"blocks_per_stage": (2, 2, 2, 2), "base_width": 8}),
+    )
+    forms, missing = deploy.family_forms("Tiny RepVGG")
+    assert set(forms) == {"residual", "plain"}
+    assert missing == {"pruned plain": deploy.NOTHING_PRUNED}
+    forms, missing = deploy.family_forms("ResNet-20")  # BN scales that differ: slimmed
+    assert forms["pruned plain"].count_params() < forms["plain"].count_params() and not missing
+
+    same = {"params": 10, "macs": 1000}
+    old = {
+        "family": "Net",
+        "batch_size": 128,
+        "missing": {},
+        "rows": [
+            _deploy_row("residual", "keras", "float32", 100.0),
+            {**_deploy_row("plain", "onnx", "float32", 150.0), **same},
+            {**_deploy_row("pruned plain", "onnx", "float32", 151.0), **same},
+        ],
+    }
+    shown = deploy.without_unpruned(old)
+    assert [r["form"] for r in shown["rows"]] == ["residual", "plain"]
+    assert shown["missing"] == {"pruned plain": deploy.NOTHING_PRUNED}
+    text = deploy.table([old])
+    assert "| Net | pruned plain | ONNX Runtime |" not in text
+    assert "| Net | pruned plain | – | – | – | – | not made: slim(ratio=0.5) dropped" in text
+    slimmed = dict(old, rows=old["rows"][:2] + [{**old["rows"][2], "params": 5, "macs": 500}])
+    assert deploy.without_unpruned(slimmed) == slimmed

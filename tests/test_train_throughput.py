@@ -94,7 +94,10 @@ def test_missing_backend_is_recorded_without_a_worker(monkeypatch):
 def test_docs_show_each_machines_run_under_its_cpu(tmp_path):
     (tmp_path / "data").mkdir()
     doc = tmp_path / "benchmarks.md"
-    doc.write_text("intro\n<!-- BEGIN bench-train -->\nold\n<!-- END bench-train -->\n")
+    doc.write_text(
+        "intro\n<!-- BEGIN bench-train -->\nold\n<!-- END bench-train -->\n"
+        "<!-- BEGIN bench-deploy-machines -->\n<!-- END bench-deploy-machines -->\n"
+    )
     section = _section([_record("A", "tensorflow", "float32", 100.0)])
     tt._add_ratios(section)
     for cpu in ("CPU one", "CPU two"):

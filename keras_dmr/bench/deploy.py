@@ -39,7 +39,7 @@ ENGINE_NAMES = {
 }
 # The two OpenVINO rows: ``openvino`` compiles the ONNX file (ONNX Runtime's int8 QDQ graph for
 # int8), ``openvino_ir`` the package's IR (:func:`keras_dmr.export.openvino`: converted from the
-# SavedModel, int8 by NNCF). The same runtime, two routes to its graph.
+# package's ONNX graph, int8 by NNCF). The same runtime, two routes to its graph.
 OPENVINO_ENGINES = ("openvino", "openvino_ir")
 PRECISIONS = ("float32", "int8")
 # OpenVINO only, on a CPU with native bfloat16 (AVX512-BF16, AMX): the float32 ONNX file or IR
@@ -310,10 +310,30 @@ def family_forms(label: str, seed: int = 0) -> tuple[dict[str, keras.Model], dic
     forms, missing = {"residual": residual, "plain": to_plain(residual)}, {}
     try:
         slimmed = prune.slim(to_plain(residual, fuse_bn=False), ratio=PRUNE_RATIO)
-        forms["pruned plain"] = prune.fuse_batchnorm(slimmed)
     except (ValueError, NotImplementedError) as err:  # a family slim does not handle
         missing["pruned plain"] = str(err).splitlines()[0][:200]
+        return forms, missing
+    report = slimmed.pruning_report
+    if report["channels_after"] == report["channels_before"]:  # timing it again says nothing
+        missing["pruned plain"] = NOTHING_PRUNED
+    else:
+        forms["pruned plain"] = prune.fuse_batchnorm(slimmed)
     return forms, missing
+
+
+NOTHING_PRUNED = f"slim(ratio={PRUNE_RATIO}) dropped no channel: the plain rows are this form's"
+
+
+def without_unpruned(group: dict) -> dict:
+    """``group`` without "pruned plain" rows that are the plain form again (the same
+    parameters and MACs: slim dropped no channel), which runs before :func:`family_forms`
+    checked that recorded; :data:`NOTHING_PRUNED` says why instead."""
+    plain = {(r["params"], r["macs"]) for r in group["rows"] if r["form"] == "plain"}
+    pruned = [r for r in group["rows"] if r["form"] == "pruned plain"]
+    if not pruned or any((r["params"], r["macs"]) not in plain for r in pruned):
+        return group
+    rows = [r for r in group["rows"] if r["form"] != "pruned plain"]
+    return dict(group, rows=rows, missing={**group["missing"], "pruned plain": NOTHING_PRUNED})
 
 
 def run_section(
@@ -393,7 +413,7 @@ def table(groups: list[dict]) -> str:
         f"{groups[0]['batch_size']}) | × residual Keras | latency batch 1 (ms) | int8 kernels |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for g in groups:
+    for g in map(without_unpruned, groups):
         for r in g["rows"]:
             if "error" in r:
                 lines.append(

@@ -37,9 +37,16 @@ SECTIONS = (
     "deploy",
     "int8",
 )
-# Sections the docs show once per machine (every docs/data/benchmarks_train_*.json), not from
-# the one run that regenerates the others.
-PER_MACHINE = {"train": ("benchmarks_train_*.json", lambda data: train_table(data.get("train")))}
+# Sections the docs show once per machine, from every docs/data file that matches the pattern,
+# not from the one run that regenerates the others: name -> (pattern, text of one file's
+# result and the stem its pattern's "*" matched).
+PER_MACHINE = {
+    "train": ("benchmarks_train_*.json", lambda data, stem: train_table(data.get("train"))),
+    "deploy-machines": (
+        "benchmarks_deploy_*.json",
+        lambda data, stem: deploy_machine_text(data, stem),
+    ),
+}
 
 
 def _backend(groups_or_data) -> str:
@@ -430,18 +437,22 @@ def plot_deploy(data: dict, path: str | Path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from keras_dmr.bench.deploy import ENGINE_NAMES
+    from keras_dmr.bench.deploy import ENGINE_NAMES, without_unpruned
 
-    groups = data.get("deploy") or []
+    groups = [without_unpruned(g) for g in data.get("deploy") or []]
     if not groups:
         return None
     forms = ("residual", "plain", "pruned plain")
     fig, axes = plt.subplots(
-        len(groups), 1, figsize=(7.5, 2.3 * len(groups) + 0.6), squeeze=False, sharex=True
+        len(groups), 1, figsize=(10.0, 2.3 * len(groups) + 0.6), squeeze=False, sharex=True
     )
-    for ax, g in zip(axes[:, 0], groups, strict=True):
-        rows = [r for r in g["rows"] if "ratio" in r and r["engine"] != "keras"]
-        slots = list(dict.fromkeys((r["engine"], r["precision"]) for r in rows))
+    timed = [[r for r in g["rows"] if "ratio" in r and r["engine"] != "keras"] for g in groups]
+    # The panels share their x axis: every panel has every slot any family has, in one order.
+    slots = sorted(
+        {(r["engine"], r["precision"]) for rows in timed for r in rows},
+        key=lambda s: (list(ENGINE_NAMES).index(s[0]), s[1]),
+    )
+    for ax, g, rows in zip(axes[:, 0], groups, timed, strict=True):
         width = 0.8 / len(forms)
         for i, form in enumerate(forms):
             by = {(r["engine"], r["precision"]): r["ratio"] for r in rows if r["form"] == form}
@@ -449,7 +460,8 @@ def plot_deploy(data: dict, path: str | Path) -> str | None:
             ax.bar(xs, [by.get(s, 0.0) for s in slots], width, label=form, color=f"C{i}")
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks(range(len(slots)))
-        ax.set_xticklabels([f"{ENGINE_NAMES[e]}\n{p}" for e, p in slots], fontsize=8)
+        labels = [ENGINE_NAMES[e].replace(" (", "\n(") + "\n" + p for e, p in slots]
+        ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylabel("× residual Keras", fontsize=8)
         ax.set_title(g["family"], fontsize=9)
     axes[0, 0].legend(fontsize=8, ncol=3)
@@ -504,34 +516,58 @@ def regenerate(
         fn(data, docs / chart)
 
 
-def per_machine_text(name: str, results: list[dict]) -> str:
-    """Section ``name`` of every result, each under the machine and day it ran on."""
+def deploy_machine_text(data: dict, stem: str) -> str:
+    """One machine's deploy run: does int8 pay, every row, and its chart
+    (``benchmarks_deploy_<stem>.png``, drawn by :func:`regenerate_per_machine`)."""
+    groups = data.get("deploy", [])
+    if not groups:
+        return deploy_table(groups)
+    chart = f"![Deployment forms per family on this machine](benchmarks_deploy_{stem}.png)"
+    return "\n\n".join((int8_text(groups), deploy_table(groups), chart))
+
+
+def per_machine_text(name: str, results: dict[str, dict]) -> str:
+    """Section ``name`` of every result (by the stem its file name's ``*`` matched), each
+    under the machine and day it ran on."""
     parts = []
-    for data in results:
+    for stem, data in results.items():
         m = data["machine"]
         flags = ", ".join(m.get("cpu_flags", [])) or "no AVX2/AVX-512/AMX flags"
         parts += [
             f"**{m['cpu']}** ({flags}), {m['cores']} cores, {data.get('started_utc', '?')[:10]}:",
             "",
-            PER_MACHINE[name][1](data),
+            PER_MACHINE[name][1](data, stem),
             "",
         ]
     return "\n".join(parts).strip() or "_not measured_"
 
 
+def per_machine_results(docs_dir: str | Path, name: str) -> dict[str, dict]:
+    """Every result under ``docs_dir/data`` that section ``name`` of :data:`PER_MACHINE`
+    shows, by the stem its file name's ``*`` matched, in file-name order."""
+    pattern = PER_MACHINE[name][0]
+    prefix, suffix = pattern.split("*")
+    return {
+        p.name.removeprefix(prefix).removesuffix(suffix): json.loads(p.read_text())
+        for p in sorted((Path(docs_dir) / "data").glob(pattern))
+    }
+
+
 def regenerate_per_machine(docs_dir: str | Path = "docs") -> list[str]:
     """Rewrite each :data:`PER_MACHINE` section of ``docs_dir/benchmarks.md`` (``bench-NAME``)
-    from every matching JSON under ``docs_dir/data``; the files read."""
+    from every matching JSON under ``docs_dir/data`` and draw each deploy run's chart beside the
+    page; the files read."""
     from keras_dmr.utils.markdown import replace_section
 
     docs = Path(docs_dir)
     doc = docs / "benchmarks.md"
     text, read = doc.read_text(), []
     for name, (pattern, _) in PER_MACHINE.items():
-        paths = sorted((docs / "data").glob(pattern))
-        results = [json.loads(p.read_text()) for p in paths]
+        results = per_machine_results(docs, name)
         text = replace_section(text, f"bench-{name}", per_machine_text(name, results))
-        read += [str(p) for p in paths]
+        read += [str(docs / "data" / pattern.replace("*", stem)) for stem in results]
+    for stem, data in per_machine_results(docs, "deploy-machines").items():
+        plot_deploy(data, docs / f"benchmarks_deploy_{stem}.png")
     write_text(text, doc)
     return read
 
