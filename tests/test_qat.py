@@ -16,6 +16,7 @@ from keras_dmr.layers.fake_quant import (
     FakeQuantConv2D,
     FakeQuantDense,
     FakeQuantDepthwiseConv2D,
+    FakeQuantGroupedConv2D,
     asymmetric_fake_quant,
     symmetric_fake_quant,
 )
@@ -83,13 +84,41 @@ def test_prepare_replaces_weighted_layers_and_strip_gives_the_same_model(plain_m
     assert max_rel_error(quantized(x, training=False), plain_mobilenet(x)) < 0.5
 
 
-def test_prepare_refuses_layers_it_cannot_simulate_and_subclassed_models():
+def test_prepare_simulates_grouped_convolutions_per_output_channel():
+    """DMRNet's plain form is built of GroupedConv2D: its kernels round per output channel
+    (each group's convolution, as the exporters quantize it), its input on one range."""
     inputs = keras.Input((8, 8, 4))
     x = GroupedConv2D(8, 3, groups=2, padding="same", name="grouped")(inputs)
     model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
-    with pytest.raises(ValueError, match=r"grouped \(GroupedConv2D\)"):
+    randomize(model, seed=1)
+    quantized = qat.prepare(model, weight_bits=4)
+    layer = quantized.get_layer("grouped")
+    assert type(layer) is FakeQuantGroupedConv2D and layer.groups == 2
+    x = np.random.default_rng(1).normal(size=(2, 8, 8, 4)).astype("float32")
+    quantized(x, training=True)  # sets the input range
+    kernel = layer.kernel.numpy()
+    expected = keras.ops.convert_to_numpy(symmetric_fake_quant(kernel, (0, 1, 2), 4))
+    assert len(np.unique(expected[..., 0])) <= 15  # 4 bits: at most 15 levels per channel
+    got = GroupedConv2D(8, 3, groups=2, padding="same")
+    got.build((None, 8, 8, 4))
+    got.set_weights([expected, layer.bias.numpy()])
+    x_q = asymmetric_fake_quant(x, *layer.input_range.numpy(), 8)
+    np.testing.assert_allclose(
+        layer(x, training=False), got(x_q), rtol=1e-5, atol=1e-5
+    )  # the grouped convolution of the rounded input and kernel
+    back = qat.strip(quantized, model)
+    assert type(back.get_layer("grouped")) is GroupedConv2D
+    assert max_rel_error(back(x), model(x)) == 0.0
+
+
+def test_prepare_refuses_layers_it_cannot_simulate_and_subclassed_models():
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2DTranspose(4, 3, padding="same", name="transposed")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
+    with pytest.raises(ValueError, match=r"transposed \(Conv2DTranspose\)"):
         qat.prepare(model)
-    assert isinstance(qat.prepare(model, skip_unknown=True).get_layer("grouped"), GroupedConv2D)
+    kept = qat.prepare(model, skip_unknown=True).get_layer("transposed")
+    assert type(kept) is keras.layers.Conv2DTranspose
 
     class Net(keras.Model):
         def __init__(self):

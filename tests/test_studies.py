@@ -139,3 +139,12 @@ def test_qat_study_quick(docs, tmp_path, capsys):
     for name, content in qs.sections(results, qs.QUICK).items():
         assert content in text, name
     assert (docs / "quantization_qat.png").read_bytes()[:4] == b"\x89PNG"
+    # The float32 reference with more data: trained once, recorded beside the study's, stated.
+    assert qs.main([*argv, "--reference"]) == 0
+    results = json.loads((docs / "data" / "qat.json").read_text())
+    (record,) = results.values()
+    ref = record["reference"]
+    assert 0 <= ref["accuracy"] <= 1 and ref["protocol"]["train_examples"] == 512
+    assert "With more data — all 512 training images" in (docs / "quantization.md").read_text()
+    assert qs.main([*argv, "--reference"]) == 0
+    assert "0 of 1 families to train at the reference protocol" in capsys.readouterr().out

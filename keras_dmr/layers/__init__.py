@@ -9,7 +9,12 @@ from keras_dmr.layers.blocks import (
     branch_units,
 )
 from keras_dmr.layers.conv import GroupedConv2D
-from keras_dmr.layers.fake_quant import FakeQuantConv2D, FakeQuantDense, FakeQuantDepthwiseConv2D
+from keras_dmr.layers.fake_quant import (
+    FakeQuantConv2D,
+    FakeQuantDense,
+    FakeQuantDepthwiseConv2D,
+    FakeQuantGroupedConv2D,
+)
 from keras_dmr.layers.inverted import InvertedResidualBlock
 from keras_dmr.layers.padding import ConstantPadding2D
 from keras_dmr.layers.repvgg import RepVGGBlock
@@ -32,6 +37,7 @@ __all__ = [
     "FakeQuantConv2D",
     "FakeQuantDense",
     "FakeQuantDepthwiseConv2D",
+    "FakeQuantGroupedConv2D",
     "GroupedConv2D",
     "InvertedResidualBlock",
     "ParallelBranchBlock",

@@ -18,6 +18,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_dmr.layers.conv import GroupedConv2D
+
 # The smallest scale a grid may take (an all-zero channel or a constant input).
 _EPS = 1e-8
 
@@ -148,6 +150,13 @@ class FakeQuantConv2D(_FakeQuant, keras.layers.Conv2D):
 
 
 @keras.saving.register_keras_serializable(package="keras_dmr")
+class FakeQuantGroupedConv2D(FakeQuantConv2D, GroupedConv2D):
+    """A :class:`~keras_dmr.layers.GroupedConv2D` with fake-quantized kernel (one scale per
+    output channel, as the exporters quantize each group's convolution) and input (one range
+    for the tensor all groups read)."""
+
+
+@keras.saving.register_keras_serializable(package="keras_dmr")
 class FakeQuantDepthwiseConv2D(_FakeQuant, keras.layers.DepthwiseConv2D):
     """A ``DepthwiseConv2D`` (channels last) with fake-quantized kernel (one scale per output
     channel: per input channel and multiplier) and input."""
@@ -181,6 +190,7 @@ class FakeQuantDense(_FakeQuant, keras.layers.Dense):
 # Each layer the QAT rewrite replaces, and its fake-quantized counterpart.
 FAKE_QUANT_LAYERS = {
     keras.layers.Conv2D: FakeQuantConv2D,
+    GroupedConv2D: FakeQuantGroupedConv2D,
     keras.layers.DepthwiseConv2D: FakeQuantDepthwiseConv2D,
     keras.layers.Dense: FakeQuantDense,
 }

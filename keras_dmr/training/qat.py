@@ -1,17 +1,17 @@
 """Quantization-aware fine-tuning: train a (plain) model a few epochs through fake-quantized
 weights and inputs, then hand its float weights to a post-training int8 exporter.
 
-:func:`prepare` rewrites every ``Conv2D``, ``DepthwiseConv2D`` and ``Dense`` of a functional or
-sequential model into its fake-quantized counterpart (:mod:`keras_dmr.layers.fake_quant`), with
-the same weights; :func:`strip` copies the fine-tuned weights back into the model's own
-architecture; :func:`fine_tune` does both around ``fit`` with a small constant-then-cosine
-learning rate. The result is a float model whose weights sit where the int8 grid puts them and
-whose activations the network learned to tolerate rounded; the exporters then quantize it as
-any model (calibrating their own ranges). RepVGG's fused kernels are the case this exists for
-(docs/quantization.md).
+:func:`prepare` rewrites every ``Conv2D`` (the package's ``GroupedConv2D`` included),
+``DepthwiseConv2D`` and ``Dense`` of a functional or sequential model into its fake-quantized
+counterpart (:mod:`keras_dmr.layers.fake_quant`), with the same weights; :func:`strip` copies
+the fine-tuned weights back into the model's own architecture; :func:`fine_tune` does both
+around ``fit`` with a small constant-then-cosine learning rate. The result is a float model
+whose weights sit where the int8 grid puts them and whose activations the network learned to
+tolerate rounded; the exporters then quantize it as any model (calibrating their own ranges).
+RepVGG's fused kernels are the case this exists for (docs/quantization.md).
 
 What it cannot do: subclassed models (no layer graph to rewrite) and layers it does not know
-(grouped ``keras_dmr`` convolutions, attention) are refused by :func:`prepare` naming the
+(transposed convolutions, attention) are refused by :func:`prepare` naming the
 layer, unless ``skip_unknown`` leaves them float; BatchNormalization is not folded first (a
 plain model from :func:`keras_dmr.to_plain` has none).
 """
@@ -43,9 +43,9 @@ def _counterpart(layer):
 def prepare(
     model: keras.Model, *, weight_bits: int = 8, momentum: float = 0.99, skip_unknown=False
 ) -> keras.Model:
-    """A copy of ``model`` with every ``Conv2D``, ``DepthwiseConv2D`` and ``Dense`` replaced
-    by its fake-quantized counterpart (same name, same weights; inputs' ranges start unset and
-    are set by the first training batch).
+    """A copy of ``model`` with every ``Conv2D``, ``GroupedConv2D``, ``DepthwiseConv2D`` and
+    ``Dense`` replaced by its fake-quantized counterpart (same name, same weights; inputs'
+    ranges start unset and are set by the first training batch).
 
     Args:
         model: a functional or sequential Keras model.
@@ -70,7 +70,8 @@ def prepare(
     if unknown and not skip_unknown:
         raise ValueError(
             f"{model.name} has {_WEIGHTED_UNKNOWN}: {', '.join(unknown)}; QAT simulates Conv2D, "
-            "DepthwiseConv2D and Dense (pass skip_unknown=True to leave the others float)"
+            "GroupedConv2D, DepthwiseConv2D and Dense (pass skip_unknown=True to leave the "
+            "others float)"
         )
     extra = {"weight_bits": weight_bits, "momentum": momentum}
 
