@@ -204,6 +204,9 @@ def run_references(labels, study: dict, protocol: dict, path: Path, checkpoints:
         for label in labels
         if f"{label}|{key}" in results and "reference" not in results[f"{label}|{key}"]
     ]
+    unmeasured = [label for label in labels if f"{label}|{key}" not in results]
+    if unmeasured:
+        _log(f"not measured at the study's protocol yet (run the study first): {unmeasured}")
     _log(f"{len(todo)} of {len(labels)} families to train at the reference protocol → {path}")
     for n, label in enumerate(todo, 1):
         _log(f"[{n}/{len(todo)}] {label}, {protocol['train_examples']:,} images")
