@@ -530,3 +530,56 @@ def test_a_file_its_runtime_computes_differently_is_refused(
     with pytest.raises(ExportError, match=re.escape(message) + " differs"):
         getattr(export, fmt)(model, tmp_path / f"wrong{suffix}", preprocessing="digits")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_writes_each_grouped_convolution_as_one_conv_with_group(tmp_path, monkeypatch):
+    """Where this machine's TensorFlow cannot run grouped convolutions natively (forced here),
+    the ONNX file still has one ``Conv`` with ``group`` per grouped convolution — no Split,
+    Concat or per-group layout Transpose (19 Transposes in DMRNet-14's plain graph before) —
+    and computes the same as the model: float32 relative error ≤ TOLERANCE in ONNX Runtime on
+    2 batches of random images (random weights and BN statistics). The exporter's own check
+    runs TensorFlow on the split form, which every machine runs."""
+    import onnx as onnx_lib
+
+    import keras_dmr.layers.conv as conv
+    from keras_dmr.export.onnx import session_predict
+
+    monkeypatch.setattr(conv, "native_grouped_conv_works", lambda: False)
+    model = randomize(FAMILIES["rmnext"](), seed=3)
+    grouped = [
+        la for la in model._flatten_layers() if isinstance(la, conv.GroupedConv2D) and la.groups > 1
+    ]
+    assert grouped, "the test's premise: the model has grouped convolutions"
+    path = onnx(model, tmp_path / "m.onnx", preprocessing="digits")
+    nodes = onnx_lib.load(path).graph.node
+    ops = [n.op_type for n in nodes]
+    assert "Split" not in ops and ops.count("Transpose") == 1, ops  # the input's NHWC → NCHW
+    groups = [a.i for n in nodes if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
+    # One grouped Conv per grouped convolution (their widths include the reserved streams the
+    # exporter splits off as channels of their own).
+    assert len([g for g in groups if g > 1]) == len(grouped), groups
+    predict = session_predict(Path(path).read_bytes())
+    for seed in (7, 8):
+        images = pixels(n=2, seed=seed)
+        assert max_rel_error(predict(images), expected_logits(model, images)) <= TOLERANCE
+
+
+def test_a_grouped_convolution_reading_the_images_keeps_the_normalisation_unfolded(tmp_path):
+    """1/std is folded into the kernels of convolutions that read the images along their input
+    channels; a grouped one reads channels/groups of them per kernel, so the Mul stays."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras_dmr.layers.GroupedConv2D(6, 3, groups=3, padding="same")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = randomize(keras.Model(inputs, keras.layers.Dense(4)(x)), seed=5)
+    path = onnx(model, tmp_path / "g.onnx", preprocessing="cifar10", plain=False)
+    import onnx as onnx_lib
+
+    from keras_dmr.export.onnx import session_predict
+
+    ops = [n.op_type for n in onnx_lib.load(path).graph.node]
+    assert ops[:5] == ["Transpose", "Cast", "Sub", "Mul", "Conv"], ops
+    mean, std = keras_dmr.export.serving.resolve_preprocessing("cifar10")
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    want = model((images.astype("float32") - mean) / std)
+    got = session_predict(Path(path).read_bytes())(images)
+    assert max_rel_error(got, want) <= 1e-5

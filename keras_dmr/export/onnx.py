@@ -31,7 +31,7 @@ from keras_dmr.export.serving import (
     resolve_preprocessing,
     serving_function,
 )
-from keras_dmr.layers.conv import split_grouped_convolutions
+from keras_dmr.layers.conv import native_grouped_convolutions, split_grouped_convolutions
 from keras_dmr.utils.files import atomic_output
 
 QUANTIZE = (None, "int8")
@@ -187,7 +187,7 @@ def onnx(
 def float_graph(head, preprocessing, opset: int, tolerance: float):
     """The float32 ONNX graph of ``head``'s serving function, as :func:`onnx` writes it (and
     :func:`keras_dmr.export.openvino` converts it): reserved streams split, grouped
-    convolutions as one convolution per group, inputs and outputs named, the normalisation
+    convolutions as one ``Conv`` with ``group`` each, inputs and outputs named, the normalisation
     after the transpose; run in ONNX Runtime and checked against TensorFlow
     (:func:`keras_dmr.export.serving.check_exported_outputs`). Returns the graph, the head whose
     model it traced, the number of activations split and the serving function traced."""
@@ -195,11 +195,17 @@ def float_graph(head, preprocessing, opset: int, tolerance: float):
 
     split, streams = split_reserved_streams(head.model)
     head = dataclasses.replace(head, model=split)
-    serve, norm = serving_function(head, preprocessing)
-    with split_grouped_convolutions():  # standard ops, whatever this machine's kernels
+    # Two traces of one function: with TensorFlow's own grouped convolutions for tf2onnx (one
+    # ONNX Conv with `group` each, never run here), split into standard ops for TensorFlow to
+    # run the check on, whatever this machine's kernels.
+    converted, norm = serving_function(head, preprocessing)
+    with native_grouped_convolutions():
         proto, _ = tf2onnx.convert.from_function(
-            serve, input_signature=serve.input_signature, opset=opset
+            converted, input_signature=converted.input_signature, opset=opset
         )
+    serve, _ = serving_function(head, preprocessing)
+    with split_grouped_convolutions():
+        serve.get_concrete_function()
     _rename_io(proto, head.names)
     normalize_after_transpose(proto)
     blob = proto.SerializeToString()
@@ -287,7 +293,11 @@ def normalize_after_transpose(proto) -> bool:
     readers = consumers.get(nchw, [])
     kernels = [initializers.get(r.input[1]) if r.op_type == "Conv" else None for r in readers]
     foldable = nchw not in outputs and all(
-        k is not None and len(consumers.get(k.name, [])) == 1 and len(k.dims) == 4 for k in kernels
+        k is not None
+        and len(consumers.get(k.name, [])) == 1
+        and len(k.dims) == 4
+        and _group(r) == 1  # a grouped kernel reads channels/groups inputs, not all of them
+        for r, k in zip(readers, kernels, strict=True)
     )
     # images → Transpose (uint8) → Cast → Sub(mean) [→ Mul(1/std)] → the old readers
     transpose.input[0], transpose.output[0] = graph.input[0].name, f"{nchw}_uint8"
@@ -312,6 +322,11 @@ def normalize_after_transpose(proto) -> bool:
     for name in set(replaced) - used:  # the NHWC constants, unless something else reads them
         graph.initializer.remove(initializers[name])
     return True
+
+
+def _group(conv) -> int:
+    """A ``Conv`` node's ``group`` attribute (1 when absent)."""
+    return next((a.i for a in conv.attribute if a.name == "group"), 1)
 
 
 def _initializer(graph, name: str, array: np.ndarray) -> str:

@@ -8,21 +8,35 @@ import functools
 import keras
 import numpy as np
 
-_FORCE_SPLIT_GROUPS = [False]
+# How GroupedConv2D traces on TensorFlow: None (natively where this machine runs it, else
+# split), "split" or "native" (inside the contexts below).
+_GROUPED_MODE: list[str | None] = [None]
 
 
 @contextlib.contextmanager
+def _grouped_mode(mode: str):
+    previous = _GROUPED_MODE[0]
+    _GROUPED_MODE[0] = mode
+    try:
+        yield
+    finally:
+        _GROUPED_MODE[0] = previous
+
+
 def split_grouped_convolutions():
     """Within this context (while a function is traced), :class:`GroupedConv2D` emits one
     convolution per group and a concatenation: standard ops that every TensorFlow build runs.
     The exporters trace under it, so a SavedModel made on a machine with oneDNN still runs in a
     TF Serving build without it."""
-    previous = _FORCE_SPLIT_GROUPS[0]
-    _FORCE_SPLIT_GROUPS[0] = True
-    try:
-        yield
-    finally:
-        _FORCE_SPLIT_GROUPS[0] = previous
+    return _grouped_mode("split")
+
+
+def native_grouped_convolutions():
+    """Within this context :class:`GroupedConv2D` emits TensorFlow's own grouped ``conv2d``
+    whatever this machine's kernels: for a graph that another converter reads and TensorFlow
+    never runs (tf2onnx writes it as one ONNX ``Conv`` with ``group``, where the split form
+    costs a ``Split``, a ``Concat`` and a layout ``Transpose`` per group)."""
+    return _grouped_mode("native")
 
 
 @functools.cache
@@ -92,7 +106,8 @@ class GroupedConv2D(keras.layers.Conv2D):
                 data_format=data_format,
             )
 
-        if not _FORCE_SPLIT_GROUPS[0] and native_grouped_conv_works():
+        mode = _GROUPED_MODE[0]
+        if mode == "native" or (mode is None and native_grouped_conv_works()):
             return conv(inputs, kernel)
         axis = -1 if data_format == "NHWC" else 1
         parts = tf.split(inputs, self.groups, axis=axis)
