@@ -13,6 +13,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import onnx as onnx_lib
 import pytest
 import tensorflow as tf
 from conftest import max_rel_error, randomize
@@ -20,6 +21,7 @@ from conftest import max_rel_error, randomize
 import keras_dmr
 from keras_dmr.data import dataset_info
 from keras_dmr.export import ExportError, check_no_xla, onnx, saved_model
+from keras_dmr.export.onnx import session_predict
 
 TOLERANCE = 1e-5
 SHAPE = (32, 32, 3)
@@ -539,10 +541,7 @@ def test_onnx_writes_each_grouped_convolution_as_one_conv_with_group(tmp_path, m
     and computes the same as the model: float32 relative error ≤ TOLERANCE in ONNX Runtime on
     2 batches of random images (random weights and BN statistics). The exporter's own check
     runs TensorFlow on the split form, which every machine runs."""
-    import onnx as onnx_lib
-
     import keras_dmr.layers.conv as conv
-    from keras_dmr.export.onnx import session_predict
 
     monkeypatch.setattr(conv, "native_grouped_conv_works", lambda: False)
     model = randomize(FAMILIES["rmnext"](), seed=3)
@@ -572,10 +571,6 @@ def test_a_grouped_convolution_reading_the_images_keeps_the_normalisation_unfold
     x = keras.layers.GlobalAveragePooling2D()(x)
     model = randomize(keras.Model(inputs, keras.layers.Dense(4)(x)), seed=5)
     path = onnx(model, tmp_path / "g.onnx", preprocessing="cifar10", plain=False)
-    import onnx as onnx_lib
-
-    from keras_dmr.export.onnx import session_predict
-
     ops = [n.op_type for n in onnx_lib.load(path).graph.node]
     assert ops[:5] == ["Transpose", "Cast", "Sub", "Mul", "Conv"], ops
     mean, std = keras_dmr.export.serving.resolve_preprocessing("cifar10")

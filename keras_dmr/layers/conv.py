@@ -84,9 +84,10 @@ class GroupedConv2D(keras.layers.Conv2D):
 
     Where TensorFlow's grouped kernel cannot run in a graph (its Eigen CPU kernels, when oneDNN
     is off: see :func:`native_grouped_conv_works`) the groups run as separate convolutions and
-    are concatenated: the same function, standard ops everywhere, slower. The exporters always
-    trace this split form (:func:`split_grouped_convolutions`), so exported graphs do not depend
-    on the exporting machine's kernels.
+    are concatenated: the same function, standard ops everywhere, slower. The SavedModel and
+    LiteRT exporters always trace this split form (:func:`split_grouped_convolutions`), the ONNX
+    exporter always the native one (:func:`native_grouped_convolutions`, which tf2onnx writes as
+    one grouped ``Conv``), so exported graphs do not depend on the exporting machine's kernels.
     """
 
     def convolution_op(self, inputs, kernel):
