@@ -479,7 +479,7 @@ def test_exports_carry_no_native_grouped_convolution(tmp_path, monkeypatch):
     Conv2D fused with its bias."""
     import keras_dmr.layers.conv as conv
 
-    monkeypatch.setattr(conv, "native_grouped_conv_works", lambda: True)
+    monkeypatch.setattr(conv, "native_grouped_conv_works", lambda dtype="float32": True)
     model = randomize(FAMILIES["rmnext"](), seed=2)
     x = tf.random.normal((2, *SHAPE))
     traced = tf.function(lambda t: model(t, training=False)).get_concrete_function(x)
@@ -543,7 +543,7 @@ def test_onnx_writes_each_grouped_convolution_as_one_conv_with_group(tmp_path, m
     runs TensorFlow on the split form, which every machine runs."""
     import keras_dmr.layers.conv as conv
 
-    monkeypatch.setattr(conv, "native_grouped_conv_works", lambda: False)
+    monkeypatch.setattr(conv, "native_grouped_conv_works", lambda dtype="float32": False)
     model = randomize(FAMILIES["rmnext"](), seed=3)
     grouped = [
         la for la in model._flatten_layers() if isinstance(la, conv.GroupedConv2D) and la.groups > 1

@@ -233,3 +233,37 @@ def test_the_grouped_convolution_probe_runs_while_a_function_is_traced_again():
     traced(tf.ones(1))
     traced(tf.ones(2))  # a second trace
     assert answers == [eager, eager]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_grouped_convolutions_ask_the_probe_in_their_own_dtype(dtype, monkeypatch):
+    """oneDNN takes a dtype only where the CPU has instructions for it: a Xeon without
+    AVX512-FP16 runs float32 grouped convolutions natively and leaves float16 ones to Eigen,
+    whose filter gradient refuses groups (CI: ``mixed_float16`` training of DMRNeXt failed with
+    "filter_size does not have enough elements"). Where only float32 passes the probe (forced
+    here), a convolution in ``dtype`` must trace split, one Conv2D per group."""
+    tf = pytest.importorskip("tensorflow")
+    from keras_dmr.layers import conv
+
+    asked = []
+
+    def float32_only(dtype="float32"):
+        asked.append(dtype)
+        return dtype == "float32"
+
+    monkeypatch.setattr(conv, "native_grouped_conv_works", float32_only)
+
+    def grouped_conv2d_ops(layer_dtype):
+        layer = conv.GroupedConv2D(8, 3, groups=4, padding="same", dtype=layer_dtype)
+        x = tf.ones((1, 6, 6, 8), keras.backend.standardize_dtype(layer.compute_dtype))
+        graph = tf.function(layer).get_concrete_function(x).graph
+        ops = [op for op in graph.get_operations() if op.type == "Conv2D"]
+        return [op for op in ops if op.inputs[0].shape[-1] != op.inputs[1].shape[2]], len(ops)
+
+    grouped, total = grouped_conv2d_ops("float32")
+    assert (len(grouped), total) == (1, 1)
+    assert set(asked) == {"float32"}
+    asked.clear()
+    grouped, total = grouped_conv2d_ops(keras.DTypePolicy(f"mixed_{dtype}"))
+    assert (grouped, total) == ([], 4)
+    assert set(asked) == {dtype}

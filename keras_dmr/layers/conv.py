@@ -40,19 +40,22 @@ def native_grouped_convolutions():
 
 
 @functools.cache
-def native_grouped_conv_works() -> bool:
-    """Whether TensorFlow's own grouped ``conv2d`` runs here inside a graph, forward with a bias
-    and backward: with oneDNN it does; TensorFlow's Eigen CPU kernels (oneDNN off, the default
-    on CPUs without AVX-512) refuse a fused grouped Conv2D+BiasAdd and a grouped filter
-    gradient. Probed once per process on a tiny convolution, eagerly."""
+def native_grouped_conv_works(dtype: str = "float32") -> bool:
+    """Whether TensorFlow's own grouped ``conv2d`` runs here inside a graph in ``dtype``, forward
+    with a bias and backward: with oneDNN it does; TensorFlow's Eigen CPU kernels (oneDNN off,
+    the default on CPUs without AVX-512) refuse a fused grouped Conv2D+BiasAdd and a grouped
+    filter gradient. oneDNN takes a dtype only where the CPU has instructions for it: a Xeon
+    without AVX512-FP16 runs float32 grouped convolutions natively and leaves float16 ones
+    (``mixed_float16``) to Eigen, hence one probe per dtype, once per process, on a tiny
+    convolution, eagerly."""
     import tensorflow as tf
 
     # No tf.Variable: the probe may first run while a function is being traced (an exporter
     # saving a SavedModel), where creating one raises.
     with tf.init_scope():
-        x = tf.ones((1, 4, 4, 4))
-        kernel = tf.ones((3, 3, 2, 4))
-        bias = tf.ones((4,))
+        x = tf.ones((1, 4, 4, 4), dtype)
+        kernel = tf.ones((3, 3, 2, 4), dtype)
+        bias = tf.ones((4,), dtype)
 
         @tf.function
         def forward(x, kernel, bias):  # grappler rewrites it into a fused Conv2D+BiasAdd+Relu
@@ -108,7 +111,8 @@ class GroupedConv2D(keras.layers.Conv2D):
             )
 
         mode = _GROUPED_MODE[0]
-        if mode == "native" or (mode is None and native_grouped_conv_works()):
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if mode == "native" or (mode is None and native_grouped_conv_works(dtype)):
             return conv(inputs, kernel)
         axis = -1 if data_format == "NHWC" else 1
         parts = tf.split(inputs, self.groups, axis=axis)

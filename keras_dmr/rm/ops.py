@@ -13,7 +13,7 @@ convolutions plus a linear skip, it returns plain convolutions with the same out
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -467,7 +467,7 @@ def compose_pointwise(first: ConvOp, second: ConvOp) -> ConvOp:
     )
 
 
-def fuse_linear_pairs(ops: Sequence[Op]) -> list[Op]:
+def fuse_linear_pairs(ops: Iterable[Op]) -> list[Op]:
     """Fuse a linear convolution and the pointwise convolution after it (Eq. 5): after RM, a
     MobileNetV2 block's projection and the next block's expansion become one (Sec. 4.4), and a
     pre-activation block's BN (a per-channel 1×1 map) joins the convolution that ends the block
@@ -480,27 +480,36 @@ def fuse_linear_pairs(ops: Sequence[Op]) -> list[Op]:
     MobileNetV2, whose narrow bottleneck is cheaper to keep; false for a BN's per-channel map
     (with its reserved copies, a depthwise 1×1), which costs next to nothing on its own.
     """
-    out: list[Op] = []
+    return list(iter_fused_linear_pairs(ops))
+
+
+def iter_fused_linear_pairs(ops: Iterable[Op]) -> Iterator[Op]:
+    """:func:`fuse_linear_pairs` one op at a time, holding one op back (the next may fuse into
+    it): fed from an iterator that lets go of what it yields, the chain's dense float64 kernels
+    (7 GB for a plain ResNet-152) are never all held twice."""
+    prev: Op | None = None
     for op in ops:
-        prev = out[-1] if out else None
-        fused = None
-        if (
-            isinstance(op, ConvOp)
-            and isinstance(prev, ConvOp)
-            and prev.act is None
-            and op.pointwise
-        ):
-            # The fused kernel counted dense: fuse only where that surely pays.
-            taps = prev.kernel_size[0] * prev.kernel_size[1]
-            pair = taps * prev.c_in * prev.c_out / group_layout(prev.kernel)[0]
-            pair += prev.c_out * op.c_out / group_layout(op.kernel)[0]
-            if taps * prev.c_in * op.c_out <= pair:
-                fused = compose_pointwise(prev, op)
-        if fused is not None:
-            out[-1] = fused
-        else:
-            out.append(op)
-    return out
+        if prev is not None:
+            fused = _fused_pair(prev, op)
+            if fused is not None:
+                prev = fused
+                continue
+            yield prev
+        prev = op
+    if prev is not None:
+        yield prev
+
+
+def _fused_pair(prev: Op, op: Op) -> ConvOp | None:
+    if not (
+        isinstance(op, ConvOp) and isinstance(prev, ConvOp) and prev.act is None and op.pointwise
+    ):
+        return None
+    # The fused kernel counted dense: fuse only where that surely pays.
+    taps = prev.kernel_size[0] * prev.kernel_size[1]
+    pair = taps * prev.c_in * prev.c_out / group_layout(prev.kernel)[0]
+    pair += prev.c_out * op.c_out / group_layout(op.kernel)[0]
+    return compose_pointwise(prev, op) if taps * prev.c_in * op.c_out <= pair else None
 
 
 # ------------------------------------------------------------------------- channel grouping
@@ -534,33 +543,41 @@ def group_layout(dense: np.ndarray) -> tuple[int, np.ndarray]:
     return 1, np.arange(c_out)
 
 
-def _tapped(ops: Sequence[Op], i: int) -> bool:
-    """Whether an output (:class:`TapOp`) reads conv ``i``'s channels before the next
-    convolution or dense layer does."""
-    for op in ops[i + 1 :]:
-        if isinstance(op, TapOp):
-            return True
+def order_channels(ops: Iterable[Op]) -> list[tuple[Op, int]]:
+    """Reorder each conv's outputs (and the next op's inputs) to expose groups: ``(op, groups)``.
+
+    A conv whose outputs an output of the model (:class:`TapOp`) reads before the next
+    convolution or dense layer does keeps its order and is left dense."""
+    return list(iter_ordered_channels(ops))
+
+
+def iter_ordered_channels(ops: Iterable[Op]) -> Iterator[tuple[Op, int]]:
+    """:func:`order_channels` one segment at a time (a conv or dense layer and the ops up to the
+    next one), so that an iterator that lets go of what it yields streams the chain."""
+    segment: list[Op] = []
+    order = None  # the permutation the previous segment's conv applied to its outputs
+    for op in ops:
         if isinstance(op, ConvOp | DenseOp):
-            return False
-    return False
+            if segment:
+                emitted, order = _ordered_segment(segment)
+                segment = []
+                yield from emitted
+                del emitted
+            if order is not None:
+                op, order = op.take_inputs(order), None
+        segment.append(op)
+    if segment:
+        yield from _ordered_segment(segment)[0]
 
 
-def order_channels(ops: Sequence[Op]) -> list[tuple[Op, int]]:
-    """Reorder each conv's outputs (and the next op's inputs) to expose groups: ``(op, groups)``."""
-    ops = list(ops)
-    result = []
-    for i, op in enumerate(ops):
-        if not isinstance(op, ConvOp):
-            result.append((op, 1))
-            continue
-        groups, order = group_layout(op.kernel)
-        if groups > 1 and not np.array_equal(order, np.arange(op.c_out)) and _tapped(ops, i):
-            groups = 1  # an output reads these channels in their own order: kept dense
-        elif groups > 1 and not np.array_equal(order, np.arange(op.c_out)):
-            op = op.take_outputs(order)
-            for j in range(i + 1, len(ops)):
-                if isinstance(ops[j], ConvOp | DenseOp):
-                    ops[j] = ops[j].take_inputs(order)
-                    break
-        result.append((op, groups))
-    return result
+def _ordered_segment(segment: list[Op]) -> tuple[list[tuple[Op, int]], np.ndarray | None]:
+    head, rest = segment[0], segment[1:]
+    if not isinstance(head, ConvOp):
+        return [(op, 1) for op in segment], None
+    groups, order = group_layout(head.kernel)
+    if groups > 1 and np.array_equal(order, np.arange(head.c_out)):
+        return [(head, groups), *((op, 1) for op in rest)], None
+    if groups == 1 or any(isinstance(op, TapOp) for op in rest):
+        # An output reads these channels in their own order: kept dense.
+        return [(head, 1), *((op, 1) for op in rest)], None
+    return [(head.take_outputs(order), groups), *((op, 1) for op in rest)], order
