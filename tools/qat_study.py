@@ -75,6 +75,8 @@ MODELS: dict[str, tuple[str, dict]] = {
     # The families whose plain form RM widens (reserved streams): does int8 keep them too?
     "ResNet-20": ("ResNet", {"depth": 20}),
     "DMRNet-14": ("DMRNet", {"depth": 14}),
+    # A depthwise plain form (RMNetV1, the RM operation's MobileNetV2).
+    "MobileNetV2 → RMNetV1": ("MobileNetV2", {"variant": "cifar"}),
 }
 QUICK_MODELS = ("RepVGG-21 (r=0), width 16",)
 ENGINES = ("onnx", "litert", "openvino")
