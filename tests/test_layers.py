@@ -267,3 +267,40 @@ def test_grouped_convolutions_ask_the_probe_in_their_own_dtype(dtype, monkeypatc
     grouped, total = grouped_conv2d_ops(keras.DTypePolicy(f"mixed_{dtype}"))
     assert (grouped, total) == ([], 4)
     assert set(asked) == {dtype}
+
+
+def test_the_grouped_convolution_probe_runs_the_filter_gradient():
+    """The probe runs under ``tf.init_scope``, which pauses gradient tapes: a tape's gradient
+    there is None, so the probe never saw the grouped filter gradient that TensorFlow's Eigen
+    kernels refuse (a VNNI Xeon's float16). Its gradient op, run there, computes the tape's
+    gradient (dense kernel: every backend runs it); and a refusing gradient makes it answer no."""
+    tf = pytest.importorskip("tensorflow")
+    from keras_dmr.layers import conv
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(2, 5, 5, 3)), "float32")
+    kernel = tf.constant(rng.normal(size=(3, 3, 3, 4)), "float32")
+    with tf.GradientTape() as tape:
+        tape.watch(kernel)
+        loss = tf.reduce_sum(tf.nn.conv2d(x, kernel, 1, "SAME"))
+    expected = tape.gradient(loss, kernel).numpy()
+    with tf.init_scope():
+        got = conv.grouped_filter_gradient(x, kernel).numpy()
+    assert max_rel_error(expected, got) <= 1e-5
+
+
+def test_the_grouped_convolution_probe_answers_no_when_the_gradient_is_refused(monkeypatch):
+    tf = pytest.importorskip("tensorflow")
+    from keras_dmr.layers import conv
+
+    def refused(x, kernel):
+        raise tf.errors.InvalidArgumentError(
+            None, None, "filter_size does not have enough elements"
+        )
+
+    monkeypatch.setattr(conv, "grouped_filter_gradient", refused)
+    conv.native_grouped_conv_works.cache_clear()
+    try:
+        assert conv.native_grouped_conv_works("float32") is False
+    finally:
+        conv.native_grouped_conv_works.cache_clear()
