@@ -578,6 +578,6 @@ def _ordered_segment(segment: list[Op]) -> tuple[list[tuple[Op, int]], np.ndarra
     if groups > 1 and np.array_equal(order, np.arange(head.c_out)):
         return [(head, groups), *((op, 1) for op in rest)], None
     if groups == 1 or any(isinstance(op, TapOp) for op in rest):
-        # An output reads these channels in their own order: kept dense.
+        # Dense, or an output reads these channels in their own order (then kept dense).
         return [(head, 1), *((op, 1) for op in rest)], None
     return [(head.take_outputs(order), groups), *((op, 1) for op in rest)], order
