@@ -149,6 +149,17 @@ def test_qat_section_is_generated_from_its_data():
     assert reserved and ("brings every file back above\nits float32 model" in text) == (
         max(drops) <= 0
     )
+    # The hand-written "How far from converged" repeats the reference records' figures.
+    prose = text[text.index("How far from converged") :].replace("\n", " ")
+    gaps = []
+    for r in records:
+        if "reference" in r:
+            there, here = r["reference"]["accuracy"], r["plain"]["onnx"]["float32"]
+            assert f"{100 * there:.2f}%" in prose and f"{100 * here:.2f}%" in prose, r["model"]
+            gaps.append(100 * (there - here))
+        else:
+            assert r["model"].split(" ")[0] in prose.split("not trained at the reference")[0]
+    assert f"{min(gaps):.1f} to {max(gaps):.1f} points above" in prose
 
 
 def test_readme_demo_figures_are_the_demos_own_records():

@@ -77,6 +77,8 @@ MODELS: dict[str, tuple[str, dict]] = {
     "DMRNet-14": ("DMRNet", {"depth": 14}),
     # A depthwise plain form (RMNetV1, the RM operation's MobileNetV2).
     "MobileNetV2 → RMNetV1": ("MobileNetV2", {"variant": "cifar"}),
+    # A grouped plain form (RMNeXt, the RM operation's ResNeXt).
+    "RMNeXt 26×3_32": ("RMNeXt", {"depth": 26, "expansion": 3, "channels_per_group": 32}),
 }
 QUICK_MODELS = ("RepVGG-21 (r=0), width 16",)
 ENGINES = ("onnx", "litert", "openvino")
