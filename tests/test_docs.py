@@ -182,6 +182,31 @@ def test_readme_demo_figures_are_the_demos_own_records():
     assert ("The ResNet-20 path misses" in readme) == misses
 
 
+def test_readme_int8_ratios_are_the_demos_own():
+    """The prose's plain int8 ÷ plain float32 ratios, engine by engine, are the default demo
+    records' (digits, then Fashion-MNIST)."""
+    from tools import demo_report
+
+    found = demo_report.records(ROOT / "docs" / "data")
+    readme = " ".join((ROOT / "README.md").read_text().split())
+
+    def ratios(engine: str) -> str:
+        pairs = []
+        for name in ("demo_digits.json", "demo_fashion_mnist.json"):
+            speed = {
+                r["precision"]: r["images_per_s"]
+                for r in found[name]["rows"]
+                if r["form"] == "plain" and r["engine"] == engine
+            }
+            pairs.append(f"{speed['int8'] / speed['float32']:.2f}×")
+        return " and ".join(pairs)
+
+    assert f"int8 gives {ratios('litert')} in LiteRT" in readme
+    assert f"{ratios('openvino')} in OpenVINO on the ONNX file" in readme
+    assert f"{ratios('openvino_ir')} on the IR" in readme
+    assert f"but {ratios('onnx')} in ONNX Runtime" in readme
+
+
 def test_architecture_train_step_section_is_generated_from_its_data():
     """(Its `parameters` section is checked against the builders in test_models.)"""
     from tools.tables import train_step_table
